@@ -1,0 +1,78 @@
+"""Shared token selection: budgets, sinks, recent window, pads, gathering.
+
+Scorers only return ``(B, Hkv, n)`` scores (higher = keep); everything else about *which*
+tokens a site keeps lives here, so every scorer gets the same guarantees:
+
+* pad tokens (``valid == False``) are never kept, never scored, never counted in budgets;
+* the first ``sink`` and the last ``window`` valid tokens of each row are always kept;
+* a row keeps exactly ``min(budget, n_valid)`` tokens;
+* kept tokens are returned in position order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def valid_rank(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank of each valid token among its row's valid tokens, and the row's valid count.
+
+    valid: (B, n) bool  ->  rank (B, n) long (undefined at pads), n_valid (B,) long
+    """
+    v = valid.long()
+    return v.cumsum(-1) - 1, v.sum(-1)
+
+
+def protected_mask(valid: torch.Tensor, sink: int, window: int) -> torch.Tensor:
+    """(B, n) bool: valid tokens that are sinks or inside the recent window."""
+    rank, n_valid = valid_rank(valid)
+    return valid & ((rank < sink) | (rank >= n_valid[:, None] - window))
+
+
+def budget_from_keep(n_valid: torch.Tensor, *, keep: float | None, tokens: int | None,
+                     sink: int, window: int) -> torch.Tensor:
+    """Per-row token budget (B,) long: ``round(keep * n_valid)`` or ``tokens``, never below
+    sink + window and never above n_valid."""
+    if tokens is not None:
+        budget = torch.full_like(n_valid, tokens)
+    elif keep is not None:
+        budget = torch.round(n_valid.double() * keep).long()
+    else:
+        budget = n_valid.clone()
+    budget = torch.maximum(budget, torch.full_like(budget, sink + window))
+    return torch.minimum(budget, n_valid)
+
+
+def select_kept(scores: torch.Tensor | None, valid: torch.Tensor, budget: torch.Tensor, *,
+                sink: int, window: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose the kept tokens of every (row, KV head).
+
+    Args:
+        scores: (B, Hkv, n) float, higher = keep, or None (keep only sinks + window, then the
+            most recent tokens).
+        valid:  (B, n) bool, False at pad positions.
+        budget: (B,) long, tokens to keep per row (already clipped to n_valid).
+    Returns:
+        idx   (B, Hkv, m) long: token indices in position order; entries past ``count`` are 0.
+        count (B, Hkv) long: kept tokens per row and head (= budget[b]).
+    """
+    B, n = valid.shape
+    protected = protected_mask(valid, sink, window)[:, None, :].expand(B, kv_heads, n)
+    valid3 = valid[:, None, :].expand(B, kv_heads, n)
+    if scores is None:  # recency as the score: later = better
+        scores = torch.arange(n, device=valid.device, dtype=torch.float32).expand(B, kv_heads, n)
+    prio = scores.float().masked_fill(protected, float("inf")).masked_fill(~valid3, float("-inf"))
+    m = int(budget.max().item()) if B else 0
+    top = prio.topk(m, dim=-1).indices if m else prio.new_zeros(B, kv_heads, 0).long()
+    count = budget[:, None].expand(B, kv_heads).clone()
+    keep_slot = torch.arange(m, device=valid.device)[None, None, :] < count[..., None]
+    # sort kept tokens by position, padding slots last
+    key = torch.where(keep_slot, top, top + n)
+    key, _ = key.sort(dim=-1)
+    idx = torch.where(key < n, key, torch.zeros_like(key))
+    return idx, count
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, H, n, d), idx (B, H, m) -> (B, H, m, d)."""
+    return x.gather(2, idx[..., None].expand(*idx.shape, x.shape[-1]))

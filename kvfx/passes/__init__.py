@@ -1,0 +1,78 @@
+"""FX passes over dynamo graphs: find attention, trace K/V provenance, rewrite, report.
+
+``run_passes(gm, policy, namespace)`` runs them in order and registers every site it saw in
+:data:`kvfx.runtime.registry.REGISTRY`.
+"""
+
+from __future__ import annotations
+
+from torch.fx import GraphModule
+
+from kvfx.passes import graph_utils as gu
+from kvfx.passes.find_attention import AttentionMatch, find_attention
+from kvfx.passes.rewrite import SitePlan, check, rewrite_site
+from kvfx.passes.trace_kv import trace_kv_source
+from kvfx.runtime.registry import REGISTRY, SiteInfo
+
+
+class UnsupportedPolicyError(NotImplementedError):
+    """The policy asks for something this build of kvfx cannot do at a site."""
+
+
+def _site_info(m: AttentionMatch, key: str, path: str, index: int, provenance: str,
+               new_k) -> SiteInfo:
+    qs, ks = gu.shape(m.q), gu.shape(new_k)
+    hq = gu.static_int(qs[1]) if qs and len(qs) == 4 else None
+    hkv = gu.static_int(ks[1]) if ks and len(ks) == 4 else None
+    d = gu.static_int(qs[-1]) if qs else None
+    return SiteInfo(key=key, module_path=path, layer_index=index, pattern=m.pattern,
+                    provenance=provenance, q_heads=hq, kv_heads=hkv, head_dim=d, rewritten=False)
+
+
+def run_passes(gm: GraphModule, policy, namespace: str = "default") -> dict:
+    """Rewrite every cached attention site of ``gm`` in place according to ``policy``.
+
+    Returns stats ``{"found": n, "rewritten": n, "left_alone": n}``. Raises
+    :class:`UnsupportedPolicyError` before touching the graph if the policy asks a site for
+    something not implemented.
+    """
+    from kvfx.methods.compressor import build_compressor
+
+    matches = find_attention(gm.graph)
+    plans, infos = [], []
+    num_layers = len(matches)
+    for order, m in enumerate(matches):
+        users = {m.out, *m.chain}
+        ks, vs = trace_kv_source(m.k, m.v, users)
+        path = gu.module_path(m.out) or f"attention_{order}"
+        index = gu.layer_index(path)
+        index = order if index is None else index
+        key = f"{namespace}/{path}"
+        info = _site_info(m, key, path, index, ks.provenance, ks.new if ks.new is not None else m.k)
+        reason = check(m, ks, vs)
+        compressor = None
+        if not reason:
+            lp = policy.resolve(index, path, max(num_layers, index + 1))
+            try:
+                compressor = build_compressor(lp)
+            except NotImplementedError as e:
+                raise UnsupportedPolicyError(
+                    f"kvfx: policy {policy.name!r} asks site {path} (layer {index}) for {e}, "
+                    "which this version of kvfx does not implement yet; use a preset from "
+                    "`kvfx policy list` that only needs implemented features") from None
+            info.policy = lp.describe()
+            plans.append(SitePlan(m, ks, vs, key))
+        else:
+            info.reason = reason
+        infos.append((info, compressor))
+    for plan in plans:
+        rewrite_site(gm, plan)
+    gm.graph.lint()
+    gm.recompile()
+    for info, compressor in infos:
+        info.rewritten = compressor is not None
+        REGISTRY.add_site(info, compressor)
+    return {"found": len(matches), "rewritten": len(plans), "left_alone": len(matches) - len(plans)}
+
+
+__all__ = ["run_passes", "UnsupportedPolicyError", "find_attention", "trace_kv_source"]

@@ -1,0 +1,94 @@
+"""Attention of a rewritten site over its kvfx store.
+
+Coordinates: the model still believes it holds every token (its cache holds a zero-byte
+"ghost" of the right length), so its attention mask has one column per *logical* position.
+Each store slot remembers its logical position, so the mask column of a slot is gathered
+from the model's mask: any mask the model builds (padding, causal, sliding, bias) is applied
+exactly to the tokens that are kept.
+
+Prefill (the model's cache was empty): attention runs on the full-precision prompt exactly as
+the model asked (same call, same arguments), then the compressor writes what it keeps.
+Decode: the new tokens are appended, attention reads the store, then the store is evicted down
+to its rolling cap if the policy has one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvfx.runtime.store import SiteStore
+
+
+class KvfxStateError(RuntimeError):
+    """The model's cache and the kvfx store disagree (cropped or reordered cache)."""
+
+
+def _mask4(mask: torch.Tensor, B: int, nq: int, L: int) -> torch.Tensor:
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    if mask.shape[-1] != L or mask.shape[-2] not in (1, nq):
+        raise KvfxStateError(
+            f"kvfx: attention mask of shape {tuple(mask.shape)} does not cover the {L} logical "
+            f"key positions for {nq} queries; kvfx cannot map it onto its store")
+    return mask.expand(B, mask.shape[1], nq, L)
+
+
+def key_valid(mask: torch.Tensor | None, B: int, n: int, device) -> torch.Tensor:
+    """(B, n) bool: keys the last query may see. For causal decoders these are exactly the
+    non-pad tokens, so pads are never kept."""
+    if mask is None:
+        return torch.ones(B, n, dtype=torch.bool, device=device)
+    m = _mask4(mask, B, n, n)[:, :, -1, :]
+    ok = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+    return ok.any(dim=1)
+
+
+def _store_mask(store: SiteStore, mask: torch.Tensor | None, is_causal: bool, nq: int,
+                past_len: int, g: int) -> torch.Tensor | None:
+    """Mask (B, Hq, nq, n) over the store slots, or None if every slot is visible to every
+    query. Boolean masks stay boolean (True = attend); additive float masks are gathered with
+    their values, so biases (ALiBi-style) apply exactly; empty slots get -inf."""
+    n = store.length
+    if mask is None and not store.ragged and not (is_causal and nq > 1):
+        return None
+    B, H = store.count.shape
+    dev = store.k.device
+    pos = store.pos[:, :, :n]  # (B, Hkv, n) logical positions, -1 = empty
+    keep = (torch.arange(n, device=dev) < store.count[..., None])[:, :, None, :].expand(B, H, nq, n)
+    if is_causal and nq > 1:  # SDPA's is_causal is top-left aligned over the logical keys
+        keep = keep & (pos[:, :, None, :] <= torch.arange(nq, device=dev)[None, None, :, None])
+    if g > 1:
+        keep = keep.repeat_interleave(g, dim=1)
+    if mask is None:
+        return keep
+    m4 = _mask4(mask, B, nq, past_len + nq)
+    if m4.shape[1] not in (1, H * g):
+        raise KvfxStateError(f"kvfx: attention mask with {m4.shape[1]} heads for {H * g} "
+                             "query heads cannot be mapped onto the store")
+    qpos = pos.clamp(min=0).repeat_interleave(g, dim=1) if g > 1 else pos.clamp(min=0)
+    m4 = m4.expand(B, H * g, nq, m4.shape[-1])
+    col = m4.gather(-1, qpos[:, :, None, :].expand(B, H * g, nq, n))
+    if col.dtype == torch.bool:
+        return keep & col
+    return col.masked_fill(~keep, float("-inf"))
+
+
+def sdpa(q, k, v, attn_mask, *, scale, is_causal=False):
+    g = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                          scale=scale, enable_gqa=g > 1)
+
+
+def decode_attention(store: SiteStore, q: torch.Tensor, mask, is_causal: bool, past_len: int,
+                     scale: float | None) -> torch.Tensor:
+    """Attention of q (B, Hq, nq, d) over the store's first ``length`` slots."""
+    n = store.length
+    g = q.shape[1] // store.kv_heads
+    keep = _store_mask(store, mask, is_causal, q.shape[2], past_len, g)
+    k, v = store.k[:, :, :n], store.v[:, :, :n]
+    if keep is None and q.shape[2] == 1 and q.is_cuda:
+        from kvfx.templates.launch import decode_attention as kernel
+        sm = scale if scale is not None else q.shape[-1] ** -0.5
+        return kernel(q, store.k, store.v, store.count.to(torch.int32), scale=sm)[0]
+    return sdpa(q, k, v, keep, scale=scale)

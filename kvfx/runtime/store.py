@@ -1,0 +1,130 @@
+"""Per-site KV store: the memory that replaces the model's own cache.
+
+Layout (one site = one attention layer):
+
+    k, v      (B, Hkv, cap, d)   kept keys/values, slot order = insertion order
+    pos       (B, Hkv, cap)      logical position of each slot, -1 = empty
+    count     (B, Hkv)           valid slots per row; valid slots are [0, count)
+
+Rows differ in their number of valid slots only because of padding (pads are never kept) or
+per-head eviction. ``length`` is a host-side upper bound of ``count`` (the slots attention must
+look at); it changes by known amounts (``+q_len`` on append, fixed under a rolling cap), so it
+never needs a device sync. The store lives behind an opaque custom op, so none of its host-side
+numbers reach dynamo's guards: growing it never recompiles a graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_GROW_QUANTUM = 64
+
+
+def _round_up(n: int, q: int) -> int:
+    return -(-n // q) * q
+
+
+class SiteStore:
+    """Fixed-capacity key/value storage for one site, with byte accounting."""
+
+    def __init__(self, site_id: str):
+        self.site_id = site_id
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.pos: torch.Tensor | None = None
+        self.count: torch.Tensor | None = None
+        self.length = 0  # host upper bound of count
+        self.seen = 0  # logical tokens processed in this sequence (host)
+        self.ragged = False  # True when some slot in [0, length) may be invalid
+        self.batch = 0
+        self.kv_heads = 0
+        self.dtype: torch.dtype | None = None
+        self.extra: dict[str, torch.Tensor] = {}  # method state (scores, calibration...)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the sequence: called when the model's cache is empty again (a new prompt)."""
+        self.k = self.v = self.pos = self.count = None
+        self.length = self.seen = 0
+        self.ragged = False
+        self.extra = {}
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def allocate(self, like_k: torch.Tensor, like_v: torch.Tensor, capacity: int) -> None:
+        """(Re)allocate to ``capacity`` slots, keeping the first ``length`` slots."""
+        B, H = like_k.shape[0], like_k.shape[1]
+        dev = like_k.device
+        k = like_k.new_zeros(B, H, capacity, like_k.shape[-1])
+        v = like_v.new_zeros(B, H, capacity, like_v.shape[-1])
+        pos = torch.full((B, H, capacity), -1, dtype=torch.long, device=dev)
+        if self.k is not None and self.length:
+            n = self.length
+            k[:, :, :n] = self.k[:, :, :n]
+            v[:, :, :n] = self.v[:, :, :n]
+            pos[:, :, :n] = self.pos[:, :, :n]
+        else:
+            self.count = torch.zeros(B, H, dtype=torch.long, device=dev)
+        self.k, self.v, self.pos = k, v, pos
+        self.batch, self.kv_heads, self.dtype = B, H, like_k.dtype
+
+    def ensure_capacity(self, needed: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
+        if needed > self.capacity:
+            grow = max(needed, self.capacity + self.capacity // 4)
+            self.allocate(like_k, like_v, _round_up(grow, _GROW_QUANTUM))
+
+    # ---- writes ----------------------------------------------------------------------------
+    def write_kept(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, count: torch.Tensor,
+                   capacity: int) -> None:
+        """Replace the contents by gathered tokens: k/v (B, Hkv, m, d), pos (B, Hkv, m) with -1
+        for unused trailing slots, count (B, Hkv)."""
+        m = k.shape[2]
+        self.k = self.v = self.pos = None
+        self.length = 0
+        self.allocate(k, v, max(capacity, m))
+        self.k[:, :, :m] = k
+        self.v[:, :, :m] = v
+        self.pos[:, :, :m] = pos
+        self.count = count.clone()
+        self.length = m
+        self.ragged = bool(m) and not _all_full(pos)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """Append q new tokens (B, Hkv, q, d) at each row's own ``count`` (no host sync)."""
+        q = k.shape[2]
+        self.ensure_capacity(self.length + q, k, v)
+        B, H = k.shape[0], k.shape[1]
+        slot = self.count[:, :, None] + torch.arange(q, device=k.device)  # (B, H, q)
+        self.k.scatter_(2, slot[..., None].expand(B, H, q, k.shape[-1]), k)
+        self.v.scatter_(2, slot[..., None].expand(B, H, q, v.shape[-1]), v)
+        self.pos.scatter_(2, slot, positions.expand(B, H, q))
+        self.count += q
+        self.length += q
+
+    def replace_slots(self, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      positions: torch.Tensor) -> None:
+        """Overwrite one slot per row (B, Hkv) with a new token (rolling eviction)."""
+        B, H = slot.shape
+        idx = slot[:, :, None, None]
+        self.k.scatter_(2, idx.expand(B, H, 1, k.shape[-1]), k)
+        self.v.scatter_(2, idx.expand(B, H, 1, v.shape[-1]), v)
+        self.pos.scatter_(2, slot[:, :, None], positions.expand(B, H, 1))
+
+    # ---- accounting ------------------------------------------------------------------------
+    def held_bytes(self) -> int:
+        """Bytes of every tensor this site's store holds (buffers, counters, method state)."""
+        tensors = [t for t in (self.k, self.v, self.pos, self.count) if t is not None]
+        tensors += list(self.extra.values())
+        return sum(t.untyped_storage().nbytes() for t in tensors)
+
+    def kv_bytes(self) -> int:
+        return sum(t.untyped_storage().nbytes() for t in (self.k, self.v) if t is not None)
+
+    def tokens_held(self) -> int:
+        return 0 if self.count is None else int(self.count.max().item())
+
+
+def _all_full(pos: torch.Tensor) -> bool:
+    return bool((pos >= 0).all().item())
