@@ -1,0 +1,115 @@
+"""The PyTorch attention references against torch's SDPA and explicit logsumexp, in float64."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvfx.methods.attention import (
+    decode_attention_reference,
+    merge_partitions,
+    prefill_attention_reference,
+)
+
+SETTINGS = settings(max_examples=30, deadline=None)
+NINF = float("-inf")
+
+
+def _rand(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _logits(q, k, scale):
+    g = q.shape[1] // k.shape[1]
+    return scale * q @ k.repeat_interleave(g, dim=1).transpose(-1, -2)
+
+
+@SETTINGS
+@given(B=st.integers(1, 3), Hkv=st.integers(1, 3), g=st.integers(1, 4), n=st.integers(1, 40),
+       d=st.sampled_from([8, 16]), seed=st.integers(0, 1000))
+def test_prefill_matches_sdpa_gqa(B, Hkv, g, n, d, seed):
+    q, k, v = _rand(B, Hkv * g, n, d, seed=seed), _rand(B, Hkv, n, d, seed=seed + 1), _rand(B, Hkv, n, d, seed=seed + 2)
+    for causal in (False, True):
+        o, lse = prefill_attention_reference(q, k, v, scale=0.3, causal=causal)
+        want = F.scaled_dot_product_attention(q, k, v, scale=0.3, is_causal=causal, enable_gqa=True)
+        torch.testing.assert_close(o, want, rtol=1e-12, atol=1e-12)
+        s = _logits(q, k, 0.3)
+        if causal:
+            s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), NINF)
+        torch.testing.assert_close(lse, torch.logsumexp(s, -1), rtol=1e-12, atol=1e-12)
+        assert o.dtype == torch.float64 and lse.dtype == torch.float64
+
+
+@SETTINGS
+@given(B=st.integers(1, 3), n_q=st.integers(1, 20), extra=st.integers(0, 20), data=st.data())
+def test_prefill_bottom_right_causal_and_kv_start(B, n_q, extra, data):
+    n_k = n_q + extra
+    starts = torch.tensor(data.draw(st.lists(st.integers(0, n_k), min_size=B, max_size=B)))
+    q, k, v = _rand(B, 4, n_q, 8, seed=n_q), _rand(B, 2, n_k, 8, seed=extra), _rand(B, 2, n_k, 8, seed=7)
+    o, lse = prefill_attention_reference(q, k, v, scale=0.5, causal=True, kv_start=starts)
+    i, j = torch.arange(n_q)[:, None], torch.arange(n_k)[None, :]
+    mask = (j <= i + (n_k - n_q))[None, None] & (j >= starts[:, None, None, None])  # (B, 1, n_q, n_k)
+    s = _logits(q, k, 0.5).masked_fill(~mask, NINF)
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1), rtol=1e-12, atol=1e-12)
+    seen = mask.any(-1).expand(B, 4, n_q)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.5, enable_gqa=True)
+    torch.testing.assert_close(o[seen], want[seen], rtol=1e-12, atol=1e-12)
+    assert (o[~seen] == 0).all() and (lse[~seen] == NINF).all()  # rows that see no key
+
+
+def test_prefill_low_precision_returns_input_dtype_and_fp32_lse():
+    q = k = v = torch.randn(1, 2, 5, 16, dtype=torch.bfloat16)
+    o, lse = prefill_attention_reference(q, k, v, scale=0.25)
+    assert o.dtype == torch.bfloat16 and lse.dtype == torch.float32
+
+
+@SETTINGS
+@given(B=st.integers(1, 3), Hkv=st.integers(1, 3), g=st.integers(1, 4), cap=st.integers(1, 40),
+       bias_heads=st.sampled_from([0, 1, -1]), data=st.data())
+def test_decode_matches_sdpa_with_lengths_and_bias(B, Hkv, g, cap, bias_heads, data):
+    lengths = torch.tensor(data.draw(st.lists(st.integers(0, cap), min_size=B * Hkv, max_size=B * Hkv)),
+                           dtype=torch.int32).view(B, Hkv)
+    q, k, v = _rand(B, Hkv * g, 1, 8, seed=cap), _rand(B, Hkv, cap, 8, seed=1), _rand(B, Hkv, cap, 8, seed=2)
+    valid = torch.arange(cap)[None, None] < lengths[..., None]  # (B, Hkv, cap)
+    k, v = k.masked_fill(~valid[..., None], float("nan")), v.masked_fill(~valid[..., None], float("nan"))
+    bias = None if bias_heads == 0 else _rand(B, Hkv if bias_heads == -1 else 1, cap, seed=3)
+    o, lse = decode_attention_reference(q, k, v, lengths, scale=0.4, bias=bias)
+    add = torch.zeros(B, Hkv, cap, dtype=torch.float64) + (0 if bias is None else bias)
+    add = add.masked_fill(~valid, NINF).repeat_interleave(g, dim=1).unsqueeze(2)  # (B, Hq, 1, cap)
+    seen = valid.any(-1).repeat_interleave(g, dim=1).unsqueeze(-1)  # (B, Hq, 1)
+    s = _logits(q, k.nan_to_num(0.0), 0.4) + add
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1), rtol=1e-12, atol=1e-12)
+    want = F.scaled_dot_product_attention(q, k.nan_to_num(0.0), v.nan_to_num(0.0), attn_mask=add,
+                                          scale=0.4, enable_gqa=True)
+    torch.testing.assert_close(o[seen], want[seen], rtol=1e-12, atol=1e-12)
+    assert (o[~seen] == 0).all() and not o.isnan().any()
+
+
+@SETTINGS
+@given(n=st.integers(1, 50), data=st.data())
+def test_merge_of_disjoint_partitions_is_attention_over_union(n, data):
+    in_first = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    q, k, v = _rand(2, 4, 1, 8, seed=n), _rand(2, 2, n, 8, seed=n + 1), _rand(2, 2, n, 8, seed=n + 2)
+    lengths = torch.full((2, 2), n, dtype=torch.int32)
+    mask = torch.zeros(2, 1, n, dtype=torch.float64)
+    o1, l1 = decode_attention_reference(q, k, v, lengths, scale=0.3, bias=mask.masked_fill(~in_first, NINF))
+    o2, l2 = decode_attention_reference(q, k, v, lengths, scale=0.3, bias=mask.masked_fill(in_first, NINF))
+    o, lse = merge_partitions(o1, l1, o2, l2)
+    want_o, want_lse = decode_attention_reference(q, k, v, lengths, scale=0.3)
+    torch.testing.assert_close(o, want_o, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("empty_side", [1, 2])
+def test_merge_with_an_empty_partition_returns_the_other(empty_side):
+    o, lse = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    junk, ninf = torch.full((3, 8), float("nan"), dtype=torch.float64), torch.full((3,), NINF, dtype=torch.float64)
+    args = (junk, ninf, o, lse) if empty_side == 1 else (o, lse, junk, ninf)
+    mo, ml = merge_partitions(*args)
+    assert torch.equal(mo, o) and torch.equal(ml, lse)
+
+
+def test_merge_of_two_empty_partitions_is_empty():
+    z, ninf = torch.zeros(2, 4), torch.full((2,), NINF)
+    mo, ml = merge_partitions(z, ninf, z, ninf)
+    assert (mo == 0).all() and (ml == NINF).all() and not mo.isnan().any()
