@@ -1,129 +1,227 @@
-"""What a site keeps: the compressor interface and the two policies of the foundation.
+"""What a site keeps: compressors built from a resolved layer policy.
 
-A compressor is built once per site from its resolved layer policy. The runtime calls
+The runtime calls, per sequence,
 
-* ``prefill(store, q, k, v, valid)`` once per sequence, with the full-precision prompt K/V, to
-  write the kept tokens into the store;
-* ``after_decode(store)`` after each decode step's tokens were appended and attended, to evict
-  down to a rolling cap.
+* ``prefill(store, q, k, v, valid, scale)`` with the full-precision prompt, which writes the
+  kept tokens into the store (scores → shared selection → gather);
+* ``after_decode(store, nq, probs)`` after a decode step's tokens were appended and attended;
+  rolling policies evict down to their cap here. ``probs`` (B, Hq, nq, n) is the step's
+  attention over the store when ``needs_probs`` is set (H2O, TOVA), else None.
 
-Scorer-based methods (SnapKV, H2O, ...) plug in by returning scores to
-:func:`kvfx.methods.select.select_kept`; they do not touch budgets or pads themselves.
+Scorers (``kvfx.methods.<name>``) only produce ``(B, Hkv, n)`` scores; budgets, sinks, the
+window, pads, gathering and eviction are here and in :mod:`kvfx.methods.select`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from kvfx.methods.h2o import H2O
+from kvfx.methods.knorm import KNorm, knorm_scores
+from kvfx.methods.lagkv import lagkv_keep_indices
+from kvfx.methods.pyramidkv import pyramid_budget
+from kvfx.methods.scoring import default_scale, group_reduce
 from kvfx.methods.select import budget_from_keep, gather_tokens, select_kept
+from kvfx.methods.snapkv import SnapKV
+from kvfx.methods.tova import TOVA
 from kvfx.runtime.store import SiteStore
 
-IMPLEMENTED_SCORERS = ("none", "streaming")
+IMPLEMENTED_SCORERS = ("none", "streaming", "knorm", "snapkv", "h2o", "tova", "lagkv")
+_BIG = torch.iinfo(torch.long).max
 
 
 class Compressor:
     """Keep everything (the ``full`` policy)."""
 
     name = "full"
-    rolling_cap: int | None = None
-    slack = 0  # extra capacity allocated beyond the kept tokens at prefill
+    needs_probs = False
+
+    def prefill(self, store: SiteStore, q, k, v, valid, scale=None) -> None:
+        B, Hkv, n, _ = k.shape
+        count = torch.full((B, Hkv), n, dtype=torch.long, device=k.device)
+        if bool(valid.all()):
+            store.write_kept(k, v, torch.arange(n, device=k.device).expand(B, Hkv, n), count, n)
+            return
+        n_valid = valid.long().sum(-1)
+        idx, count = select_kept(None, valid, n_valid, sink=0, window=0, kv_heads=Hkv)
+        _write_selection(store, k, v, idx, count, 0)
+
+    def after_decode(self, store: SiteStore, nq: int, probs=None) -> None:
+        pass
+
+
+def _write_selection(store, k, v, idx, count, slack) -> None:
+    m = idx.shape[-1]
+    unused = torch.arange(m, device=k.device)[None, None] >= count[..., None]
+    store.write_kept(gather_tokens(k, idx), gather_tokens(v, idx), idx.masked_fill(unused, -1),
+                     count, m + slack)
+
+
+class Scored(Compressor):
+    """Score → select top-k within a budget → (optionally) evict one token at a time during
+    decode. ``decode``: None (keep growing), ``"oldest"``, ``"h2o"`` (accumulated attention),
+    ``"tova"`` (current attention) or ``"knorm"`` (key norm)."""
+
+    def __init__(self, name, scorer, *, keep, tokens, sink, window, max_tokens=None, decode=None,
+                 recent=None, layer=0, num_layers=1, pyramid=False, group_reduce="mean"):
+        self.name, self.scorer = name, scorer
+        self.keep, self.tokens, self.sink, self.window = keep, tokens, sink, window
+        self.max_tokens, self.decode, self.recent = max_tokens, decode, recent
+        self.layer, self.num_layers, self.pyramid = layer, num_layers, pyramid
+        self.group_reduce = group_reduce
+        self.needs_probs = decode in ("h2o", "tova")
 
     def budget(self, n_valid: torch.Tensor) -> torch.Tensor:
-        return n_valid
+        window = self._window(n_valid)
+        b = budget_from_keep(n_valid, keep=self.keep, tokens=self.tokens, sink=self.sink,
+                             window=0)
+        b = torch.maximum(b, self.sink + window)
+        if self.pyramid:
+            b = pyramid_budget(n_valid, b, window=self.window, layer=self.layer,
+                               num_layers=self.num_layers)
+        return torch.minimum(b, n_valid)
 
-    def scores(self, q, k, v, valid) -> torch.Tensor | None:
-        return None
+    def _window(self, n_valid):
+        if self.recent is not None:  # H2O: a fraction of the prompt
+            return torch.maximum(torch.round(n_valid.double() * self.recent).long(),
+                                 torch.full_like(n_valid, self.window))
+        return torch.full_like(n_valid, self.window)
 
-    def sink_window(self) -> tuple[int, int]:
-        return 0, 0
-
-    def prefill(self, store: SiteStore, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                valid: torch.Tensor) -> None:
-        """q (B, Hq, n, d), k/v (B, Hkv, n, d), valid (B, n) bool (False at pads)."""
-        B, Hkv, n, _ = k.shape
+    def prefill(self, store, q, k, v, valid, scale=None) -> None:
+        B, Hkv = k.shape[:2]
         n_valid = valid.long().sum(-1)
         budget = self.budget(n_valid)
-        positions = torch.arange(n, device=k.device)
-        if bool((budget == n).all()):  # nothing to drop: keep the prompt as is
-            count = torch.full((B, Hkv), n, dtype=torch.long, device=k.device)
-            store.write_kept(k, v, positions.expand(B, Hkv, n), count, n + self.slack)
+        scores = None if self.scorer is None else self.scorer.scores(q, k, v, valid, default_scale(q, scale))
+        window = self._window(n_valid)
+        idx, count = select_kept(scores, valid, budget, sink=self.sink, window=window, kv_heads=Hkv)
+        _write_selection(store, k, v, idx, count, 1)
+        cap = budget if self.decode in ("h2o", "tova") else None
+        if self.max_tokens is not None:
+            cap = torch.full_like(budget, self.max_tokens) if cap is None else cap.clamp(max=self.max_tokens)
+        if cap is not None:
+            store.extra["cap"] = cap[:, None].expand(B, Hkv).contiguous()
+            store.extra["recent"] = window[:, None].expand(B, Hkv).contiguous()
+            store.host_cap = int(cap.max().item())  # host bound of the store length
+        if self.decode == "h2o":
+            store.add_slot_state("score", scores.gather(2, idx).masked_fill(
+                torch.arange(idx.shape[-1], device=k.device) >= count[..., None], 0))
+
+    def after_decode(self, store, nq, probs=None) -> None:
+        if "cap" not in store.extra:
             return
-        sink, window = self.sink_window()
-        idx, count = select_kept(self.scores(q, k, v, valid), valid, budget, sink=sink,
-                                 window=window, kv_heads=Hkv)
-        m = idx.shape[-1]
-        unused = torch.arange(m, device=k.device)[None, None] >= count[..., None]
-        pos = idx.masked_fill(unused, -1)
-        store.write_kept(gather_tokens(k, idx), gather_tokens(v, idx), pos, count, m + self.slack)
-
-    def after_decode(self, store: SiteStore, new_tokens: int) -> None:
-        if self.rolling_cap is not None:
-            evict_oldest(store, self.rolling_cap, protect=self.sink_window()[0], steps=new_tokens)
-
-
-@dataclass
-class Streaming(Compressor):
-    """StreamingLLM (arXiv 2309.17453): the first ``sink`` tokens plus the most recent ones.
-
-    After every step the store holds the first ``sink`` tokens and the last ``window`` tokens
-    (at most ``sink + window``); a decode query attends over those plus itself. The prompt
-    itself is attended exactly (full attention at prefill), then cut to that set.
-    """
-
-    sink: int = 4
-    window: int = 256
-    name = "streaming"
-
-    def __post_init__(self):
-        self.rolling_cap = self.sink + self.window
-        self.slack = 1
-
-    def budget(self, n_valid):
-        return torch.clamp(n_valid, max=self.sink + self.window)
-
-    def sink_window(self):
-        return self.sink, self.window
-
-
-def evict_oldest(store: SiteStore, cap: int, *, protect: int, steps: int = 1) -> None:
-    """Rows holding more than ``cap`` tokens drop their oldest token outside the first
-    ``protect`` slots (the sinks); the row's last slot moves into the freed one so that valid
-    slots stay compact. Device-only: no host sync."""
-    for _ in range(steps):
         n = store.length
-        slot = torch.arange(n, device=store.k.device)
-        p = store.pos[:, :, :n].masked_fill(slot < protect, torch.iinfo(torch.long).max)
-        p = p.masked_fill(slot >= store.count[..., None], torch.iinfo(torch.long).max)
-        victim = p.argmin(-1)  # (B, H)
-        over = store.count > cap
-        last = (store.count - 1).clamp(min=0)
-        src = torch.where(over, last, victim)  # rows not over copy the victim onto itself
+        if self.decode == "h2o" and probs is not None:
+            votes = group_reduce(probs.sum(2), store.kv_heads, self.group_reduce)
+            store.slot_state["score"][:, :, :n] += votes
+        for _ in range(nq):
+            n = store.length
+            slot = torch.arange(n, device=store.k.device)
+            if self.decode == "tova" and probs is not None:
+                score = group_reduce(probs.sum(2), store.kv_heads, self.group_reduce)[..., :n]
+            elif self.decode == "h2o":
+                score = store.slot_state["score"][:, :, :n]
+            elif self.decode == "knorm":
+                score = knorm_scores(store.k[:, :, :n])
+            else:  # oldest first
+                score = -store.pos[:, :, :n].double()
+            pos = store.pos[:, :, :n]
+            protected = (slot < self.sink) | (slot >= store.count[..., None])
+            protected = protected | (pos >= store.seen + nq - store.extra["recent"][..., None])
+            victim = score.double().masked_fill(protected, float("inf")).argmin(-1)
+            store.evict(victim, store.count > store.extra["cap"])
+            probs = None  # a second eviction in the same step has no fresh attention row
+        store.length = min(store.length, store.host_cap)
+
+
+class LagKVCompressor(Compressor):
+    """LagKV with recursive compression during decode (see :mod:`kvfx.methods.lagkv`)."""
+
+    name = "lagkv"
+
+    def __init__(self, *, sink, lag, keep, v_ratio):
+        self.sink, self.lag, self.keep, self.v_ratio = sink, lag, keep, v_ratio
+
+    def prefill(self, store, q, k, v, valid, scale=None) -> None:
+        B, Hkv = k.shape[:2]
+        rows, tails = [], []
+        for b in range(B):
+            idx_valid = valid[b].nonzero()[:, 0]
+            kb, vb = k[b][:, idx_valid], v[b][:, idx_valid]
+            kept, tail = lagkv_keep_indices(kb, vb, sink=self.sink, lag=self.lag, keep=self.keep,
+                                            v_ratio=self.v_ratio)
+            rows.append(idx_valid[kept])
+            tails.append(tail)
+        m = max(r.shape[1] for r in rows)
+        idx = torch.zeros(B, Hkv, m, dtype=torch.long, device=k.device)
+        count = torch.zeros(B, Hkv, dtype=torch.long, device=k.device)
+        for b, r in enumerate(rows):
+            idx[b, :, :r.shape[1]] = r
+            count[b] = r.shape[1]
+        _write_selection(store, k, v, idx, count, self.lag)
+        store.extra_host = {"tail": tails, "count": [r.shape[1] for r in rows]}
+
+    def after_decode(self, store, nq, probs=None) -> None:
+        h = store.extra_host
+        for b in range(store.batch):
+            h["tail"][b] += nq
+            h["count"][b] += nq
+            while h["tail"][b] >= 2 * self.lag:
+                self._compress_row(store, b)
+        store.length = max(h["count"])
+
+    def _compress_row(self, store, b) -> None:
+        h, lag = store.extra_host, self.lag
+        count, tail = h["count"][b], h["tail"][b]
+        start = count - tail
+        dev = store.k.device
+        part = slice(start, start + 2 * lag)
+        from kvfx.methods.lagkv import compress_partitions
+
+        kept = compress_partitions(store.k[b, :, part], store.v[b, :, part], lag=lag, keep=self.keep,
+                                   v_ratio=self.v_ratio) + start  # (H, kk)
+        H = kept.shape[0]
+        order = torch.cat([torch.arange(start, device=dev).expand(H, start), kept,
+                           torch.arange(start + lag, count, device=dev).expand(H, count - start - lag)], 1)
+        new_count = order.shape[1]
         for buf in (store.k, store.v):
-            moved = buf.gather(2, src[:, :, None, None].expand(*src.shape, 1, buf.shape[-1]))
-            buf.scatter_(2, victim[:, :, None, None].expand_as(moved), moved)
-        moved_pos = store.pos.gather(2, src[..., None])
-        store.pos.scatter_(2, victim[..., None], moved_pos)
-        kept_pos = store.pos.gather(2, last[..., None])
-        store.pos.scatter_(2, last[..., None], kept_pos.masked_fill(over[..., None], -1))
-        store.count -= over.long()
-    store.length = min(store.length, cap)
+            buf[b, :, :new_count] = buf[b].gather(1, order[..., None].expand(H, new_count, buf.shape[-1]))
+        store.pos[b, :, :new_count] = store.pos[b].gather(1, order)
+        store.pos[b, :, new_count:] = -1
+        store.count[b] = new_count
+        h["count"][b], h["tail"][b] = new_count, tail - lag
 
 
-def build_compressor(layer_policy) -> Compressor:
+def build_compressor(layer_policy, layer: int = 0, num_layers: int = 1) -> Compressor:
     """Map a resolved :class:`kvfx.policy.LayerPolicy` to its compressor, or raise
     ``NotImplementedError`` naming what this build cannot do yet."""
     lp = layer_policy
-    missing = []
-    if lp.eviction.scorer not in IMPLEMENTED_SCORERS:
-        missing.append(f"eviction.scorer={lp.eviction.scorer} (implemented: "
-                       f"{', '.join(IMPLEMENTED_SCORERS)})")
-    for section in ("calibration", "quant", "lowrank"):
-        if getattr(lp, section, None) is not None:
-            missing.append(f"{section}")
+    missing = [s for s in ("calibration", "quant", "lowrank") if getattr(lp, s, None) is not None]
     if missing:
-        raise NotImplementedError("; ".join(missing))
-    if lp.eviction.scorer == "streaming":
-        return Streaming(sink=lp.budget.sink, window=lp.budget.window)
-    return Compressor()
+        raise NotImplementedError(", ".join(missing))
+    ev, bud = lp.eviction, lp.budget
+    scorer = ev.scorer
+    common = dict(keep=bud.keep, tokens=bud.tokens, sink=bud.sink, window=bud.window,
+                  max_tokens=bud.max_tokens, layer=layer, num_layers=num_layers,
+                  pyramid=bud.schedule == "pyramid", group_reduce=ev.group_reduce)
+    if scorer == "none":
+        return Compressor()
+    if scorer == "streaming":
+        common.update(keep=None, tokens=bud.sink + bud.window, max_tokens=bud.sink + bud.window)
+        return Scored("streaming", None, decode="oldest", **common)
+    if scorer == "knorm":
+        return Scored("knorm", KNorm(), decode="knorm" if bud.max_tokens else None, **common)
+    if scorer == "snapkv":
+        return Scored("snapkv", SnapKV(window=bud.window, pool=ev.pool.kind, kernel=ev.pool.kernel,
+                                       group_reduce=ev.group_reduce),
+                      decode="oldest" if bud.max_tokens else None, **common)
+    if scorer == "h2o":
+        return Scored("h2o", H2O(ev.heavy, ev.recent, ev.group_reduce), decode="h2o",
+                      recent=ev.recent, **common)
+    if scorer == "tova":
+        return Scored("tova", TOVA(ev.group_reduce), decode="tova", **common)
+    if scorer == "lagkv":
+        if bud.keep is None:
+            raise NotImplementedError("lagkv with budget.tokens (LagKV keeps a fraction of each "
+                                      "partition: set budget.keep)")
+        return LagKVCompressor(sink=bud.sink, lag=ev.lag, keep=bud.keep, v_ratio=ev.score_v_ratio)
+    raise NotImplementedError(f"eviction.scorer={scorer} (implemented: {', '.join(IMPLEMENTED_SCORERS)})")

@@ -23,9 +23,12 @@ def valid_rank(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return v.cumsum(-1) - 1, v.sum(-1)
 
 
-def protected_mask(valid: torch.Tensor, sink: int, window: int) -> torch.Tensor:
-    """(B, n) bool: valid tokens that are sinks or inside the recent window."""
+def protected_mask(valid: torch.Tensor, sink: int, window: int | torch.Tensor) -> torch.Tensor:
+    """(B, n) bool: valid tokens that are sinks or inside the recent window (an int, or a
+    (B,) tensor of per-row windows)."""
     rank, n_valid = valid_rank(valid)
+    if isinstance(window, torch.Tensor):
+        window = window[:, None]
     return valid & ((rank < sink) | (rank >= n_valid[:, None] - window))
 
 

@@ -54,7 +54,7 @@ def run_passes(gm: GraphModule, policy, namespace: str = "default") -> dict:
         if not reason:
             lp = policy.resolve(index, path, max(num_layers, index + 1))
             try:
-                compressor = build_compressor(lp)
+                compressor = build_compressor(lp, index, max(num_layers, index + 1))
             except NotImplementedError as e:
                 raise UnsupportedPolicyError(
                     f"kvfx: policy {policy.name!r} asks site {path} (layer {index}) for {e}, "

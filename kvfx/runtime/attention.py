@@ -81,14 +81,37 @@ def sdpa(q, k, v, attn_mask, *, scale, is_causal=False):
 
 
 def decode_attention(store: SiteStore, q: torch.Tensor, mask, is_causal: bool, past_len: int,
-                     scale: float | None) -> torch.Tensor:
-    """Attention of q (B, Hq, nq, d) over the store's first ``length`` slots."""
+                     scale: float | None, with_probs: bool = False):
+    """Attention of q (B, Hq, nq, d) over the store's first ``length`` slots.
+
+    Returns (out (B, Hq, nq, dv), probs (B, Hq, nq, n) fp32 or None). ``with_probs`` computes
+    the softmax explicitly (H2O/TOVA read it); otherwise SDPA (CPU) or the Triton split-K
+    decode kernel (CUDA) runs."""
     n = store.length
     g = q.shape[1] // store.kv_heads
     keep = _store_mask(store, mask, is_causal, q.shape[2], past_len, g)
     k, v = store.k[:, :, :n], store.v[:, :, :n]
-    if keep is None and q.shape[2] == 1 and q.is_cuda:
+    if with_probs:
+        from kvfx.methods.scoring import default_scale, expand_kv
+
+        logits = torch.matmul(q.float(), expand_kv(k, q.shape[1]).float().transpose(-1, -2))
+        logits = logits * default_scale(q, scale)
+        if keep is not None:
+            logits = logits.masked_fill(~keep, float("-inf")) if keep.dtype == torch.bool else logits + keep
+        probs = torch.softmax(logits, dim=-1)
+        out = torch.matmul(probs.to(v.dtype), expand_kv(v, q.shape[1]))
+        return out, probs
+    if keep is None and q.shape[2] == 1 and _use_kernel(q):
         from kvfx.templates.launch import decode_attention as kernel
+
         sm = scale if scale is not None else q.shape[-1] ** -0.5
-        return kernel(q, store.k, store.v, store.count.to(torch.int32), scale=sm)[0]
-    return sdpa(q, k, v, keep, scale=scale)
+        return kernel(q, k, v, store.count.to(torch.int32), scale=sm)[0], None
+    return sdpa(q, k, v, keep, scale=scale), None
+
+
+def _use_kernel(q: torch.Tensor) -> bool:
+    """CUDA runs the Triton kernel; ``KVFX_FORCE_TRITON=1`` (with ``TRITON_INTERPRET=1``)
+    routes CPU runs through it too, which the tests use to check the wiring."""
+    import os
+
+    return q.is_cuda or os.environ.get("KVFX_FORCE_TRITON") == "1"

@@ -50,9 +50,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_len: in
         store.reset()
         out = sdpa(q, k, v, mask, scale=scale, is_causal=is_causal)
         with torch.no_grad():
-            b.compressor.prefill(store, q, k, v, key_valid(mask, B, nq, q.device))
+            b.compressor.prefill(store, q, k, v, key_valid(mask, B, nq, q.device), scale)
         store.seen = nq
-        return out
+        return out.contiguous()  # the layout the fake implementation promises
     if store.seen != past_len or store.batch != B:
         raise KvfxStateError(
             f"kvfx: site {b.info.module_path}: the model's cache reports {past_len} past tokens "
@@ -62,10 +62,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_len: in
     positions = torch.arange(past_len, past_len + nq, device=q.device)
     with torch.no_grad():
         store.append(k, v, positions)
-        out = decode_attention(store, q, mask, is_causal, past_len, scale)
-        b.compressor.after_decode(store, nq)
+        out, probs = decode_attention(store, q, mask, is_causal, past_len, scale,
+                                      b.compressor.needs_probs)
+        b.compressor.after_decode(store, nq, probs)
     store.seen += nq
-    return out
+    return out.contiguous()
 
 
 @attention.register_fake

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-_GROW_QUANTUM = 64
+_GROW_QUANTUM = 64  # capacities are multiples of this
+_GROW_MIN = 256  # tokens added per growth at least (amortizes the copy; ~0.4% per step)
 
 
 def _round_up(n: int, q: int) -> int:
@@ -39,7 +40,10 @@ class SiteStore:
         self.batch = 0
         self.kv_heads = 0
         self.dtype: torch.dtype | None = None
-        self.extra: dict[str, torch.Tensor] = {}  # method state (scores, calibration...)
+        self.extra: dict[str, torch.Tensor] = {}  # method state that is not per slot
+        self.slot_state: dict[str, torch.Tensor] = {}  # (B, Hkv, cap) per-slot method state
+        self.extra_host: dict = {}  # host-side method bookkeeping (never read from the device)
+        self.host_cap = 0  # rolling policies: host bound of ``length``
 
     # ---- lifecycle -------------------------------------------------------------------------
     def reset(self) -> None:
@@ -48,6 +52,9 @@ class SiteStore:
         self.length = self.seen = 0
         self.ragged = False
         self.extra = {}
+        self.slot_state = {}
+        self.extra_host = {}
+        self.host_cap = 0
 
     @property
     def capacity(self) -> int:
@@ -67,12 +74,16 @@ class SiteStore:
             pos[:, :, :n] = self.pos[:, :, :n]
         else:
             self.count = torch.zeros(B, H, dtype=torch.long, device=dev)
+        for name, t in self.slot_state.items():
+            grown = t.new_zeros(B, H, capacity)
+            grown[:, :, :self.length] = t[:, :, :self.length]
+            self.slot_state[name] = grown
         self.k, self.v, self.pos = k, v, pos
         self.batch, self.kv_heads, self.dtype = B, H, like_k.dtype
 
     def ensure_capacity(self, needed: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
         if needed > self.capacity:
-            grow = max(needed, self.capacity + self.capacity // 4)
+            grow = needed + max(_GROW_MIN, self.capacity // 16)
             self.allocate(like_k, like_v, _round_up(grow, _GROW_QUANTUM))
 
     # ---- writes ----------------------------------------------------------------------------
@@ -100,23 +111,36 @@ class SiteStore:
         self.k.scatter_(2, slot[..., None].expand(B, H, q, k.shape[-1]), k)
         self.v.scatter_(2, slot[..., None].expand(B, H, q, v.shape[-1]), v)
         self.pos.scatter_(2, slot, positions.expand(B, H, q))
+        for t in self.slot_state.values():
+            t.scatter_(2, slot, 0)
         self.count += q
         self.length += q
 
-    def replace_slots(self, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      positions: torch.Tensor) -> None:
-        """Overwrite one slot per row (B, Hkv) with a new token (rolling eviction)."""
-        B, H = slot.shape
-        idx = slot[:, :, None, None]
-        self.k.scatter_(2, idx.expand(B, H, 1, k.shape[-1]), k)
-        self.v.scatter_(2, idx.expand(B, H, 1, v.shape[-1]), v)
-        self.pos.scatter_(2, slot[:, :, None], positions.expand(B, H, 1))
+    def add_slot_state(self, name: str, values: torch.Tensor) -> None:
+        """Per-slot method state (B, Hkv, m) for the first m slots; it moves with evictions."""
+        t = values.new_zeros(self.batch, self.kv_heads, self.capacity)
+        t[:, :, :values.shape[2]] = values
+        self.slot_state[name] = t
+
+    def evict(self, victim: torch.Tensor, over: torch.Tensor) -> None:
+        """Rows where ``over`` (B, Hkv) drop slot ``victim`` (B, Hkv): the row's last valid
+        slot moves into it, so valid slots stay compact. Device-only, no host sync."""
+        last = (self.count - 1).clamp(min=0)
+        src = torch.where(over, last, victim)  # rows not over copy the victim onto itself
+        for buf in (self.k, self.v):
+            idx = src[:, :, None, None].expand(*src.shape, 1, buf.shape[-1])
+            buf.scatter_(2, victim[:, :, None, None].expand_as(idx), buf.gather(2, idx))
+        for buf in (self.pos, *self.slot_state.values()):
+            buf.scatter_(2, victim[..., None], buf.gather(2, src[..., None]))
+        kept = self.pos.gather(2, last[..., None])
+        self.pos.scatter_(2, last[..., None], kept.masked_fill(over[..., None], -1))
+        self.count -= over.long()
 
     # ---- accounting ------------------------------------------------------------------------
     def held_bytes(self) -> int:
         """Bytes of every tensor this site's store holds (buffers, counters, method state)."""
         tensors = [t for t in (self.k, self.v, self.pos, self.count) if t is not None]
-        tensors += list(self.extra.values())
+        tensors += list(self.extra.values()) + list(self.slot_state.values())
         return sum(t.untyped_storage().nbytes() for t in tensors)
 
     def kv_bytes(self) -> int:

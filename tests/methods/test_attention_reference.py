@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvfx.methods import attention
 from kvfx.methods.attention import (
     decode_attention_reference,
     merge_partitions,
@@ -55,6 +56,15 @@ def test_prefill_bottom_right_causal_and_kv_start(B, n_q, extra, data):
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.5, enable_gqa=True)
     torch.testing.assert_close(o[seen], want[seen], rtol=1e-12, atol=1e-12)
     assert (o[~seen] == 0).all() and (lse[~seen] == NINF).all()  # rows that see no key
+
+
+def test_prefill_query_chunks_join_exactly(monkeypatch):
+    q, k, v = _rand(2, 4, 11, 8, seed=0), _rand(2, 2, 11, 8, seed=1), _rand(2, 2, 11, 8, seed=2)
+    starts = torch.tensor([0, 4])
+    whole = prefill_attention_reference(q, k, v, scale=0.3, kv_start=starts)
+    monkeypatch.setattr(attention, "_QUERY_CHUNK", 3)  # the CPU path bounds memory by chunking rows
+    for got, want in zip(prefill_attention_reference(q, k, v, scale=0.3, kv_start=starts), whole):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_prefill_low_precision_returns_input_dtype_and_fp32_lse():

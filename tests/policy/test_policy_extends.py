@@ -39,12 +39,14 @@ def test_null_removes_nested_and_resets_scalars():
 
 def test_relative_path_chain_and_flat_hash(tmp_path):
     write(tmp_path / "base" / "root.yaml", "kvfx: 1\nname: root\nextends: kivi4\nbudget: {keep: 0.5}\n")
-    write(tmp_path / "base" / "mid.yaml", "kvfx: 1\nname: mid\nextends: root.yaml\neviction: {scorer: knorm}\n")
+    write(tmp_path / "base" / "mid.yaml",
+          "kvfx: 1\nname: mid\nextends: root.yaml\neviction: {scorer: knorm}\n")
     child = write(tmp_path / "sub" / "child.yaml", "kvfx: 1\nname: flat\nextends: ../base/mid.yaml\n")
     p = load_policy(str(child))
     lp = base(p)
     assert (lp.eviction.scorer, lp.budget.keep, lp.quant.keys.bits) == ("knorm", 0.5, 4)
-    flat = write(tmp_path / "flat.yaml", "kvfx: 1\nname: flat\nbudget: {keep: 0.5}\neviction: {scorer: knorm}\n"
+    flat = write(tmp_path / "flat.yaml",
+                 "kvfx: 1\nname: flat\nbudget: {keep: 0.5}\neviction: {scorer: knorm}\n"
                  "quant: {keys: {bits: 4}, values: {bits: 4}}\n")
     assert load_policy(flat).hash == p.hash          # hash of the resolved document
     assert p.source == str(child) and "extends" not in p.to_dict()
@@ -66,8 +68,8 @@ def test_dict_extends_path_relative_to_cwd(tmp_path, monkeypatch):
 def test_cycle_is_an_error(tmp_path):
     a = write(tmp_path / "a.yaml", "kvfx: 1\nname: a\nextends: b.yaml\n")
     write(tmp_path / "b.yaml", "kvfx: 1\nname: b\nextends: a.yaml\n")
-    with pytest.raises(PolicyError, match=r"b\.yaml:3:10 extends: got 'a\.yaml', expected a policy that does not "
-                       r"extend itself \(cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml\)"):
+    with pytest.raises(PolicyError, match=r"b\.yaml:3:10 extends: got 'a\.yaml', expected a policy "
+                       r"that does not extend itself \(cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml\)"):
         load_policy(a)
 
 
@@ -80,7 +82,8 @@ def test_self_extends_is_a_cycle(tmp_path):
 def test_error_in_parent_points_at_parent(tmp_path):
     write(tmp_path / "parent.yaml", "kvfx: 1\nname: p\nquant:\n  keys: {bits: 3}\n")
     child = write(tmp_path / "child.yaml", "kvfx: 1\nname: c\nextends: parent.yaml\n")
-    with pytest.raises(PolicyError, match=r"parent\.yaml:4:16 quant\.keys\.bits: got 3, expected one of 2, 4, 8"):
+    with pytest.raises(PolicyError,
+                       match=r"parent\.yaml:4:16 quant\.keys\.bits: got 3, expected one of 2, 4, 8"):
         load_policy(child)
 
 

@@ -87,16 +87,17 @@ def test_check_overrides_names_unmatched_override(tmp_path):
     f.write_text("kvfx: 1\nname: p\nextends: snapkv\nlayers:\n  - match: 0\n    eviction: {scorer: none}\n"
                  "  - match: [40, 41]\n    budget: {keep: 0.1}\n")
     p = load_policy(f)
-    with pytest.raises(PolicyError, match=r"p\.yaml:7:5 layers\[1\]\.match: got \[40, 41\], expected to match at "
-                       r"least one attention site of the model \(layers 0-7, e\.g\. 'model\.layers\.0\.self_attn'\)"
-                       r"; fix the match or remove layers\[1\]$"):
+    with pytest.raises(PolicyError, match=r"p\.yaml:7:5 layers\[1\]\.match: got \[40, 41\], expected to "
+                       r"match at least one attention site of the model \(layers 0-7, "
+                       r"e\.g\. 'model\.layers\.0\.self_attn'\); fix the match or remove layers\[1\]$"):
         p.check_overrides(sites())
     p.check_overrides(sites(42))
 
 
 def test_check_overrides_glob_and_dict_source():
     p = with_layers({"match": "*.attention", **OFF})
-    with pytest.raises(PolicyError, match=r"^<dict> layers\[0\]\.match: got '\*\.attention', expected to match"):
+    with pytest.raises(PolicyError,
+                       match=r"^<dict> layers\[0\]\.match: got '\*\.attention', expected to match"):
         p.check_overrides(sites())
 
 
@@ -107,6 +108,6 @@ def test_combination_of_valid_overrides_checked_at_resolve(tmp_path):
                  "  - match: 3-5\n    budget: {keep: 0.5}\n")
     p = load_policy(f)           # each override alone is valid
     assert p.resolve(0, "a", 8).budget.tokens == 512 and p.resolve(5, "a", 8).budget.keep == 0.5
-    with pytest.raises(PolicyError, match=r"c\.yaml:8:5 layers\[1\]\.budget\.tokens: got 512, expected only one of "
-                       r"budget\.keep \(0\.5\) and budget\.tokens \(remove one\) \(at layer 3, a\)$"):
+    with pytest.raises(PolicyError, match=r"c\.yaml:8:5 layers\[1\]\.budget\.tokens: got 512, expected only "
+                       r"one of budget\.keep \(0\.5\) and budget\.tokens \(remove one\) \(at layer 3, a\)$"):
         p.resolve(3, "a", 8)

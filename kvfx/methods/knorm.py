@@ -1,0 +1,22 @@
+"""KNorm / L2 (arXiv 2406.11430): keep the keys with the *lowest* L2 norm (post-RoPE).
+
+score_j = -||k_j||_2 per KV head. The official variants skip layers 0 and 1: the ``knorm``
+preset does that with a per-layer override.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def knorm_scores(k: torch.Tensor) -> torch.Tensor:
+    """k (B, Hkv, n, d) -> scores (B, Hkv, n) = -||k||_2 in fp32."""
+    return -torch.linalg.vector_norm(k.float(), dim=-1)
+
+
+@dataclass(frozen=True)
+class KNorm:
+    def scores(self, q, k, v, valid, scale):
+        return knorm_scores(k)

@@ -1,0 +1,55 @@
+"""SnapKV (arXiv 2404.14469): vote with the attention of the last ``window`` queries.
+
+A = softmax(Q[-w:] Kᵀ · scale + causal mask inside the window) over all n keys (fp32);
+s_j = Σ over the window queries of A[:, j]; s is pooled over tokens with a 1-D pool (kernel 7,
+max or avg, stride 1, same padding); the g query heads of a GQA group are reduced (mean/max).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvfx.methods.scoring import attention_probs, group_reduce
+
+
+def pool_scores(s: torch.Tensor, kind: str, kernel: int) -> torch.Tensor:
+    """1-D pooling over the token axis of (..., n) scores, stride 1, same length."""
+    if kernel <= 1:
+        return s
+    shape = s.shape
+    x = s.reshape(-1, 1, shape[-1])
+    if kind == "max":
+        x = F.max_pool1d(x, kernel, stride=1, padding=kernel // 2)
+    else:
+        x = F.avg_pool1d(x, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    return x.reshape(shape)
+
+
+def window_votes(q, k, valid, *, window: int, scale: float) -> torch.Tensor:
+    """Σ of the attention of the last ``window`` queries: (B, Hq, n)."""
+    n = k.shape[2]
+    w = min(window, n)
+    q_pos = torch.arange(n - w, n, device=q.device)
+    return attention_probs(q[:, :, n - w:], k, valid, q_pos, scale).sum(2)
+
+
+def snapkv_scores(q, k, valid, *, window: int, scale: float, pool: str = "max", kernel: int = 7,
+                  group_reduce_how: str = "mean") -> torch.Tensor:
+    """q (B, Hq, n, d), k (B, Hkv, n, d), valid (B, n) -> scores (B, Hkv, n)."""
+    s = pool_scores(window_votes(q, k, valid, window=window, scale=scale), pool, kernel)
+    return group_reduce(s, k.shape[1], group_reduce_how)
+
+
+@dataclass(frozen=True)
+class SnapKV:
+    window: int = 32
+    pool: str = "max"
+    kernel: int = 7
+    group_reduce: str = "mean"
+
+    def scores(self, q, k, v, valid, scale):
+        return snapkv_scores(q, k, valid, window=max(self.window, 1), scale=scale, pool=self.pool,
+                             kernel=self.kernel, group_reduce_how=self.group_reduce)

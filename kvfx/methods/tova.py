@@ -1,0 +1,27 @@
+"""TOVA (arXiv 2401.06104): keep the tokens the *current* query attends to most.
+
+Prefill: score = the attention of the last prompt query; decode: the current query's
+attention, evicting the lowest token once a row is over its cap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvfx.methods.scoring import attention_probs, group_reduce
+
+
+def last_query_scores(q, k, valid, *, scale: float) -> torch.Tensor:
+    """(B, Hq, n): softmax attention of the last query over all keys."""
+    n = k.shape[2]
+    return attention_probs(q[:, :, -1:], k, valid, torch.tensor([n - 1], device=q.device), scale)[:, :, 0]
+
+
+@dataclass(frozen=True)
+class TOVA:
+    group_reduce: str = "mean"
+
+    def scores(self, q, k, v, valid, scale):
+        return group_reduce(last_query_scores(q, k, valid, scale=scale), k.shape[1], self.group_reduce)
