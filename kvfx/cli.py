@@ -36,6 +36,48 @@ def _explain(args) -> int:
     return 0
 
 
+def _parse_lengths(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        mult = 1024 if part.endswith("k") else 1
+        try:
+            out.append(int(float(part.rstrip("k")) * mult))
+        except ValueError:
+            raise SystemExit(f"kvfx eval: --lengths {text!r}: {part!r} is not a length "
+                             "(write e.g. 1k,2k,4096)") from None
+    return out
+
+
+def _eval(args) -> int:
+    from kvfx.eval.harness import markdown_table, run_passkey_eval
+
+    if args.depths.isdigit():
+        k = int(args.depths)
+        depths = [round((i + 0.5) / k, 4) for i in range(k)] if k > 1 else [0.5]
+    else:
+        depths = [float(x) for x in args.depths.split(",")]
+    if args.task != "passkey":
+        raise SystemExit(f"kvfx eval: task {args.task!r} is not implemented yet; available: passkey")
+    records = run_passkey_eval(args.model, args.policy, lengths=_parse_lengths(args.lengths),
+                               depths=depths, seeds=range(args.seeds), out=args.out,
+                               inner=args.inner, max_new_tokens=args.max_new_tokens)
+    print(markdown_table(records))
+    return 0
+
+
+def _report(args) -> int:
+    from pathlib import Path
+
+    from kvfx.eval.harness import load_results, markdown_table
+
+    records = load_results(Path(args.dir))
+    if not records:
+        raise SystemExit(f"kvfx report: no results.jsonl in {args.dir}")
+    print(markdown_table(records))
+    return 0
+
+
 def _models(args) -> int:
     from kvfx.models import list_models
 
@@ -69,6 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--policy", default="full")
     e.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     e.set_defaults(func=_explain)
+
+    ev = sub.add_parser("eval", help="long-context evaluation of policies against full")
+    ev.add_argument("--model", default="smollm2-135m")
+    ev.add_argument("--policy", nargs="+", required=True,
+                    help="presets, files or NAME@KEEP (e.g. snapkv@0.125); include full")
+    ev.add_argument("--task", default="passkey")
+    ev.add_argument("--lengths", default="4k", help="comma separated, e.g. 1k,2k,4k")
+    ev.add_argument("--depths", default="10", help="a count (evenly spaced) or a list 0.1,0.5")
+    ev.add_argument("--seeds", type=int, default=1)
+    ev.add_argument("--out", default="runs/eval")
+    ev.add_argument("--max-new-tokens", type=int, default=8)
+    ev.add_argument("--inner", default="eager", choices=["eager", "inductor", "aot_eager"])
+    ev.set_defaults(func=_eval)
+
+    rp = sub.add_parser("report", help="tables from an eval directory")
+    rp.add_argument("dir")
+    rp.set_defaults(func=_report)
 
     m = sub.add_parser("models", help="list registered model names")
     m.set_defaults(func=_models)

