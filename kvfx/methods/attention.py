@@ -6,12 +6,33 @@ Logits are s = scale * q.kᵀ (+ bias). Every function returns `(o, lse)`: o in 
 lse = log Σ_j exp(s_j) over the *visible* keys, natural log, fp32 (float64 for float64 input).
 A row that sees no key has o = 0 and lse = -inf. Math runs in fp32 (float64 for float64 input).
 Masked keys never reach o, even when their K/V hold NaN (unused store slots, pads).
+
+Fused eviction scores (the kernels' side outputs; a third return value when asked for), with
+P[i, j] = softmax_j(s_ij) over the keys visible to query row i:
+    prefill, scores="window_colsum" (SnapKV votes): Σ_{i in the last `window` rows} P[i, j]
+    prefill, scores="colsum" (H2O column sums):     Σ_{all rows i} P[i, j]
+    prefill, scores="last_row" (TOVA):               P[n_q - 1, j]
+    decode, return_probs=True (H2O/TOVA at decode):  P[0, j] over the store slots
+Query row i sits at position i + (n_k - n_q), the alignment of the causal mask; it votes only
+if that position is >= kv_start[b] (0 without kv_start), so left-pad query rows never vote.
+Scores are (B, Hq, n_k) (decode: (B, Hq, cap)), fp32 (float64 for float64 input), 0 at
+masked keys and for rows that see no key.
 """
 from __future__ import annotations
 
 import torch
 
 _QUERY_CHUNK = 1024  # rows per chunk: bounds the (B, Hq, chunk, n_k) logits on the CPU path
+SCORE_KINDS = ("none", "window_colsum", "colsum", "last_row")  # = kvfx.templates.spec.SCORE_KINDS
+
+
+def check_score_args(op: str, scores, window) -> None:
+    """Shared by the references and the launchers: `scores` one of SCORE_KINDS, `window` an int >= 1."""
+    if type(scores) is not str or scores not in SCORE_KINDS:
+        raise ValueError(f"{op}: scores got {scores!r}, expected one of {', '.join(SCORE_KINDS)}")
+    if type(window) is not int or window < 1:
+        raise ValueError(f"{op}: window got {window!r}, expected an int >= 1 (the SnapKV observation "
+                         "window, in query rows)")
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -26,7 +47,8 @@ def _expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def _masked_attention(q, k, v, visible, scale, bias=None):
     """q (B, Hq, m, d); k, v (B, Hq, n, d); visible bool broadcastable to (B, Hq, m, n);
-    bias broadcastable to (B, Hq, m, n) or None. Returns (o, lse) in the compute dtype."""
+    bias broadcastable to (B, Hq, m, n) or None. Returns (o, lse, p) in the compute dtype, p the
+    (B, Hq, m, n) probabilities (0 at masked keys and in rows that see no key)."""
     k = torch.where(visible.any(dim=-2).unsqueeze(-1), k, 0)  # NaN in masked slots stays out
     v = torch.where(visible.any(dim=-2).unsqueeze(-1), v, 0)
     s = scale * (q @ k.transpose(-1, -2))
@@ -37,32 +59,43 @@ def _masked_attention(q, k, v, visible, scale, bias=None):
     # [Note] an empty row has lse = -inf; shift by 0 there so p = exp(-inf) = 0 instead of NaN.
     shift = torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)
     p = torch.exp(s - shift.unsqueeze(-1))
-    return p @ v, lse
+    return p @ v, lse, p
 
 
-def prefill_attention_reference(q, k, v, *, scale, causal=True, kv_start=None):
-    """Attention of every query over the prompt's keys.
+def prefill_attention_reference(q, k, v, *, scale, causal=True, kv_start=None, scores="none", window=32):
+    """Attention of every query over the prompt's keys, optionally with fused eviction scores.
 
     q: (B, Hq, n_q, d); k, v: (B, Hkv, n_k, d), Hq % Hkv == 0, any strides.
     causal: query i sees key j iff j <= i + (n_k - n_q) (bottom-right aligned; the usual
         lower triangle when n_q == n_k).
-    kv_start: optional (B,) integer; keys j < kv_start[b] are masked (left padding).
-    Returns o (B, Hq, n_q, d) in q's dtype and lse (B, Hq, n_q) fp32 (float64 for float64 input).
+    kv_start: optional (B,) integer; keys j < kv_start[b] are masked (left padding), and so are
+        the votes of query rows at positions i + (n_k - n_q) < kv_start[b].
+    scores: "none" | "window_colsum" (Σ of the last min(window, n_q) rows' probabilities) |
+        "colsum" (Σ over all rows) | "last_row" (row n_q - 1); window is ignored by the last two.
+    Returns o (B, Hq, n_q, d) in q's dtype and lse (B, Hq, n_q) fp32 (float64 for float64 input),
+    plus scores (B, Hq, n_k) in lse's dtype when scores != "none".
 
     >>> q = k = v = torch.randn(1, 2, 5, 16)
     >>> o, lse = prefill_attention_reference(q, k, v, scale=0.25)
     >>> o.shape, lse.shape
     (torch.Size([1, 2, 5, 16]), torch.Size([1, 2, 5]))
+    >>> o, lse, s = prefill_attention_reference(q, k, v, scale=0.25, scores="window_colsum", window=2)
+    >>> s.shape, round(float(s.sum()), 4)   # 2 heads x 2 window rows, each row sums to 1
+    (torch.Size([1, 2, 5]), 4.0)
     """
+    check_score_args("prefill_attention_reference", scores, window)
     cd = _compute_dtype(q)
     B, Hq, n_q, _ = q.shape
     n_k = k.shape[2]
     k = _expand_kv(k.to(cd), Hq)
     v = _expand_kv(v.to(cd), Hq)
     key = torch.arange(n_k, device=q.device)
-    key_ok = torch.ones(B, n_k, dtype=torch.bool, device=q.device)
+    start = torch.zeros(B, dtype=torch.long, device=q.device)
     if kv_start is not None:
-        key_ok = key[None, :] >= kv_start.to(q.device).long()[:, None]
+        start = kv_start.to(q.device).long()
+    key_ok = key[None, :] >= start[:, None]  # (B, n_k)
+    vote_lo = {"none": n_q, "window_colsum": n_q - min(window, n_q), "colsum": 0, "last_row": n_q - 1}[scores]
+    total = torch.zeros(B, Hq, n_k, dtype=cd, device=q.device)
     outs, lses = [], []
     for i0 in range(0, n_q, _QUERY_CHUNK):
         i1 = min(i0 + _QUERY_CHUNK, n_q)
@@ -70,28 +103,41 @@ def prefill_attention_reference(q, k, v, *, scale, causal=True, kv_start=None):
         visible = key_ok[:, None, None, :]  # (B, 1, 1, n_k)
         if causal:
             visible = visible & (key[None, :] <= rows[:, None] + (n_k - n_q))[None, None]
-        o, lse = _masked_attention(q[:, :, i0:i1].to(cd), k, v, visible, scale)
+        o, lse, p = _masked_attention(q[:, :, i0:i1].to(cd), k, v, visible, scale)
         outs.append(o)
         lses.append(lse)
+        if i1 > vote_lo:
+            votes = (rows[None, :] >= vote_lo) & (rows[None, :] + (n_k - n_q) >= start[:, None])  # (B, m)
+            total += (p * votes[:, None, :, None]).sum(2)
     o = torch.cat(outs, dim=2) if outs else q.new_zeros(q.shape, dtype=cd)
     lse = torch.cat(lses, dim=2) if lses else q.new_zeros(q.shape[:3], dtype=cd)
-    return o.to(q.dtype), lse.to(torch.float64 if cd == torch.float64 else torch.float32)
+    out_dtype = torch.float64 if cd == torch.float64 else torch.float32
+    if scores == "none":
+        return o.to(q.dtype), lse.to(out_dtype)
+    return o.to(q.dtype), lse.to(out_dtype), total.to(out_dtype)
 
 
-def decode_attention_reference(q, k, v, lengths, *, scale, bias=None):
+def decode_attention_reference(q, k, v, lengths, *, scale, bias=None, return_probs=False):
     """One new query per sequence attends over a fixed-capacity store.
 
     q: (B, Hq, 1, d); k, v: (B, Hkv, cap, d) (the store); lengths: (B, Hkv) integer, slots
     [0, lengths[b, h]) are valid (clamped to [0, cap]); bias: optional additive fp32 (B, 1, cap)
     or (B, Hkv, cap), added to the scaled logits (-inf masks a slot).
-    Returns o (B, Hq, 1, d) in q's dtype and lse (B, Hq, 1) fp32 (float64 for float64 input).
+    Returns o (B, Hq, 1, d) in q's dtype and lse (B, Hq, 1) fp32 (float64 for float64 input),
+    plus, with return_probs, the attention row probs (B, Hq, cap) in lse's dtype (0 at slots
+    >= lengths[b, h // g], at -inf bias, and for heads with no valid slot).
 
     >>> q = torch.randn(2, 4, 1, 16); k = v = torch.randn(2, 2, 8, 16)
     >>> lengths = torch.tensor([[3, 8], [0, 5]], dtype=torch.int32)
     >>> o, lse = decode_attention_reference(q, k, v, lengths, scale=0.25)
     >>> float(lse[1, 0, 0]), float(o[1, 0].abs().sum())   # KV head 0 of batch 1 is empty
     (-inf, 0.0)
+    >>> probs = decode_attention_reference(q, k, v, lengths, scale=0.25, return_probs=True)[2]
+    >>> probs.shape, round(float(probs[0, 0].sum()), 4), float(probs[0, 0, 3:].abs().sum())
+    (torch.Size([2, 4, 8]), 1.0, 0.0)
     """
+    if type(return_probs) is not bool:
+        raise ValueError(f"decode_attention_reference: return_probs got {return_probs!r}, expected True or False")
     cd = _compute_dtype(q)
     Hq, cap = q.shape[1], k.shape[2]
     slot = torch.arange(cap, device=q.device)
@@ -101,10 +147,13 @@ def decode_attention_reference(q, k, v, lengths, *, scale, bias=None):
     if bias is not None:
         b = bias.to(cd)
         b = (b if b.shape[1] == 1 else _expand_kv(b, Hq)).unsqueeze(2)
-    o, lse = _masked_attention(
+    o, lse, p = _masked_attention(
         q.to(cd), _expand_kv(k.to(cd), Hq), _expand_kv(v.to(cd), Hq), visible, scale, b
     )
-    return o.to(q.dtype), lse.to(torch.float64 if cd == torch.float64 else torch.float32)
+    out_dtype = torch.float64 if cd == torch.float64 else torch.float32
+    if not return_probs:
+        return o.to(q.dtype), lse.to(out_dtype)
+    return o.to(q.dtype), lse.to(out_dtype), p[:, :, 0].to(out_dtype)
 
 
 def merge_partitions(o1, lse1, o2, lse2):

@@ -101,7 +101,7 @@ def decode_attention(store: SiteStore, q: torch.Tensor, mask, is_causal: bool, p
         probs = torch.softmax(logits, dim=-1)
         out = torch.matmul(probs.to(v.dtype), expand_kv(v, q.shape[1]))
         return out, probs
-    if keep is None and q.shape[2] == 1 and _use_kernel(q):
+    if keep is None and q.shape[2] == 1 and _use_kernel(q, k):
         from kvfx.templates.launch import decode_attention as kernel
 
         sm = scale if scale is not None else q.shape[-1] ** -0.5
@@ -109,9 +109,25 @@ def decode_attention(store: SiteStore, q: torch.Tensor, mask, is_causal: bool, p
     return sdpa(q, k, v, keep, scale=scale), None
 
 
-def _use_kernel(q: torch.Tensor) -> bool:
-    """CUDA runs the Triton kernel; ``KVFX_FORCE_TRITON=1`` (with ``TRITON_INTERPRET=1``)
-    routes CPU runs through it too, which the tests use to check the wiring."""
+def _use_kernel(q: torch.Tensor, k: torch.Tensor | None = None) -> bool:
+    """CUDA runs the Triton kernels where they support the shapes; ``KVFX_FORCE_TRITON=1``
+    (with ``TRITON_INTERPRET=1``) routes CPU runs through them too, which the tests use to
+    check the wiring. Everything else runs the PyTorch reference (SDPA)."""
     import os
 
-    return q.is_cuda or os.environ.get("KVFX_FORCE_TRITON") == "1"
+    if not (q.is_cuda or os.environ.get("KVFX_FORCE_TRITON") == "1"):
+        return False
+    from kvfx.templates.spec import DTYPE_NAMES, HEAD_DIMS, MAX_GQA_GROUP
+
+    g = q.shape[1] // (k.shape[1] if k is not None else q.shape[1])
+    return q.dtype in DTYPE_NAMES and q.shape[-1] in HEAD_DIMS and g <= MAX_GQA_GROUP
+
+
+def prefill_attention(q, k, v, mask, *, scale, is_causal) -> torch.Tensor:
+    """The prompt's own attention, exactly as the model called it: the Triton prefill kernel
+    when it applies (causal, no explicit mask, CUDA), else SDPA with the original arguments."""
+    if mask is None and is_causal and q.shape[2] == k.shape[2] and _use_kernel(q, k):
+        from kvfx.templates.launch import prefill_attention as kernel
+
+        return kernel(q, k, v, scale=scale if scale is not None else q.shape[-1] ** -0.5, causal=True)[0]
+    return sdpa(q, k, v, mask, scale=scale, is_causal=is_causal)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvfx.runtime.attention import KvfxStateError, decode_attention, key_valid, sdpa
+from kvfx.runtime.attention import KvfxStateError, decode_attention, key_valid, prefill_attention
 from kvfx.runtime.registry import REGISTRY
 
 
@@ -48,7 +48,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_len: in
     B, _, nq, _ = q.shape
     if past_len == 0:  # a new sequence: exact attention on the prompt, then compress
         store.reset()
-        out = sdpa(q, k, v, mask, scale=scale, is_causal=is_causal)
+        out = prefill_attention(q, k, v, mask, scale=scale, is_causal=is_causal)
         with torch.no_grad():
             b.compressor.prefill(store, q, k, v, key_valid(mask, B, nq, q.device), scale)
         store.seen = nq

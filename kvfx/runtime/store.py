@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-_GROW_QUANTUM = 64  # capacities are multiples of this
-_GROW_MIN = 64  # tokens added per growth at least; growth is cap/8 beyond that (amortized copy)
+_GROW_QUANTUM = 16  # capacities are multiples of this
+_GROW_MIN = 64  # tokens added per growth at least; cap/32 beyond that (copy amortized to ~3%)
 
 
 def _round_up(n: int, q: int) -> int:
@@ -83,7 +83,7 @@ class SiteStore:
 
     def ensure_capacity(self, needed: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
         if needed > self.capacity:
-            grow = needed + max(_GROW_MIN, self.capacity // 8)
+            grow = needed + max(_GROW_MIN, self.capacity // 32)
             self.allocate(like_k, like_v, _round_up(grow, _GROW_QUANTUM))
 
     # ---- writes ----------------------------------------------------------------------------

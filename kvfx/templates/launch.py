@@ -86,24 +86,36 @@ def _warn_no_triton(op):
     warnings.warn(f"{op}: triton is not importable; running the PyTorch reference on CUDA", stacklevel=3)
 
 
-def prefill_attention(q, k, v, *, scale, causal=True, kv_start=None):
-    """Attention of every prompt query over the prompt's keys, with GQA and left padding.
+def prefill_attention(q, k, v, *, scale, causal=True, kv_start=None, scores="none", window=32):
+    """Attention of every prompt query over the prompt's keys, with GQA and left padding, and
+    optionally the eviction scores of SnapKV, H2O or TOVA from the same kernel.
 
     q: (B, Hq, n_q, d); k, v: (B, Hkv, n_k, d), Hq a multiple of Hkv (query head h reads KV head
     h // (Hq // Hkv)); any strides; dtype fp32, fp16 or bf16 (all three equal); d in HEAD_DIMS.
     scale: logit scale (usually d ** -0.5). causal: query i sees key j iff j <= i + n_k - n_q.
     kv_start: optional (B,) integer tensor, keys j < kv_start[b] are masked (left padding).
+    scores: "none" | "window_colsum" | "colsum" | "last_row"; with P[i, j] the attention
+        probabilities, the side output is Σ_{i in the last min(window, n_q) rows} P[i, j]
+        (SnapKV votes), Σ_i P[i, j] (H2O column sums) or P[n_q - 1, j] (TOVA). Only query rows i
+        with i + n_k - n_q >= kv_start[b] vote (left-pad rows never do). window: an int >= 1,
+        read by window_colsum only (a runtime kernel argument: no recompile per window).
     Returns o (B, Hq, n_q, d) in q's dtype and lse (B, Hq, n_q) fp32 (natural log); rows that
-    see no key have o = 0 and lse = -inf.
+    see no key have o = 0 and lse = -inf. With scores != "none", also scores (B, Hq, n_k) fp32,
+    0 at masked keys. The kernel accumulates scores with fp32 atomics: colsum (and windows wider
+    than a query block) may differ between runs in the last bits; see the template's [Note].
 
     >>> q = torch.randn(2, 4, 10, 64); k = v = torch.randn(2, 2, 10, 64)
     >>> o, lse = prefill_attention(q, k, v, scale=0.125, kv_start=torch.tensor([0, 3]))
     >>> o.shape, lse.shape
     (torch.Size([2, 4, 10, 64]), torch.Size([2, 4, 10]))
+    >>> o, lse, votes = prefill_attention(q, k, v, scale=0.125, scores="window_colsum", window=4)
+    >>> votes.shape, round(float(votes[0, 0].sum()), 3)   # 4 window rows, each sums to 1
+    (torch.Size([2, 4, 10]), 4.0)
     """
     op = "prefill_attention"
     _check_common(op, q, k, v, "(B, Hq, n_q, d)", "(B, Hkv, n_k, d)")
     _check_scale(op, scale)
+    ref.check_score_args(op, scores, window)
     B, Hq, n_q, d = q.shape
     Hkv, n_k = k.shape[1], k.shape[2]
     if kv_start is not None:
@@ -116,22 +128,31 @@ def prefill_attention(q, k, v, *, scale, causal=True, kv_start=None):
     if triton is None or min(B, Hq, n_q, n_k) == 0:
         if use_kernel and triton is None:
             _warn_no_triton(op)
-        return ref.prefill_attention_reference(q, k, v, scale=scale, causal=causal, kv_start=kv_start)
+        return ref.prefill_attention_reference(q, k, v, scale=scale, causal=causal, kv_start=kv_start,
+                                               scores=scores, window=window)
 
     from kvfx.templates.render import load
 
-    spec = KernelSpec("prefill_attention", DTYPE_NAMES[q.dtype], d, Hq // Hkv, bool(causal))
+    spec = KernelSpec("prefill_attention", DTYPE_NAMES[q.dtype], d, Hq // Hkv, bool(causal), scores)
     kernel = load(spec)._kvfx_prefill_attention_kernel
     o = torch.empty_like(q)
     lse = torch.empty((B, Hq, n_q), dtype=torch.float32, device=q.device)
     starts = kv_start.to(device=q.device, dtype=torch.int32).contiguous() if kv_start is not None else None
+    out_scores = None
 
     def run(cfg):
+        nonlocal out_scores
+        score_args, window_args = (), ()
+        if scores != "none":
+            out_scores = torch.zeros((B, Hq, n_k), dtype=torch.float32, device=q.device)  # atomics add into it
+            score_args = (out_scores, *out_scores.stride())
+        if scores == "window_colsum":
+            window_args = (min(window, n_q),)
         grid = (triton.cdiv(n_q, cfg.block_m), B * Hq)
         kernel[grid](
-            q, k, v, o, lse, starts if starts is not None else lse,
-            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(),
-            n_q, n_k, Hq, float(scale),
+            q, k, v, o, lse, starts if starts is not None else lse, *score_args[:1],
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(), *score_args[1:],
+            n_q, n_k, Hq, float(scale), *window_args,
             HEAD_DIM=d, GQA_GROUP=Hq // Hkv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             HAS_KV_START=starts is not None, DOT_FP32=_dot_fp32(q),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -142,24 +163,32 @@ def prefill_attention(q, k, v, *, scale, causal=True, kv_start=None):
     with _device_ctx(q):
         cfg = configs.choose(key, candidates, lambda c: triton.testing.do_bench(lambda: run(c)))
         run(cfg)
-    return o, lse
+    return (o, lse) if scores == "none" else (o, lse, out_scores)
 
 
-def decode_attention(q, k, v, lengths, *, scale, bias=None):
+def decode_attention(q, k, v, lengths, *, scale, bias=None, return_probs=False):
     """One new query per sequence over a fixed-capacity KV store (split-K, GQA).
 
     q: (B, Hq, 1, d); k, v: (B, Hkv, cap, d) the store, Hq a multiple of Hkv; dtype fp32, fp16 or
     bf16 (all equal); d in HEAD_DIMS. lengths: (B, Hkv) integer, slots [0, lengths[b, h]) are
     valid (clamped to [0, cap]; never read back to the host). bias: optional additive (B, 1, cap)
     or (B, Hkv, cap), cast to fp32, added to the scaled logits (-inf masks a slot).
+    return_probs: also return the attention probabilities over the store slots (what H2O adds up
+        and TOVA ranks at decode), from a third, elementwise kernel that normalizes the logits
+        stage 1 stored once stage 2 knows the final lse (K and V are still read once).
     Returns o (B, Hq, 1, d) in q's dtype and lse (B, Hq, 1) fp32 (natural log); a head with no
-    valid slot gets o = 0, lse = -inf. The number of splits comes from configs.decode_num_splits.
+    valid slot gets o = 0, lse = -inf. With return_probs, also probs (B, Hq, cap) fp32: 0 at
+    slots >= lengths[b, h // g] and at -inf bias, all 0 for a head with no valid slot.
+    The number of splits comes from configs.decode_num_splits.
 
     >>> q = torch.randn(2, 4, 1, 64); k = v = torch.randn(2, 2, 32, 64)
     >>> lengths = torch.tensor([[5, 32], [0, 17]], dtype=torch.int32)
     >>> o, lse = decode_attention(q, k, v, lengths, scale=0.125)
     >>> o.shape, lse.shape
     (torch.Size([2, 4, 1, 64]), torch.Size([2, 4, 1]))
+    >>> probs = decode_attention(q, k, v, lengths, scale=0.125, return_probs=True)[2]
+    >>> probs.shape, round(float(probs[0, 0].sum()), 3), float(probs[0, 0, 5:].abs().sum())
+    (torch.Size([2, 4, 32]), 1.0, 0.0)
     """
     op = "decode_attention"
     _check_common(op, q, k, v, "(B, Hq, 1, d)", "(B, Hkv, cap, d)")
@@ -178,23 +207,28 @@ def decode_attention(q, k, v, lengths, *, scale, bias=None):
             got = (tuple(bias.shape), bias.dtype) if isinstance(bias, torch.Tensor) else bias
             raise ValueError(f"{op}: bias must be a float tensor of shape (B, 1, cap) or (B, Hkv, cap) "
                              f"= ({B}, 1 or {Hkv}, {cap}), got {got}")
+    if type(return_probs) is not bool:
+        raise ValueError(f"{op}: return_probs got {return_probs!r}, expected True or False")
     use_kernel = q.is_cuda or os.environ.get("KVFX_FORCE_TRITON") == "1"
     triton = _triton_or_none(op) if use_kernel else None
     if triton is None or min(B, Hq, cap) == 0:
         if use_kernel and triton is None:
             _warn_no_triton(op)
-        return ref.decode_attention_reference(q, k, v, lengths, scale=scale, bias=bias)
+        return ref.decode_attention_reference(q, k, v, lengths, scale=scale, bias=bias, return_probs=return_probs)
 
     from kvfx.templates.render import load
 
     g = Hq // Hkv
-    spec = KernelSpec("decode_attention", DTYPE_NAMES[q.dtype], d, g)
+    spec = KernelSpec("decode_attention", DTYPE_NAMES[q.dtype], d, g, scores="last_row" if return_probs else "none")
     module = load(spec)
     block_g = max(16, 1 << (g - 1).bit_length())
     lens = lengths.to(device=q.device, dtype=torch.int32)
     b = bias.to(device=q.device, dtype=torch.float32) if bias is not None else None
     o = torch.empty_like(q)
     lse = torch.empty((B, Hq, 1), dtype=torch.float32, device=q.device)
+    # Stage 1 writes the logits of valid slots into probs, stage 3 normalizes them in place.
+    probs = torch.empty((B, Hq, cap), dtype=torch.float32, device=q.device) if return_probs else None
+    probs_args = (probs, *probs.stride()) if return_probs else ()
 
     def run(cfg):
         splits = configs.decode_num_splits(cap, B * Hkv, cfg.block_n)
@@ -204,9 +238,9 @@ def decode_attention(q, k, v, lengths, *, scale, bias=None):
         lse_part = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
         bias_strides = (b.stride(0), b.stride(1) if b.shape[1] > 1 else 0, b.stride(2)) if b is not None else (0, 0, 0)
         module._kvfx_decode_attention_kernel[(B * Hkv, splits)](
-            q, k, v, lens, b if b is not None else lse, o_part, lse_part,
+            q, k, v, lens, b if b is not None else lse, o_part, lse_part, *probs_args[:1],
             q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *lens.stride(),
-            *bias_strides, *o_part.stride(), *lse_part.stride(),
+            *bias_strides, *o_part.stride(), *lse_part.stride(), *probs_args[1:],
             Hkv, cap, split_len, float(scale),
             HEAD_DIM=d, GQA_GROUP=g, BLOCK_G=block_g, BLOCK_N=cfg.block_n,
             HAS_BIAS=b is not None, DOT_FP32=_dot_fp32(q),
@@ -219,10 +253,16 @@ def decode_attention(q, k, v, lengths, *, scale, bias=None):
             Hq, splits,
             HEAD_DIM=d, BLOCK_S=max(2, 1 << (splits - 1).bit_length()),
         )
+        if return_probs:
+            block_p = min(1024, max(16, 1 << (cap - 1).bit_length()))
+            module._kvfx_decode_attention_probs_kernel[(B * Hq, triton.cdiv(cap, block_p))](
+                probs, lse, lens, *probs.stride(), lse.stride(0), lse.stride(1), *lens.stride(),
+                Hq, cap, GQA_GROUP=g, BLOCK_P=block_p,
+            )
 
     candidates = configs.prune_decode(configs.DECODE_CONFIGS, head_dim=d, dtype=spec.dtype, block_g=block_g, cap=cap)
     key = (spec.uri, cap.bit_length(), B * Hkv)
     with _device_ctx(q):
         cfg = configs.choose(key, candidates, lambda c: triton.testing.do_bench(lambda: run(c)))
         run(cfg)
-    return o, lse
+    return (o, lse) if not return_probs else (o, lse, probs)

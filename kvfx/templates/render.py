@@ -54,7 +54,7 @@ def render(spec: KernelSpec) -> str:
     """Triton source for `spec` (a str). Raises NotImplementedError for slots not rendered yet."""
     if not isinstance(spec, KernelSpec):
         raise TypeError(f"render: expected a KernelSpec, got {type(spec).__name__}")
-    for name, default in (("scores", "none"), ("quant_bits", 0), ("calibration", False)):
+    for name, default in (("quant_bits", 0), ("calibration", False)):
         if getattr(spec, name) != default:
             raise NotImplementedError(
                 f"render: {spec.kind} has no '{name}={getattr(spec, name)!r}' variant yet "
@@ -69,6 +69,7 @@ def render(spec: KernelSpec) -> str:
         head_dim=spec.head_dim,
         gqa_group=spec.gqa_group,
         causal=spec.causal,
+        scores=spec.scores,
     )
     return _env().get_template(f"{spec.kind}.py.jinja").render(**context)
 

@@ -21,8 +21,10 @@ DTYPES = ("fp32", "fp16", "bf16")
 HEAD_DIMS = (16, 32, 64, 128, 256)
 MAX_GQA_GROUP = 64
 # Fused scoring side outputs a later attention kernel may produce (kernel-level names, not policy
-# scorer names): none | window_colsum (SnapKV/PyramidKV) | colsum (H2O) | last_row (TOVA).
+# scorer names): none | window_colsum (SnapKV/PyramidKV) | colsum (H2O) | last_row (TOVA; for
+# decode, whose one query row is the last row: the attention row H2O accumulates).
 SCORE_KINDS = ("none", "window_colsum", "colsum", "last_row")
+DECODE_SCORE_KINDS = ("none", "last_row")
 QUANT_BITS = (0, 2, 4, 8)  # 0: the store holds full-precision K/V
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -64,9 +66,12 @@ class KernelSpec:
         field (not a runtime argument) because the decode kernel processes a whole group per
         program, so g sizes a block.
     causal: bottom-right aligned causal mask (prefill only; must be False for decode).
-    scores, quant_bits, calibration: slots for fused scoring, quantized stores and the CaliDrop
-        partition; validated now, rendered by later templates (non-defaults raise
-        NotImplementedError in `render`).
+    scores: fused eviction-score side output (SCORE_KINDS). Prefill: "window_colsum" (SnapKV
+        votes of the last rows; the window is a runtime argument), "colsum" (H2O column sums),
+        "last_row" (TOVA). Decode: "none" or "last_row" (the attention probabilities over the
+        store slots).
+    quant_bits, calibration: slots for quantized stores and the CaliDrop partition; validated
+        now, rendered by later templates (non-defaults raise NotImplementedError in `render`).
     """
 
     kind: str
@@ -91,6 +96,12 @@ class KernelSpec:
             raise ValueError(
                 "KernelSpec.causal: got True for decode_attention, expected False "
                 "(one query per sequence sees every valid slot; mask with lengths or bias)"
+            )
+        if self.kind == "decode_attention" and self.scores not in DECODE_SCORE_KINDS:
+            raise ValueError(
+                f"KernelSpec.scores: got {self.scores!r} for decode_attention, expected one of "
+                f"{_choices(DECODE_SCORE_KINDS)} (one query row: its probabilities are all three "
+                "of window_colsum, colsum and last_row; use last_row)"
             )
 
     @property

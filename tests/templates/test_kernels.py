@@ -12,10 +12,7 @@ Interpreter dtypes: fp32 and fp16 run natively; bf16 loads, stores and casts wor
 bf16 multiplies bit patterns (triton-lang/triton#11584), so under TRITON_INTERPRET the launcher
 sets DOT_FP32 and bf16 operands (p after its bf16 rounding) are upcast before tl.dot.
 """
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels are interpreted on CPU
-
+import kernel_oracle  # noqa: F401  (sets TRITON_INTERPRET=1 before triton is imported)
 import pytest
 import torch
 
@@ -23,13 +20,11 @@ triton = pytest.importorskip("triton", reason="triton is not installed: the kern
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from kernel_oracle import DTYPES, check_attention as _check, layout as _layout  # noqa: E402
 
 from kvfx.methods.attention import decode_attention_reference, prefill_attention_reference  # noqa: E402
 from kvfx.templates import configs, launch  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-K_FACTOR = 3.0
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -42,31 +37,6 @@ def _force_triton(tmp_path_factory):
     mp.setenv("KVFX_CACHE_DIR", str(tmp_path_factory.mktemp("kvfx-kernels")))
     yield
     mp.undo()
-
-
-def _layout(x: torch.Tensor, seq_major: bool) -> torch.Tensor:
-    """Same values; with seq_major, strides of a (B, n, H, d) buffer viewed as (B, H, n, d)."""
-    return x.transpose(1, 2).contiguous().transpose(1, 2) if seq_major else x
-
-
-def _check(kernel, ref_lo, golden, v, name):
-    """kernel, ref_lo: (o, lse) in the kernel's dtype; golden: (o, lse) in float64; v the values."""
-    (o_k, l_k), (o_r, l_r), (o_g, l_g) = kernel, ref_lo, golden
-    assert o_k.dtype == o_r.dtype and l_k.dtype == torch.float32, name
-    assert not torch.isnan(o_k).any() and not torch.isnan(l_k).any(), f"{name}: NaN in kernel output"
-    empty = l_g == float("-inf")
-    assert torch.equal(l_k == float("-inf"), empty), f"{name}: empty rows differ"
-    assert (o_k[empty] == 0).all(), f"{name}: empty rows must have o = 0"
-    err_k = (o_k.double() - o_g).abs().max().item() if o_k.numel() else 0.0
-    err_r = (o_r.double() - o_g).abs().max().item() if o_r.numel() else 0.0
-    v_max = v.double().nan_to_num(0.0).abs().max().item() if v.numel() else 0.0
-    atol = UNIT_ROUNDOFF[o_k.dtype] * v_max + 1e-7
-    assert err_k <= K_FACTOR * err_r + atol, f"{name}: o err {err_k:.3g} vs reference {err_r:.3g}"
-    if (~empty).any():
-        lk, lr, lg = l_k.double()[~empty], l_r.double()[~empty], l_g[~empty]
-        e_k, e_r = (lk - lg).abs().max().item(), (lr - lg).abs().max().item()
-        tol = K_FACTOR * e_r + 1e-5 * (1 + lg.abs().max().item())
-        assert e_k <= tol, f"{name}: lse err {e_k:.3g} vs reference {e_r:.3g}"
 
 
 @st.composite

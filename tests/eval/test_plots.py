@@ -1,0 +1,95 @@
+"""Heatmap and accuracy-vs-compression plots from synthetic harness records."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from kvfx.eval.plots import accuracy_vs_compression, needle_heatmap  # noqa: E402
+
+_PNG = b"\x89PNG\r\n\x1a\n"
+POLICIES = [("full", 1.0, 0.97), ("snapkv@0.125", 0.14, 0.7), ("streaming", 0.06, 0.3), ("kivi4", 0.28, 0.9)]
+
+
+def _records(task="needle", policies=POLICIES, lengths=(1024, 2048, 4096), depths=(0.1, 0.5, 0.9), seeds=2):
+    rng = random.Random(0)
+    out = []
+    for policy, ratio, p in policies:
+        for n in lengths:
+            for d in depths:
+                for s in range(seeds):
+                    out.append({
+                        "task": task, "policy": policy, "length": n, "depth": d, "seed": s,
+                        "correct": rng.random() < p, "held_bytes": int(ratio * 1000 * n),
+                        "dense_bytes": 1000 * n, "seconds": 1.0, "kept_tokens": n * ratio,
+                    })
+    return out
+
+
+def _png_size(path):
+    """(width, height) from the IHDR chunk, after checking the PNG signature."""
+    data = path.read_bytes()
+    assert data[:8] == _PNG
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def _assert_plot(path, min_bytes=10_000):
+    assert path.is_file() and path.stat().st_size > min_bytes
+    w, h = _png_size(path)
+    assert w >= 400 and h >= 300
+    import matplotlib.image
+
+    img = matplotlib.image.imread(path)
+    assert img[..., :3].std() > 0.05  # not a blank canvas
+
+
+@pytest.mark.parametrize("policy", ["full", "streaming"])
+def test_needle_heatmap_writes_png(tmp_path, policy):
+    out = needle_heatmap(_records(), policy, tmp_path / "sub" / f"{policy}.png")
+    assert out == tmp_path / "sub" / f"{policy}.png"
+    _assert_plot(out)
+
+
+def test_needle_heatmap_missing_cells_and_other_tasks(tmp_path):
+    recs = [r for r in _records() if not (r["length"] == 4096 and r["depth"] == 0.5)]
+    recs += _records(task="passkey")  # ignored: other task
+    _assert_plot(needle_heatmap(recs, "snapkv@0.125", tmp_path / "gap.png"))
+    _assert_plot(needle_heatmap(recs, "kivi4", tmp_path / "passkey.png", task="passkey"))
+
+
+def test_needle_heatmap_single_cell(tmp_path):
+    recs = _records(policies=[("full", 1.0, 1.0)], lengths=(2048,), depths=(0.5,), seeds=1)
+    _assert_plot(needle_heatmap(recs, "full", tmp_path / "one.png"), min_bytes=5_000)
+
+
+def test_needle_heatmap_unknown_policy(tmp_path):
+    with pytest.raises(ValueError, match=r"got 'h2o', but there are no 'needle' records for it; "
+                                         r"policies with 'needle' records: \['full', 'kivi4',"):
+        needle_heatmap(_records(), "h2o", tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_accuracy_vs_compression_writes_png(tmp_path):
+    out = accuracy_vs_compression(_records(), "needle", tmp_path / "tradeoff.png")
+    _assert_plot(out)
+
+
+def test_accuracy_vs_compression_linear_scale_and_no_full(tmp_path):
+    # Ratios within 5x: linear axis; no `full` policy: nothing highlighted, still a plot.
+    recs = _records(policies=[("kivi4", 0.28, 0.9), ("kivi2", 0.16, 0.6), ("ott4", 0.3, 0.95)])
+    _assert_plot(accuracy_vs_compression(recs, "needle", tmp_path / "linear.png"))
+
+
+def test_accuracy_vs_compression_skips_records_without_bytes(tmp_path):
+    recs = _records() + [{"task": "needle", "policy": "broken", "length": 1024, "depth": 0.5,
+                          "correct": True, "held_bytes": None, "dense_bytes": 0}]
+    _assert_plot(accuracy_vs_compression(recs, "needle", tmp_path / "skip.png"))
+
+
+def test_accuracy_vs_compression_unknown_task(tmp_path):
+    with pytest.raises(ValueError, match=r"task: got 'ruler', but there are no records for it; "
+                                         r"tasks present: \['needle'\]"):
+        accuracy_vs_compression(_records(), "ruler", tmp_path / "x.png")
