@@ -50,6 +50,21 @@ def _policy(options: dict | None) -> Policy:
     return _policies[key]
 
 
+def _guard_against_eager_fallback() -> None:
+    """[Note] Once kvfx rewrote a graph, the model's cache holds ghost tensors; if dynamo ever
+    ran the original Python instead (recompile limit hit), attention would read zeros. So:
+    static shapes (which recompile every step) are refused, and hitting the recompile limit is
+    made an error instead of a silent fallback."""
+    cfg = torch._dynamo.config
+    if not cfg.automatic_dynamic_shapes:
+        raise RuntimeError("kvfx: compiled with dynamic=False, but the KV cache grows every "
+                           "decode step, so static shapes would recompile each step; compile "
+                           "without dynamic=False (the default marks the growing dim dynamic)")
+    if not cfg.fail_on_recompile_limit_hit:
+        log.info("kvfx: setting torch._dynamo.config.fail_on_recompile_limit_hit = True")
+        cfg.fail_on_recompile_limit_hit = True
+
+
 def kvfx_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
     """Dynamo backend entry point (registered as ``kvfx`` through the
     ``torch_dynamo_backends`` entry point). ``kwargs`` (e.g. HF's ``mode=``) are ignored."""
@@ -61,6 +76,7 @@ def kvfx_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
     inner = (options or {}).get("inner", "inductor")
     if inner not in _INNER:
         raise ValueError(f"kvfx backend: option inner={inner!r}, expected one of {', '.join(_INNER)}")
+    _guard_against_eager_fallback()
     stats = run_passes(gm, _policy(options), _namespace(options))
     STATS["graphs"] += 1
     STATS["rewritten"] += stats["rewritten"]

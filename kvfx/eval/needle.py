@@ -29,7 +29,9 @@ depth  seeds      correct
 0.9    0, 2       2/2
 =====  =========  ========
 
-13/13 in all; ``template="chat"`` at depth 0.5, seed 0: 1/1. The answer lead matters more than
+13/13 in all; ``template="chat"`` at depth 0.5, seed 0: 1/1. Through kvfx (depth 0.5, seed 0):
+``full`` answers right, ``snapkv@0.125`` answers " eat a sandwich and watch the internet." (wrong),
+so the task separates policies at 2k already. The answer lead matters more than
 the instruction: the model copies the rest of the needle sentence, sometimes paraphrased
 ("eating a sandwich and sitting in Dolores Park"), which is why each key fact is a short proper
 phrase ("Dolores Park") rather than the whole clause. After the key fact the model often repeats
@@ -233,7 +235,8 @@ def make_needle_sample(
         )
     enc = tokenizer(prompt, add_special_tokens=template == "plain", return_tensors="pt")
     start = prompt.index(needle.sentence)
-    needle_start, needle_end = _token_span(tokenizer, enc, prompt, template, start, start + len(needle.sentence))
+    end = start + len(needle.sentence)
+    needle_start, needle_end = _token_span(tokenizer, enc, prompt, template, start, end)
     return NeedleSample(
         prompt=prompt, input_ids=enc.input_ids.long(), needle=needle.sentence, question=needle.question,
         answer=needle.key, depth=float(depth), length=int(length_tokens), needle_start=needle_start,

@@ -57,8 +57,7 @@ def needle_heatmap(records: list[dict], policy: str, path: str | Path, *, task: 
     fig, ax = _figure(max(4.0, 1.1 * len(lengths) + 2.4), max(3.0, 0.5 * len(depths) + 1.8))
     import matplotlib
 
-    cmap = matplotlib.colormaps["RdYlGn"].copy()
-    cmap.set_bad("#d0d0d0")
+    cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="#d0d0d0")  # grey: no samples
     im = ax.imshow(acc, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto", origin="upper")
     for i in range(len(depths)):
         for j in range(len(lengths)):
@@ -128,7 +127,8 @@ def accuracy_vs_compression(records: list[dict], task: str, path: str | Path) ->
     from matplotlib.ticker import FuncFormatter
 
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if log and _leading(v) in (2, 5) else ""))
+    minor = FuncFormatter(lambda v, _: f"{v:g}" if log and _leading(v) in (2, 5) else "")
+    ax.xaxis.set_minor_formatter(minor)
     ax.set_ylim(-0.05, 1.08)
     ax.set_xlabel("held / dense bytes" + (" (log scale)" if log else ""))
     ax.set_ylabel("accuracy")

@@ -137,7 +137,8 @@ def decode_attention_reference(q, k, v, lengths, *, scale, bias=None, return_pro
     (torch.Size([2, 4, 8]), 1.0, 0.0)
     """
     if type(return_probs) is not bool:
-        raise ValueError(f"decode_attention_reference: return_probs got {return_probs!r}, expected True or False")
+        raise ValueError(f"decode_attention_reference: return_probs got {return_probs!r}, "
+                         "expected True or False")
     cd = _compute_dtype(q)
     Hq, cap = q.shape[1], k.shape[2]
     slot = torch.arange(cap, device=q.device)

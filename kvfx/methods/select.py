@@ -66,7 +66,9 @@ def select_kept(scores: torch.Tensor | None, valid: torch.Tensor, budget: torch.
         scores = torch.arange(n, device=valid.device, dtype=torch.float32).expand(B, kv_heads, n)
     prio = scores.float().masked_fill(protected, float("inf")).masked_fill(~valid3, float("-inf"))
     m = int(budget.max().item()) if B else 0
-    top = prio.topk(m, dim=-1).indices if m else prio.new_zeros(B, kv_heads, 0).long()
+    # [Note] a stable sort, not topk: pooled scores tie often, and topk breaks ties by tensor
+    # index, which left padding shifts; the stable order depends only on token order.
+    top = prio.sort(dim=-1, descending=True, stable=True).indices[..., :m]
     count = budget[:, None].expand(B, kv_heads).clone()
     keep_slot = torch.arange(m, device=valid.device)[None, None, :] < count[..., None]
     # sort kept tokens by position, padding slots last

@@ -67,6 +67,11 @@ def prune_decode(configs, *, head_dim: int, dtype: str, block_g: int, cap: int):
     return small or fit[-1:] or list(configs[-1:])
 
 
+def decode_probs_block(cap: int) -> int:
+    """Slots per program of the elementwise decode probs kernel (stage 3): the store, up to 1024."""
+    return min(1024, _pow2_at_least(cap))
+
+
 def decode_num_splits(cap: int, bh: int, block_n: int) -> int:
     """Number of split-K partitions of a store of `cap` slots, for `bh` = B·Hkv programs per split."""
     want = math.ceil(TARGET_PROGRAMS / max(1, bh))

@@ -144,7 +144,8 @@ def prefill_attention(q, k, v, *, scale, causal=True, kv_start=None, scores="non
         nonlocal out_scores
         score_args, window_args = (), ()
         if scores != "none":
-            out_scores = torch.zeros((B, Hq, n_k), dtype=torch.float32, device=q.device)  # atomics add into it
+            # Zeroed on every launch (autotuning relaunches): the kernel atomically adds into it.
+            out_scores = torch.zeros((B, Hq, n_k), dtype=torch.float32, device=q.device)
             score_args = (out_scores, *out_scores.stride())
         if scores == "window_colsum":
             window_args = (min(window, n_q),)
@@ -214,12 +215,14 @@ def decode_attention(q, k, v, lengths, *, scale, bias=None, return_probs=False):
     if triton is None or min(B, Hq, cap) == 0:
         if use_kernel and triton is None:
             _warn_no_triton(op)
-        return ref.decode_attention_reference(q, k, v, lengths, scale=scale, bias=bias, return_probs=return_probs)
+        return ref.decode_attention_reference(q, k, v, lengths, scale=scale, bias=bias,
+                                              return_probs=return_probs)
 
     from kvfx.templates.render import load
 
     g = Hq // Hkv
-    spec = KernelSpec("decode_attention", DTYPE_NAMES[q.dtype], d, g, scores="last_row" if return_probs else "none")
+    spec = KernelSpec("decode_attention", DTYPE_NAMES[q.dtype], d, g,
+                      scores="last_row" if return_probs else "none")
     module = load(spec)
     block_g = max(16, 1 << (g - 1).bit_length())
     lens = lengths.to(device=q.device, dtype=torch.int32)
@@ -254,7 +257,7 @@ def decode_attention(q, k, v, lengths, *, scale, bias=None, return_probs=False):
             HEAD_DIM=d, BLOCK_S=max(2, 1 << (splits - 1).bit_length()),
         )
         if return_probs:
-            block_p = min(1024, max(16, 1 << (cap - 1).bit_length()))
+            block_p = configs.decode_probs_block(cap)
             module._kvfx_decode_attention_probs_kernel[(B * Hq, triton.cdiv(cap, block_p))](
                 probs, lse, lens, *probs.stride(), lse.stride(0), lse.stride(1), *lens.stride(),
                 Hq, cap, GQA_GROUP=g, BLOCK_P=block_p,

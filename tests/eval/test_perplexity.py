@@ -99,7 +99,7 @@ class _CharTokenizer:
             pass
 
         enc = Enc()
-        enc.input_ids = ([1] if add_special_tokens else []) + [min(ord(c), 255) + 2 for c in text]
+        enc.input_ids = ([1] if add_special_tokens else []) + [ord(c) + 2 for c in text]
         return enc
 
 

@@ -1,12 +1,14 @@
-"""The PyTorch attention references against torch's SDPA and explicit logsumexp, in float64."""
+"""The PyTorch attention references against torch's SDPA and explicit logsumexp, in float64, and
+their fused eviction scores against the scorers' own math (snapkv, h2o, tova)."""
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvfx.methods import attention
+from kvfx.methods import attention, h2o, snapkv, tova
 from kvfx.methods.attention import (
+    check_score_args,
     decode_attention_reference,
     merge_partitions,
     prefill_attention_reference,
@@ -123,3 +125,111 @@ def test_merge_of_two_empty_partitions_is_empty():
     z, ninf = torch.zeros(2, 4), torch.full((2,), NINF)
     mo, ml = merge_partitions(z, ninf, z, ninf)
     assert (mo == 0).all() and (ml == NINF).all() and not mo.isnan().any()
+
+
+# ---- fused eviction scores: the references equal the scorers' own math ----
+
+
+def _scorer(kind, q, k, valid, window, scale):
+    if kind == "window_colsum":
+        return snapkv.window_votes(q, k, valid, window=window, scale=scale)
+    if kind == "colsum":
+        return h2o.column_sums(q, k, valid, scale=scale, block=7)  # blocks of 7 rows: several chunks
+    return tova.last_query_scores(q, k, valid, scale=scale)
+
+
+@SETTINGS
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 2), g=st.integers(1, 3), n=st.integers(1, 40),
+       window=st.integers(1, 50), kind=st.sampled_from(["window_colsum", "colsum", "last_row"]),
+       data=st.data())
+def test_prefill_scores_equal_scorer_math(B, Hkv, g, n, window, kind, data):
+    # Prefill (n_q == n_k, causal) with kv_start is the scorers' top-left q_pos with valid = j >= kv_start.
+    starts = torch.tensor(data.draw(st.lists(st.integers(0, n), min_size=B, max_size=B)))
+    gen = torch.Generator().manual_seed(n * 100 + window)
+    q, k, v = (torch.randn(B, h, n, 16, generator=gen) for h in (Hkv * g, Hkv, Hkv))
+    valid = torch.arange(n)[None, :] >= starts[:, None]
+    o, lse, s = prefill_attention_reference(q, k, v, scale=0.3, kv_start=starts, scores=kind, window=window)
+    assert s.shape == (B, Hkv * g, n) and s.dtype == torch.float32
+    torch.testing.assert_close(s, _scorer(kind, q, k, valid, window, 0.3), rtol=1e-5, atol=1e-6)
+    assert (s.masked_select(~valid[:, None, :].expand_as(s)) == 0).all()  # pad keys never score
+    rows = {"window_colsum": min(window, n), "colsum": n, "last_row": 1}[kind]
+    seen = (lse[:, :, n - rows:] > NINF).sum(-1).float()  # voting rows that see a key
+    torch.testing.assert_close(s.sum(-1), seen, rtol=1e-5, atol=1e-5)
+
+
+@SETTINGS
+@given(n_q=st.integers(1, 20), extra=st.integers(0, 20), causal=st.booleans(), window=st.integers(1, 30),
+       kind=st.sampled_from(["window_colsum", "colsum", "last_row"]), data=st.data())
+def test_prefill_scores_bottom_right_rows_and_query_pads(n_q, extra, causal, window, kind, data):
+    # n_q <= n_k: row i sits at position i + n_k - n_q; it votes iff that position >= kv_start.
+    n_k = n_q + extra
+    starts = torch.tensor(data.draw(st.lists(st.integers(0, n_k), min_size=2, max_size=2)))
+    q, k, v = _rand(2, 4, n_q, 8, seed=n_q), _rand(2, 2, n_k, 8, seed=extra), _rand(2, 2, n_k, 8, seed=3)
+    o, lse, s = prefill_attention_reference(q, k, v, scale=0.5, causal=causal, kv_start=starts,
+                                            scores=kind, window=window)
+    i, j = torch.arange(n_q)[:, None], torch.arange(n_k)[None, :]
+    mask = (j >= starts[:, None, None, None]) & ((j <= i + extra) if causal else True)
+    p = torch.softmax(_logits(q, k, 0.5).masked_fill(~mask, NINF), -1).nan_to_num(0.0)
+    lo = {"window_colsum": n_q - min(window, n_q), "colsum": 0, "last_row": n_q - 1}[kind]
+    votes = (torch.arange(n_q) >= lo)[None, :] & (torch.arange(n_q)[None, :] + extra >= starts[:, None])
+    want = (p * votes[:, None, :, None]).sum(2)
+    torch.testing.assert_close(s, want, rtol=1e-12, atol=1e-12)
+    assert s.dtype == torch.float64
+    assert len(prefill_attention_reference(q, k, v, scale=0.5, kv_start=starts)) == 2  # default unchanged
+
+
+def test_prefill_scores_join_across_query_chunks(monkeypatch):
+    q, k, v = _rand(2, 4, 11, 8, seed=0), _rand(2, 2, 11, 8, seed=1), _rand(2, 2, 11, 8, seed=2)
+    starts = torch.tensor([0, 4])
+    for kind in ("window_colsum", "colsum", "last_row"):
+        whole = prefill_attention_reference(q, k, v, scale=0.3, kv_start=starts, scores=kind, window=6)
+        with monkeypatch.context() as mp:
+            mp.setattr(attention, "_QUERY_CHUNK", 3)
+            chunked = prefill_attention_reference(q, k, v, scale=0.3, kv_start=starts, scores=kind, window=6)
+        for got, want in zip(chunked, whole):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@SETTINGS
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 2), g=st.integers(1, 3), cap=st.integers(1, 30),
+       with_bias=st.booleans(), data=st.data())
+def test_decode_probs_are_the_softmax_row(B, Hkv, g, cap, with_bias, data):
+    lengths = torch.tensor(data.draw(st.lists(st.integers(-1, cap + 2), min_size=B * Hkv, max_size=B * Hkv)),
+                           dtype=torch.int32).view(B, Hkv)
+    q, k, v = _rand(B, Hkv * g, 1, 8, seed=cap), _rand(B, Hkv, cap, 8, seed=1), _rand(B, Hkv, cap, 8, seed=2)
+    valid = torch.arange(cap)[None, None] < lengths[..., None]
+    k, v = k.masked_fill(~valid[..., None], float("nan")), v.masked_fill(~valid[..., None], float("nan"))
+    bias = _rand(B, 1, cap, seed=4).masked_fill(_rand(B, 1, cap, seed=5) > 1.0, NINF) if with_bias else None
+    o, lse, probs = decode_attention_reference(q, k, v, lengths, scale=0.4, bias=bias, return_probs=True)
+    add = torch.zeros(B, Hkv, cap, dtype=torch.float64) + (0 if bias is None else bias)
+    add = add.masked_fill(~valid, NINF).repeat_interleave(g, dim=1)  # (B, Hq, cap)
+    s = _logits(q, k.nan_to_num(0.0), 0.4)[:, :, 0] + add
+    torch.testing.assert_close(probs, torch.softmax(s, -1).nan_to_num(0.0), rtol=1e-12, atol=1e-12)
+    assert probs.shape == (B, Hkv * g, cap) and not probs.isnan().any()
+    assert (probs[~valid.repeat_interleave(g, dim=1)] == 0).all()
+    torch.testing.assert_close(probs.sum(-1), (lse[..., 0] > NINF).double(), rtol=1e-12, atol=1e-12)
+    o2, lse2 = decode_attention_reference(q, k, v, lengths, scale=0.4, bias=bias)
+    assert torch.equal(o, o2) and torch.equal(lse, lse2)
+
+
+@pytest.mark.parametrize(
+    "scores, window, match",
+    [
+        ("snapkv", 32, r"scores got 'snapkv', expected one of none, window_colsum, colsum, last_row"),
+        ("colsum", 0, r"window got 0, expected an int >= 1"),
+        ("colsum", True, r"window got True, expected an int >= 1"),
+        ("colsum", 4.0, r"window got 4.0, expected an int >= 1"),
+    ],
+)
+def test_score_argument_errors(scores, window, match):
+    with pytest.raises(ValueError, match=match):
+        check_score_args("op", scores, window)
+    q = k = v = _rand(1, 2, 3, 8, seed=0)
+    with pytest.raises(ValueError, match="prefill_attention_reference: " + match):
+        prefill_attention_reference(q, k, v, scale=0.3, scores=scores, window=window)
+
+
+def test_decode_return_probs_must_be_bool():
+    q, k = _rand(1, 2, 1, 8, seed=0), _rand(1, 1, 4, 8, seed=1)
+    with pytest.raises(ValueError, match="return_probs got 1, expected True or False"):
+        decode_attention_reference(q, k, k, torch.tensor([[4]]), scale=0.3, return_probs=1)

@@ -81,3 +81,30 @@ def test_snapkv_max_tokens_rolls():
                        min_new_tokens=30, do_sample=False)
     for site in kvfx.memory()["sites"].values():
         assert site["tokens_held"] == 100 and site["tokens_seen"] == 429
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "h2o", "tova", "knorm",
+                                    {"kvfx": 1, "name": "lag32", "extends": "lagkv", "eviction": {"lag": 32}},
+                                    {"kvfx": 1, "name": "stream32", "extends": "streaming", "budget": {"window": 32}}],
+                         ids=lambda p: p if isinstance(p, str) else p["name"])
+def test_padded_batch_rows_equal_rows_alone(policy):
+    """Pads are never kept, scored or counted in budgets: every row of a left-padded batch
+    generates exactly what it generates alone."""
+    model = hf_model("llama", "sdpa", layers=2)
+    model.compile(backend="kvfx", options={"policy": policy, "inner": "eager"})
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(1, 90, (n,), generator=g) for n in (230, 170)]
+    ids = torch.zeros(2, 230, dtype=torch.long)
+    mask = torch.zeros(2, 230, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, 230 - len(r):] = r
+        mask[b, 230 - len(r):] = 1
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, output_logits=True,
+              return_dict_in_generate=True)
+    with torch.no_grad():
+        batch = model.generate(ids, attention_mask=mask, **kw)
+        for b, r in enumerate(rows):
+            alone = model.generate(r[None], attention_mask=torch.ones(1, len(r), dtype=torch.long), **kw)
+            assert torch.equal(batch.sequences[b, 230:], alone.sequences[0, len(r):])
+            for x, y in zip(batch.logits, alone.logits):
+                torch.testing.assert_close(x[b], y[0], rtol=1e-4, atol=1e-4)

@@ -111,3 +111,18 @@ def test_unimplemented_policy_is_a_clear_error():
     comp = torch.compile(model, backend="kvfx", options={"policy": "kivi2", "inner": "eager"})
     with pytest.raises(Exception, match="does not implement yet"):
         hand_decode(comp, torch.randint(1, 50, (1, 4)), 2)
+
+
+def test_static_shapes_refused_and_recompile_limit_is_an_error():
+    """dynamic=False would recompile every decode step and end in dynamo's eager fallback,
+    where the ghost caches would be read: kvfx refuses it with the fix in the message."""
+    import torch._dynamo
+
+    model = HandDecoder(layers=1)
+    comp = torch.compile(model, backend="kvfx", options={"inner": "eager"}, dynamic=False)
+    with pytest.raises(Exception, match="dynamic=False"):
+        hand_decode(comp, torch.randint(1, 50, (1, 4)), 3)
+    torch._dynamo.reset()
+    hand_decode(torch.compile(model, backend="kvfx", options={"inner": "eager"}),
+                torch.randint(1, 50, (1, 4)), 3)
+    assert torch._dynamo.config.fail_on_recompile_limit_hit

@@ -74,7 +74,8 @@ def _inputs(c):
 def _run_prefill_scores(c):
     q, k, v = _inputs(c)
     kv_start = torch.tensor(c["starts"], dtype=torch.int32) if c["starts"] is not None else None
-    kw = dict(scale=c["d"] ** -0.5, causal=c["causal"], kv_start=kv_start, scores=c["scores"], window=c["window"])
+    kw = dict(scale=c["d"] ** -0.5, causal=c["causal"], kv_start=kv_start, scores=c["scores"],
+              window=c["window"])
     with pytest.MonkeyPatch.context() as mp:
         if BLOCKS[c["blocks"]] is not None:
             mp.setattr(configs, "PREFILL_CONFIGS", (BLOCKS[c["blocks"]],))
@@ -113,8 +114,7 @@ def test_prefill_kernel_scores_equal_scorer_math(scores):
     # The kernel's side output is the scorers' own quantity (prefill, n_q == n_k, kv_start -> valid).
     gen = torch.Generator().manual_seed(5)
     B, Hkv, g, n, d = 2, 2, 2, 45, 32
-    q, k, v = torch.randn(B, Hkv * g, n, d, generator=gen), torch.randn(B, Hkv, n, d, generator=gen), None
-    v = torch.randn(B, Hkv, n, d, generator=gen)
+    q, k, v = (torch.randn(B, h, n, d, generator=gen) for h in (Hkv * g, Hkv, Hkv))
     starts = torch.tensor([0, 9], dtype=torch.int32)
     valid = torch.arange(n)[None, :] >= starts[:, None].long()
     with pytest.MonkeyPatch.context() as mp:
@@ -187,7 +187,8 @@ def test_decode_probs_many_splits(dtype):
 
 def test_decode_without_probs_is_unchanged():
     gen = torch.Generator().manual_seed(1)
-    q, k, v = torch.randn(1, 2, 1, 32, generator=gen), *(torch.randn(1, 1, 40, 32, generator=gen) for _ in range(2))
+    q = torch.randn(1, 2, 1, 32, generator=gen)
+    k, v = (torch.randn(1, 1, 40, 32, generator=gen) for _ in range(2))
     lengths = torch.tensor([[33]], dtype=torch.int32)
     plain = launch.decode_attention(q, k, v, lengths, scale=0.2)
     with_probs = launch.decode_attention(q, k, v, lengths, scale=0.2, return_probs=True)

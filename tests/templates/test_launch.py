@@ -26,11 +26,18 @@ def test_cpu_runs_the_reference():
     for got, want in zip(prefill_attention(q, k, v, scale=0.1, kv_start=starts),
                          prefill_attention_reference(q, k, v, scale=0.1, kv_start=starts)):
         assert torch.equal(got, want)
+    for kind in ("window_colsum", "colsum", "last_row"):
+        got = prefill_attention(q, k, v, scale=0.1, kv_start=starts, scores=kind, window=3)
+        want = prefill_attention_reference(q, k, v, scale=0.1, kv_start=starts, scores=kind, window=3)
+        assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(got, want))
     q, k, v = _qkv(cap=9)
     lengths = torch.tensor([[3, 9], [0, 4]], dtype=torch.int32)
     for got, want in zip(decode_attention(q, k, v, lengths, scale=0.1),
                          decode_attention_reference(q, k, v, lengths, scale=0.1)):
         assert torch.equal(got, want)
+    got = decode_attention(q, k, v, lengths, scale=0.1, return_probs=True)
+    want = decode_attention_reference(q, k, v, lengths, scale=0.1, return_probs=True)
+    assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_cpu_path_works_without_triton(monkeypatch):
@@ -94,3 +101,35 @@ def test_decode_argument_errors():
         decode_attention(q, k, v, lengths.float(), scale=0.1)
     with pytest.raises(ValueError, match=r"bias must be a float tensor of shape \(B, 1, cap\) or \(B, Hkv, cap\)"):
         decode_attention(q, k, v, lengths, scale=0.1, bias=torch.zeros(2, 1, 7))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(scores="h2o"), r"prefill_attention: scores got 'h2o', expected one of none, window_colsum, "
+                             r"colsum, last_row"),
+        (dict(scores="window_colsum", window=0), r"prefill_attention: window got 0, expected an int >= 1"),
+        (dict(scores="window_colsum", window=2.5), r"window got 2.5, expected an int >= 1"),
+    ],
+)
+def test_prefill_score_argument_errors(kwargs, match):
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=match):
+        prefill_attention(q, k, v, scale=0.1, **kwargs)
+
+
+def test_decode_return_probs_must_be_bool():
+    q, k, v = _qkv(cap=8)
+    lengths = torch.full((2, 2), 8, dtype=torch.int32)
+    with pytest.raises(ValueError, match="decode_attention: return_probs got 'yes', expected True or False"):
+        decode_attention(q, k, v, lengths, scale=0.1, return_probs="yes")
+
+
+def test_empty_shapes_still_return_scores():
+    q, k, v = _qkv(n=0)
+    o, lse, s = prefill_attention(q, k, v, scale=0.1, scores="colsum")
+    assert s.shape == (2, 4, 0) and o.shape == q.shape
+    q, k, v = _qkv(cap=1)
+    o, lse, probs = decode_attention(q, k[:, :, :0], v[:, :, :0], torch.zeros(2, 2, dtype=torch.int32),
+                                     scale=0.1, return_probs=True)
+    assert probs.shape == (2, 4, 0) and (lse == float("-inf")).all()

@@ -13,6 +13,10 @@ SPECS = [
     KernelSpec("prefill_attention", "fp32", head_dim=64, gqa_group=1, causal=False),
     KernelSpec("decode_attention", "bf16", head_dim=256, gqa_group=8),
     KernelSpec("decode_attention", "fp32", head_dim=16, gqa_group=1),
+    KernelSpec("prefill_attention", "fp16", head_dim=64, gqa_group=2, causal=True, scores="window_colsum"),
+    KernelSpec("prefill_attention", "bf16", head_dim=32, gqa_group=1, causal=True, scores="colsum"),
+    KernelSpec("prefill_attention", "fp32", head_dim=16, gqa_group=3, causal=False, scores="last_row"),
+    KernelSpec("decode_attention", "fp16", head_dim=128, gqa_group=4, scores="last_row"),
 ]
 
 
@@ -21,10 +25,12 @@ def test_uri_spells_every_field():
     assert spec.uri == "decode_attention_dtype_fp16_hd_128_g_3_causal_0_scores_none_qbits_0_calib_0"
     full = KernelSpec("prefill_attention", "bf16", 64, 2, True, "colsum", 4, True)
     assert full.uri == "prefill_attention_dtype_bf16_hd_64_g_2_causal_1_scores_colsum_qbits_4_calib_1"
+    for kind in ("window_colsum", "last_row"):
+        assert f"_scores_{kind}_" in dataclasses.replace(full, scores=kind).uri
     # Changing any single field changes the URI: no two specs share a cached source.
-    base = dataclasses.replace(full, causal=False)
+    base = dataclasses.replace(full, causal=False, scores="last_row")  # last_row: valid for decode too
     variants = {"kind": "decode_attention", "dtype": "fp32", "head_dim": 32, "gqa_group": 5,
-                "causal": True, "scores": "last_row", "quant_bits": 2, "calibration": False}
+                "causal": True, "scores": "window_colsum", "quant_bits": 2, "calibration": False}
     assert set(variants) == {f.name for f in dataclasses.fields(KernelSpec)}
     for name, value in variants.items():
         assert dataclasses.replace(base, **{name: value}).uri != base.uri, name
@@ -57,6 +63,13 @@ def test_decode_spec_cannot_be_causal():
         KernelSpec("decode_attention", "fp16", 64, causal=True)
 
 
+@pytest.mark.parametrize("scores", ["window_colsum", "colsum"])
+def test_decode_spec_scores_are_none_or_last_row(scores):
+    with pytest.raises(ValueError, match=f"scores: got '{scores}' for decode_attention, expected one of "
+                                         "none, last_row"):
+        KernelSpec("decode_attention", "fp16", 64, scores=scores)
+
+
 def test_spec_is_frozen_and_hashable():
     spec = SPECS[0]
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -83,7 +96,30 @@ def test_render_structural_variants_differ():
     assert 'input_precision="ieee"' in fp32 and 'input_precision="ieee"' not in plain
 
 
-@pytest.mark.parametrize("field, value", [("scores", "colsum"), ("quant_bits", 4), ("calibration", True)])
+def test_render_score_variants():
+    plain = render(KernelSpec("prefill_attention", "fp16", 64, causal=True))
+    srcs = {kind: render(KernelSpec("prefill_attention", "fp16", 64, causal=True, scores=kind))
+            for kind in ("window_colsum", "colsum", "last_row")}
+    def code(src):  # the kernel, without the header comments (which name every option)
+        return src[src.index("@triton.jit"):]
+
+    assert "atomic_add" not in plain and "SCORES" not in code(plain) and "pass 2" not in plain
+    for kind, src in srcs.items():
+        assert "tl.atomic_add(s_base + cols * stride_sn" in src and "stride_sb, stride_sh, stride_sn" in src
+        assert f"# Fused eviction scores (scores={kind})" in src and "[Note] fp32 atomics" in src
+        assert ("WINDOW" in code(src)) == (kind == "window_colsum"), kind
+    assert "vote_lo = N_Q - WINDOW" in srcs["window_colsum"]
+    assert "vote_lo = 0" in srcs["colsum"] and "vote_lo = N_Q - 1" in srcs["last_row"]
+    # The none variant's kernel body is the score variants' up to the pass-2 block.
+    body = plain[plain.index("    tl.static_assert(HEAD_DIM"):]
+    assert body in srcs["colsum"]
+    dec = render(KernelSpec("decode_attention", "fp16", 64, scores="last_row"))
+    dec_plain = render(KernelSpec("decode_attention", "fp16", 64))
+    assert "def _kvfx_decode_attention_probs_kernel(" in dec and "PROBS" in dec
+    assert "_probs_kernel" not in dec_plain and "PROBS" not in code(dec_plain)
+
+
+@pytest.mark.parametrize("field, value", [("quant_bits", 4), ("calibration", True)])
 def test_render_rejects_slots_not_implemented_yet(field, value):
     spec = dataclasses.replace(SPECS[0], **{field: value})
     with pytest.raises(NotImplementedError, match=f"no '{field}="):
