@@ -35,8 +35,10 @@ class Compressor:
 
     name = "full"
     needs_probs = False
+    kernel_scores = "none"  # the scores the fused prefill kernel should emit
+    window = 0
 
-    def prefill(self, store: SiteStore, q, k, v, valid, scale=None) -> None:
+    def prefill(self, store: SiteStore, q, k, v, valid, scale=None, votes=None) -> None:
         B, Hkv, n, _ = k.shape
         count = torch.full((B, Hkv), n, dtype=torch.long, device=k.device)
         if bool(valid.all()):
@@ -70,6 +72,7 @@ class Scored(Compressor):
         self.layer, self.num_layers, self.pyramid = layer, num_layers, pyramid
         self.group_reduce = group_reduce
         self.needs_probs = decode in ("h2o", "tova")
+        self.kernel_scores = getattr(scorer, "kernel_scores", "none")
 
     def budget(self, n_valid: torch.Tensor) -> torch.Tensor:
         window = self._window(n_valid)
@@ -90,11 +93,17 @@ class Scored(Compressor):
                                  torch.full_like(n_valid, self.window))
         return torch.full_like(n_valid, self.window)
 
-    def prefill(self, store, q, k, v, valid, scale=None) -> None:
+    def prefill(self, store, q, k, v, valid, scale=None, votes=None) -> None:
+        """``votes``: the raw scores the fused prefill kernel emitted (CUDA), if any."""
         B, Hkv = k.shape[:2]
         n_valid = valid.long().sum(-1)
         budget = self.budget(n_valid)
-        scores = None if self.scorer is None else self.scorer.scores(q, k, v, valid, default_scale(q, scale))
+        if self.scorer is None:
+            scores = None
+        elif votes is not None:
+            scores = self.scorer.from_votes(votes, valid, Hkv)
+        else:
+            scores = self.scorer.scores(q, k, v, valid, default_scale(q, scale))
         window = self._window(n_valid)
         idx, count = select_kept(scores, valid, budget, sink=self.sink, window=window, kv_heads=Hkv)
         _write_selection(store, k, v, idx, count, 1)
@@ -144,7 +153,7 @@ class LagKVCompressor(Compressor):
     def __init__(self, *, sink, lag, keep, v_ratio):
         self.sink, self.lag, self.keep, self.v_ratio = sink, lag, keep, v_ratio
 
-    def prefill(self, store, q, k, v, valid, scale=None) -> None:
+    def prefill(self, store, q, k, v, valid, scale=None, votes=None) -> None:
         B, Hkv = k.shape[:2]
         rows, tails = [], []
         for b in range(B):

@@ -34,5 +34,10 @@ class H2O:
     recent: float = 0.1
     group_reduce: str = "mean"
 
+    kernel_scores = "colsum"
+
+    def from_votes(self, votes, valid, kv_heads):
+        return group_reduce(votes, kv_heads, self.group_reduce)
+
     def scores(self, q, k, v, valid, scale):
         return group_reduce(column_sums(q, k, valid, scale=scale), k.shape[1], self.group_reduce)

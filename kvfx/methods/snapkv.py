@@ -51,6 +51,12 @@ class SnapKV:
     kernel: int = 7
     group_reduce: str = "mean"
 
+    kernel_scores = "window_colsum"  # what the fused prefill kernel can emit for this scorer
+
+    def from_votes(self, votes, valid, kv_heads):
+        """Scores from the prefill kernel's window votes (B, Hq, n)."""
+        return group_reduce(pool_scores(votes, self.pool, self.kernel), kv_heads, self.group_reduce)
+
     def scores(self, q, k, v, valid, scale):
         return snapkv_scores(q, k, valid, window=max(self.window, 1), scale=scale, pool=self.pool,
                              kernel=self.kernel, group_reduce_how=self.group_reduce)

@@ -23,5 +23,10 @@ def last_query_scores(q, k, valid, *, scale: float) -> torch.Tensor:
 class TOVA:
     group_reduce: str = "mean"
 
+    kernel_scores = "last_row"
+
+    def from_votes(self, votes, valid, kv_heads):
+        return group_reduce(votes, kv_heads, self.group_reduce)
+
     def scores(self, q, k, v, valid, scale):
         return group_reduce(last_query_scores(q, k, valid, scale=scale), k.shape[1], self.group_reduce)

@@ -91,6 +91,12 @@ def decode_attention(store: SiteStore, q: torch.Tensor, mask, is_causal: bool, p
     g = q.shape[1] // store.kv_heads
     keep = _store_mask(store, mask, is_causal, q.shape[2], past_len, g)
     k, v = store.k[:, :, :n], store.v[:, :, :n]
+    if with_probs and keep is None and q.shape[2] == 1 and _use_kernel(q, k):
+        from kvfx.templates.launch import decode_attention as kernel
+
+        sm = scale if scale is not None else q.shape[-1] ** -0.5
+        o, _, probs = kernel(q, k, v, store.count.to(torch.int32), scale=sm, return_probs=True)
+        return o, probs[:, :, None, :]
     if with_probs:
         from kvfx.methods.scoring import default_scale, expand_kv
 
@@ -123,11 +129,17 @@ def _use_kernel(q: torch.Tensor, k: torch.Tensor | None = None) -> bool:
     return q.dtype in DTYPE_NAMES and q.shape[-1] in HEAD_DIMS and g <= MAX_GQA_GROUP
 
 
-def prefill_attention(q, k, v, mask, *, scale, is_causal) -> torch.Tensor:
+def prefill_attention(q, k, v, mask, *, scale, is_causal, scores: str = "none", window: int = 32):
     """The prompt's own attention, exactly as the model called it: the Triton prefill kernel
-    when it applies (causal, no explicit mask, CUDA), else SDPA with the original arguments."""
+    when it applies (causal, no explicit mask, CUDA), with the eviction scores the compressor
+    needs fused into it; else SDPA with the original arguments (and no votes: the scorer then
+    computes them from q and k). Returns (out, votes or None)."""
     if mask is None and is_causal and q.shape[2] == k.shape[2] and _use_kernel(q, k):
         from kvfx.templates.launch import prefill_attention as kernel
 
-        return kernel(q, k, v, scale=scale if scale is not None else q.shape[-1] ** -0.5, causal=True)[0]
-    return sdpa(q, k, v, mask, scale=scale, is_causal=is_causal)
+        sm = scale if scale is not None else q.shape[-1] ** -0.5
+        if scores == "none":
+            return kernel(q, k, v, scale=sm, causal=True)[0], None
+        o, _, votes = kernel(q, k, v, scale=sm, causal=True, scores=scores, window=max(window, 1))
+        return o, votes
+    return sdpa(q, k, v, mask, scale=scale, is_causal=is_causal), None

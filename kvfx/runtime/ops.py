@@ -48,9 +48,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_len: in
     B, _, nq, _ = q.shape
     if past_len == 0:  # a new sequence: exact attention on the prompt, then compress
         store.reset()
-        out = prefill_attention(q, k, v, mask, scale=scale, is_causal=is_causal)
+        c = b.compressor
+        out, votes = prefill_attention(q, k, v, mask, scale=scale, is_causal=is_causal,
+                                       scores=c.kernel_scores, window=getattr(c, "window", 0))
         with torch.no_grad():
-            b.compressor.prefill(store, q, k, v, key_valid(mask, B, nq, q.device), scale)
+            c.prefill(store, q, k, v, key_valid(mask, B, nq, q.device), scale, votes)
         store.seen = nq
         return out.contiguous()  # the layout the fake implementation promises
     if store.seen != past_len or store.batch != B:

@@ -43,3 +43,30 @@ def test_model_through_triton_kernels(monkeypatch, tmp_path, policy):
     assert calls["prefill"] == 2 and calls["decode"] == 2 * 3, calls
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert all(s.rewritten for s in kvfx.sites())
+
+
+@pytest.mark.parametrize("preset", ["snapkv", "h2o", "tova"])
+def test_kernel_votes_select_what_the_reference_selects(monkeypatch, tmp_path, preset):
+    """With the kernels (fused votes, decode probs) the store ends up holding the same tokens
+    as with the PyTorch path, and the logits agree."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set")
+    monkeypatch.setenv("KVFX_CACHE_DIR", str(tmp_path))
+    pol = {"kvfx": 1, "name": "p", "extends": preset, "budget": {"keep": 0.5}}
+    model = hf_model("llama", "sdpa")
+    ids = torch.randint(1, 90, (1, 64), generator=torch.Generator().manual_seed(1))
+    held = {}
+    for forced in ("0", "1"):
+        monkeypatch.setenv("KVFX_FORCE_TRITON", forced)
+        torch._dynamo.reset()
+        kvfx.reset()
+        with torch.no_grad():
+            out, _ = hf_decode(torch.compile(clone_model(model), backend="kvfx",
+                                             options={"policy": pol, "inner": "eager"}), ids, 4)
+        from kvfx.runtime.registry import REGISTRY
+
+        held[forced] = (out, {b.info.module_path: b.store.pos[:, :, :b.store.length].sort(-1).values.clone()
+                              for b in REGISTRY.bindings.values()})
+    torch.testing.assert_close(held["1"][0], held["0"][0], rtol=1e-4, atol=1e-4)
+    for key in held["0"][1]:
+        assert torch.equal(held["0"][1][key], held["1"][1][key]), key
