@@ -50,18 +50,16 @@ def _parse_lengths(text: str) -> list[int]:
 
 
 def _eval(args) -> int:
-    from kvfx.eval.harness import markdown_table, run_passkey_eval
+    from kvfx.eval.harness import markdown_table, run_eval
 
     if args.depths.isdigit():
         k = int(args.depths)
         depths = [round((i + 0.5) / k, 4) for i in range(k)] if k > 1 else [0.5]
     else:
         depths = [float(x) for x in args.depths.split(",")]
-    if args.task != "passkey":
-        raise SystemExit(f"kvfx eval: task {args.task!r} is not implemented yet; available: passkey")
-    records = run_passkey_eval(args.model, args.policy, lengths=_parse_lengths(args.lengths),
-                               depths=depths, seeds=range(args.seeds), out=args.out,
-                               inner=args.inner, max_new_tokens=args.max_new_tokens)
+    records = run_eval(args.model, args.policy, task=args.task, lengths=_parse_lengths(args.lengths),
+                       depths=depths, seeds=range(args.seeds), out=args.out, inner=args.inner,
+                       max_new_tokens=args.max_new_tokens, chunk=args.chunk)
     print(markdown_table(records))
     return 0
 
@@ -69,12 +67,14 @@ def _eval(args) -> int:
 def _report(args) -> int:
     from pathlib import Path
 
-    from kvfx.eval.harness import load_results, markdown_table
+    from kvfx.eval.harness import load_results, write_report
 
-    records = load_results(Path(args.dir))
-    if not records:
+    if not load_results(Path(args.dir)):
         raise SystemExit(f"kvfx report: no results.jsonl in {args.dir}")
-    print(markdown_table(records))
+    table, pngs = write_report(Path(args.dir))
+    print(table)
+    for p in pngs:
+        print(f"wrote {p}")
     return 0
 
 
@@ -116,12 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default="smollm2-135m")
     ev.add_argument("--policy", nargs="+", required=True,
                     help="presets, files or NAME@KEEP (e.g. snapkv@0.125); include full")
-    ev.add_argument("--task", default="passkey")
+    ev.add_argument("--task", default="passkey", choices=["passkey", "needle", "perplexity"])
     ev.add_argument("--lengths", default="4k", help="comma separated, e.g. 1k,2k,4k")
     ev.add_argument("--depths", default="10", help="a count (evenly spaced) or a list 0.1,0.5")
     ev.add_argument("--seeds", type=int, default=1)
     ev.add_argument("--out", default="runs/eval")
-    ev.add_argument("--max-new-tokens", type=int, default=8)
+    ev.add_argument("--max-new-tokens", type=int, default=None,
+                    help="default: 8 for passkey, 24 for needle")
+    ev.add_argument("--chunk", type=int, default=1, help="perplexity: tokens per decode step")
     ev.add_argument("--inner", default="eager", choices=["eager", "inductor", "aot_eager"])
     ev.set_defaults(func=_eval)
 

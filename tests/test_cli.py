@@ -69,3 +69,25 @@ def test_eval_and_report_small(tmp_path, capsys):
     assert main(["report", str(out_dir)]) == 0
     table = capsys.readouterr().out
     assert "| passkey | full | 512 | 2 |" in table and "snapkv@0.25" in table
+    assert (out_dir / "report.md").exists()
+    for png in ("passkey_accuracy_vs_compression.png", "passkey_heatmap_full.png",
+                "passkey_heatmap_snapkv_at_0.25.png"):
+        assert (out_dir / png).stat().st_size > 5000, png
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_eval_needle_and_perplexity_small(tmp_path, capsys):
+    out_dir = tmp_path / "ev"
+    assert main(["eval", "--task", "needle", "--policy", "full", "--lengths", "512", "--depths", "0.5",
+                 "--out", str(out_dir)]) == 0
+    assert main(["eval", "--task", "perplexity", "--policy", "full", "snapkv@0.25", "--lengths", "256",
+                 "--chunk", "16", "--out", str(out_dir)]) == 0
+    capsys.readouterr()
+    assert main(["report", str(out_dir)]) == 0
+    table = capsys.readouterr().out
+    rows = {line.split("|")[2].strip(): line for line in table.splitlines()
+            if line.startswith("| perplexity")}
+    assert "(+0.00)" in rows["full"]  # Δ perplexity against full of the same run
+    assert "(+" in rows["snapkv@0.25"] or "(-" in rows["snapkv@0.25"]
+    assert "| needle | full | 512 | 1 |" in table

@@ -44,27 +44,50 @@ def load_results(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_passkey_eval(model_name: str, policies: list[str], *, lengths=(4096,), depths=(0.5,),
-                     seeds=(0,), out: str | Path = "runs/eval", inner: str = "eager",
-                     max_new_tokens: int = 8, progress: bool = True) -> list[dict]:
-    """Passkey retrieval for every (policy, length, depth, seed); returns all records."""
+TASKS = ("passkey", "needle", "perplexity")
+
+
+def _task_tools(task: str):
+    """(make_sample, score, max_new_tokens) for a generation task."""
+    if task == "passkey":
+        from kvfx.eval.passkey import make_passkey_sample, score_passkey
+
+        return make_passkey_sample, lambda text, s: score_passkey(text, s.passkey), 8
+    if task == "needle":
+        from kvfx.eval.needle import make_needle_sample, score_needle
+
+        return make_needle_sample, score_needle, 24
+    raise ValueError(f"kvfx eval: task {task!r} is not one of {', '.join(TASKS)}")
+
+
+def run_eval(model_name: str, policies: list[str], *, task: str = "passkey", lengths=(4096,),
+             depths=(0.5,), seeds=(0,), out: str | Path = "runs/eval", inner: str = "eager",
+             max_new_tokens: int | None = None, chunk: int = 1, progress: bool = True) -> list[dict]:
+    """Run ``task`` for every (policy, length, depth, seed) not already in ``out``; every
+    policy in this process, on the same samples. Returns all records of ``out``."""
     import torch._dynamo
     from tqdm.auto import tqdm
 
     import kvfx
-    from kvfx.eval.passkey import make_passkey_sample, score_passkey
     from kvfx.models import load_model
 
+    if task not in TASKS:
+        raise ValueError(f"kvfx eval: task {task!r} is not one of {', '.join(TASKS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if task == "perplexity":
+        depths = (0.0,)  # one sample per length: the text's first `length` tokens
     done = {_sample_key(r) for r in load_results(out)}
     grid = [(p, n, d, s) for p in policies for n in lengths for d in depths for s in seeds]
-    todo = [g for g in grid if ("passkey", g[0], g[1], round(g[2], 4), g[3]) not in done]
+    todo = [g for g in grid if (task, g[0], g[1], round(g[2], 4), g[3]) not in done]
+    if not todo:
+        records = load_results(out)
+        write_summary(records, out / "summary.csv")
+        return records
     model, tok = load_model(model_name, progress=progress)
-    samples = {}
-    bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc="passkey", unit="sample",
+    samples, current, policy = {}, None, None
+    bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc=task, unit="sample",
                disable=not progress)
-    current = None
     with open(out / "results.jsonl", "a") as f:
         for spec, n, depth, seed in todo:
             if spec != current:  # one compile per policy; prefill/decode graphs are reused
@@ -73,32 +96,16 @@ def run_passkey_eval(model_name: str, policies: list[str], *, lengths=(4096,), d
                 kvfx.reset()
                 model.compile(backend="kvfx", options={"policy": policy, "inner": inner})
                 current = spec
-            key = (n, depth, seed)
-            if key not in samples:
-                samples[key] = make_passkey_sample(tok, n, depth, seed)
-            sample = samples[key]
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                gen = model.generate(sample.input_ids, attention_mask=torch.ones_like(sample.input_ids),
-                                     max_new_tokens=max_new_tokens, do_sample=False,
-                                     return_dict_in_generate=True)
-            seconds = time.perf_counter() - t0
-            cache = gen["cache"] if "cache" in gen else gen.get("past_key_values")
-            mem = kvfx.memory(cache)
-            answer = tok.decode(gen.sequences[0, sample.input_ids.shape[1]:], skip_special_tokens=True)
-            held = [s["tokens_held"] for s in mem["sites"].values()]
-            rec = {
-                "task": "passkey", "model": model_name, "policy": spec, "policy_hash": policy.hash,
-                "length": n, "n_tokens": sample.n_tokens, "depth": depth, "seed": seed,
-                "passkey": sample.passkey, "answer": answer.strip(),
-                "correct": score_passkey(answer, sample.passkey),
-                "kept_tokens": sum(held) / len(held) if held else None,
-                "held_bytes": mem["held_bytes"], "dense_bytes": mem["dense_bytes"],
-                "seconds": round(seconds, 3), "kvfx": kvfx.__version__,
-            }
+            rec = {"task": task, "model": model_name, "policy": spec, "policy_hash": policy.hash,
+                   "length": n, "depth": depth, "seed": seed, "kvfx": kvfx.__version__}
+            if task == "perplexity":
+                rec.update(_perplexity_sample(model, tok, n, seed, chunk))
+            else:
+                rec.update(_generation_sample(model, tok, task, samples, n, depth, seed, max_new_tokens))
             f.write(json.dumps(rec) + "\n")
             f.flush()
-            bar.set_postfix_str(f"{spec} len={n} depth={depth:.2f} {'ok' if rec['correct'] else 'miss'}")
+            shown = f"ppl={rec['ppl']:.2f}" if task == "perplexity" else ("ok" if rec["correct"] else "miss")
+            bar.set_postfix_str(f"{spec} len={n} depth={depth:.2f} {shown}")
             bar.update()
     bar.close()
     records = load_results(out)
@@ -106,21 +113,74 @@ def run_passkey_eval(model_name: str, policies: list[str], *, lengths=(4096,), d
     return records
 
 
+def _memory_fields(cache) -> dict:
+    import kvfx
+
+    mem = kvfx.memory(cache)
+    held = [s["tokens_held"] for s in mem["sites"].values()]
+    return {"kept_tokens": sum(held) / len(held) if held else None,
+            "held_bytes": mem["held_bytes"], "dense_bytes": mem["dense_bytes"]}
+
+
+def _generation_sample(model, tok, task, samples, n, depth, seed, max_new_tokens) -> dict:
+    make, score, default_new = _task_tools(task)
+    key = (task, n, depth, seed)
+    if key not in samples:
+        samples[key] = make(tok, n, depth, seed)
+    sample = samples[key]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        gen = model.generate(sample.input_ids, attention_mask=torch.ones_like(sample.input_ids),
+                             max_new_tokens=max_new_tokens or default_new, do_sample=False,
+                             return_dict_in_generate=True)
+    seconds = time.perf_counter() - t0
+    answer = tok.decode(gen.sequences[0, sample.input_ids.shape[1]:], skip_special_tokens=True)
+    cache = gen["cache"] if "cache" in gen else gen.get("past_key_values")
+    expected = getattr(sample, "passkey", None) or getattr(sample, "answer", None)
+    return {"n_tokens": sample.n_tokens, "expected": expected, "answer": answer.strip(),
+            "correct": bool(score(answer, sample)), "seconds": round(seconds, 3),
+            **_memory_fields(cache)}
+
+
+def _perplexity_sample(model, tok, n, seed, chunk) -> dict:
+    """Perplexity of the second half of the first ``n`` essay tokens, the cache compressed
+    on the first half and extended token by token (``chunk``) as in generation."""
+    from kvfx.eval.perplexity import long_text_ids, perplexity_under_compression
+
+    ids = long_text_ids(tok, n)
+    r = perplexity_under_compression(model, ids, prefix=n // 2, chunk=chunk)
+    return {"n_tokens": n, "prefix": n // 2, "ppl": r["ppl"], "nll_sum": r["nll_sum"],
+            "tokens": r["tokens"], "seconds": round(r["seconds"], 3), **_memory_fields(None)}
+
+
+def run_passkey_eval(model_name: str, policies: list[str], **kw) -> list[dict]:
+    """:func:`run_eval` with ``task="passkey"``."""
+    return run_eval(model_name, policies, task="passkey", **kw)
+
+
 def summarize(records: list[dict]) -> list[dict]:
-    """Per (task, policy, length): accuracy, mean held/dense, mean kept tokens, mean time."""
+    """Per (task, policy, length): accuracy or perplexity (and Δ against ``full`` of the same
+    run), mean held/dense bytes, mean kept tokens, mean seconds."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["task"], r["policy"], r["length"]), []).append(r)
     rows = []
     for (task, policy, length), rs in sorted(groups.items()):
-        dense = [r["held_bytes"] / r["dense_bytes"] for r in rs if r.get("dense_bytes")]
-        rows.append({
-            "task": task, "policy": policy, "length": length, "samples": len(rs),
-            "accuracy": sum(bool(r.get("correct")) for r in rs) / len(rs),
-            "held_over_dense": sum(dense) / len(dense) if dense else float("nan"),
-            "kept_tokens": sum(r["kept_tokens"] or 0 for r in rs) / len(rs),
-            "seconds": sum(r["seconds"] for r in rs) / len(rs),
-        })
+        ratios = [r["held_bytes"] / r["dense_bytes"] for r in rs if r.get("dense_bytes")]
+        row = {"task": task, "policy": policy, "length": length, "samples": len(rs),
+               "accuracy": None, "ppl": None, "delta_ppl": None,
+               "held_over_dense": sum(ratios) / len(ratios) if ratios else float("nan"),
+               "kept_tokens": sum(r.get("kept_tokens") or 0 for r in rs) / len(rs),
+               "seconds": sum(r["seconds"] for r in rs) / len(rs)}
+        if task == "perplexity":
+            row["ppl"] = sum(r["ppl"] for r in rs) / len(rs)
+        else:
+            row["accuracy"] = sum(bool(r.get("correct")) for r in rs) / len(rs)
+        rows.append(row)
+    base = {(r["task"], r["length"]): r["ppl"] for r in rows if r["policy"] == "full" and r["ppl"]}
+    for r in rows:
+        if r["ppl"] is not None and (r["task"], r["length"]) in base:
+            r["delta_ppl"] = r["ppl"] - base[(r["task"], r["length"])]
     return rows
 
 
@@ -136,11 +196,31 @@ def write_summary(records: list[dict], path: Path) -> None:
 
 def markdown_table(records: list[dict]) -> str:
     """The summary as a Markdown table (what ``kvfx report`` prints)."""
-    rows = summarize(records)
-    lines = ["| task | policy | length | samples | accuracy | held / dense | kept tokens | s / sample |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['task']} | {r['policy']} | {r['length']} | {r['samples']} | "
-                     f"{r['accuracy']:.2f} | {r['held_over_dense']:.3f} | {r['kept_tokens']:.0f} | "
-                     f"{r['seconds']:.1f} |")
+    lines = ["| task | policy | length | samples | accuracy | ppl (Δ vs full) | held / dense | kept tokens | s / sample |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in summarize(records):
+        acc = "" if r["accuracy"] is None else f"{r['accuracy']:.2f}"
+        ppl = "" if r["ppl"] is None else f"{r['ppl']:.2f}" + (
+            "" if r["delta_ppl"] is None else f" ({r['delta_ppl']:+.2f})")
+        lines.append(f"| {r['task']} | {r['policy']} | {r['length']} | {r['samples']} | {acc} | {ppl} | "
+                     f"{r['held_over_dense']:.3f} | {r['kept_tokens']:.0f} | {r['seconds']:.1f} |")
     return "\n".join(lines)
+
+
+def write_report(out: Path) -> tuple[str, list[Path]]:
+    """``kvfx report``: the Markdown table (also written to ``OUT/report.md``) and PNGs: a
+    depth × length heatmap per policy for needle/passkey, accuracy vs compression per task."""
+    from kvfx.eval.plots import accuracy_vs_compression, needle_heatmap
+
+    out = Path(out)
+    records = load_results(out)
+    table = markdown_table(records)
+    pngs = []
+    for task in sorted({r["task"] for r in records} - {"perplexity"}):
+        rs = [r for r in records if r["task"] == task]
+        pngs.append(accuracy_vs_compression(rs, task, out / f"{task}_accuracy_vs_compression.png"))
+        for policy in sorted({r["policy"] for r in rs}):
+            safe = policy.replace("@", "_at_").replace("/", "_")
+            pngs.append(needle_heatmap(rs, policy, out / f"{task}_heatmap_{safe}.png", task=task))
+    (out / "report.md").write_text(table + "\n")
+    return table, pngs

@@ -15,6 +15,7 @@ instead of failing: the rewrite pass leaves such sites alone and the report show
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,7 @@ def unrepeat(node: Node) -> tuple[Node, int, tuple]:
         exp = node.args[0]
         if gu.is_call(exp, None, {"expand"}) and isinstance(exp.args[0], Node):
             idx = exp.args[0]
-            if (idx.op == "call_function" and idx.target is __import__("operator").getitem
+            if (idx.op == "call_function" and idx.target is operator.getitem
                     and isinstance(idx.args[1], tuple) and len(idx.args[1]) >= 3
                     and idx.args[1][2] is None):
                 s = gu.shape(exp)
