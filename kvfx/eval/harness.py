@@ -223,4 +223,5 @@ def write_report(out: Path) -> tuple[str, list[Path]]:
             safe = policy.replace("@", "_at_").replace("/", "_")
             pngs.append(needle_heatmap(rs, policy, out / f"{task}_heatmap_{safe}.png", task=task))
     (out / "report.md").write_text(table + "\n")
+    write_summary(records, out / "summary.csv")
     return table, pngs

@@ -23,6 +23,12 @@ __all__ = ["accuracy_vs_compression", "needle_heatmap"]
 _DPI = 120
 
 
+def _COLORS(i):
+    from matplotlib import colormaps
+
+    return colormaps["tab20"](i)
+
+
 def needle_heatmap(records: list[dict], policy: str, path: str | Path, *, task: str = "needle") -> Path:
     """Accuracy of ``policy`` on ``task`` as a depth (rows) x length (columns) grid, saved as PNG.
 
@@ -105,9 +111,14 @@ def accuracy_vs_compression(records: list[dict], task: str, path: str | Path) ->
     points = {p: (_mean_ratio(v), sum(bool(r.get("correct")) for r in v) / len(v), len(v))
               for p, v in sorted(by_policy.items())}
 
-    fig, ax = _figure(6.4, 4.4)
+    fig, ax = _figure(7.2, 4.6)
     xs = [x for x, _, _ in points.values() if not math.isnan(x) and x > 0]
     log = bool(xs) and min(xs) > 0 and max(xs) / min(xs) > 5
+    # one marker shape per method (the part before "@"), a distinct colour per policy; a text
+    # label only where no labelled point is close (the legend names every point)
+    methods = sorted({p.split("@")[0] for p in points})
+    shapes = "osD^vP<>Xph"
+    labelled: list[tuple[float, float]] = []
     for k, (policy, (x, y, n)) in enumerate(points.items()):
         if math.isnan(x):
             continue
@@ -115,10 +126,14 @@ def accuracy_vs_compression(records: list[dict], task: str, path: str | Path) ->
             ax.scatter([x], [y], s=220, marker="*", color="black", zorder=4, label=f"{policy} (n={n})")
             ax.axhline(y, color="black", lw=0.8, ls="--", zorder=1)
         else:
-            ax.scatter([x], [y], s=60, marker="o", color=f"C{k % 10}", edgecolor="black", lw=0.5,
+            marker = shapes[methods.index(policy.split("@")[0]) % len(shapes)]
+            ax.scatter([x], [y], s=60, marker=marker, color=_COLORS(k % 20), edgecolor="black", lw=0.5,
                        zorder=3, label=f"{policy} (n={n})")
-        ax.annotate(policy, (x, y), xytext=(6, 6 - 12 * (k % 2)), textcoords="offset points", fontsize=8,
-                    fontweight="bold" if _is_full(policy) else "normal")
+        lx = math.log10(x) if log and x > 0 else x
+        if all(abs(lx - a) > 0.12 or abs(y - b) > 0.06 for a, b in labelled):
+            labelled.append((lx, y))
+            ax.annotate(policy, (x, y), xytext=(6, 5), textcoords="offset points", fontsize=8,
+                        fontweight="bold" if _is_full(policy) else "normal")
     if log:
         ax.set_xscale("log")
         ax.set_xlim(min(xs) / 1.6, max(xs) * 1.8)  # room for the labels right of the markers
@@ -136,7 +151,7 @@ def accuracy_vs_compression(records: list[dict], task: str, path: str | Path) ->
     ax.set_title(f"{task}: accuracy vs memory ({', '.join(_tokens(n) for n in lengths)} tokens)",
                  fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), framealpha=0.9)
     return _save(fig, path)
 
 
