@@ -1,8 +1,15 @@
 import os
 import sys
 
-import pytest
-import torch
+# [Note] Triton decides interpreted vs compiled when a function is decorated, including its own
+# standard library (tl.minimum, ...), so TRITON_INTERPRET must be set before anything imports
+# triton (torch._dynamo.utils does). CPU test runs interpret the kernels; on a GPU machine set
+# KVFX_TEST_REAL_TRITON=1 to run them compiled.
+if os.environ.get("KVFX_TEST_REAL_TRITON") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
