@@ -41,7 +41,6 @@ the lead or drifts into essay text; that does not affect the score.
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 
 import torch

@@ -246,7 +246,7 @@ class Policy:
         for i, ov in enumerate(self._doc.layers):
             if any(ov.matcher.matches(layer, path, num_layers) for layer, path in sites):
                 continue
-            span = f"layer 0" if num_layers == 1 else f"layers 0-{num_layers - 1}"
+            span = "layer 0" if num_layers == 1 else f"layers 0-{num_layers - 1}"
             have = f"{span}, e.g. {sites[0][1]!r}" if sites else "none were given"
             raise error_at(self._raw_layers[i], self._label, ("match",), show_value(_plain(ov.match)),
                            f"to match at least one attention site of the model ({have}); fix the match "

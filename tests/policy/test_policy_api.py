@@ -10,7 +10,7 @@ import pydantic
 import pytest
 
 import kvfx.policy as kp
-from kvfx.policy import LayerPolicy, Policy, PolicyError, list_presets, load_policy, policy_json_schema
+from kvfx.policy import LayerPolicy, PolicyError, list_presets, load_policy, policy_json_schema
 from kvfx.policy.loader import PRESET_DIR
 from kvfx.policy.resolve import PolicyDoc
 
