@@ -26,9 +26,11 @@ from kvfx.policy import Policy, load_policy
 log = logging.getLogger("kvfx")
 
 _INNER = ("inductor", "eager", "aot_eager")
-_namespaces: dict[int, str] = {}
+# [Note] keyed by id(options) *and* holding the options object: a freed dict's id can be reused
+# by a new one, which must not inherit the old policy or namespace.
+_namespaces: dict[int, tuple[dict, str]] = {}
 _counter = itertools.count()
-_policies: dict[int, Policy] = {}
+_policies: dict[int, tuple[dict | None, Policy]] = {}
 STATS = {"graphs": 0, "rewritten": 0, "left_alone": 0}
 
 
@@ -37,17 +39,18 @@ def _namespace(options: dict | None) -> str:
     decode graphs of one compiled model share stores and two compiled models do not."""
     if not options:
         return "default"
-    key = id(options)
-    if key not in _namespaces:
-        _namespaces[key] = f"c{next(_counter)}"
-    return _namespaces[key]
+    entry = _namespaces.get(id(options))
+    if entry is None or entry[0] is not options:
+        entry = _namespaces[id(options)] = (options, f"c{next(_counter)}")
+    return entry[1]
 
 
 def _policy(options: dict | None) -> Policy:
     key = id(options) if options else 0
-    if key not in _policies:
-        _policies[key] = load_policy((options or {}).get("policy", "full"))
-    return _policies[key]
+    entry = _policies.get(key)
+    if entry is None or entry[0] is not (options or None):
+        entry = _policies[key] = (options or None, load_policy((options or {}).get("policy", "full")))
+    return entry[1]
 
 
 def _guard_against_eager_fallback() -> None:

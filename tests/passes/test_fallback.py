@@ -126,3 +126,26 @@ def test_static_shapes_refused_and_recompile_limit_is_an_error():
     hand_decode(torch.compile(model, backend="kvfx", options={"inner": "eager"}),
                 torch.randint(1, 50, (1, 4)), 3)
     assert torch._dynamo.config.fail_on_recompile_limit_hit
+
+
+def test_each_compile_gets_its_own_policy():
+    """Compiling again with a new options dict applies the new policy (ids of freed option
+    dicts can be reused; the backend must not hand out a stale policy)."""
+    import gc
+
+    import torch._dynamo
+
+    from zoo import hf_model
+
+    model = hf_model("llama", "sdpa")
+    ids = torch.randint(1, 90, (1, 120), generator=torch.Generator().manual_seed(0))
+    for policy, want in [("full", 120), ({"kvfx": 1, "name": "s", "extends": "streaming",
+                                          "budget": {"window": 16}}, 20), ("full", 120)]:
+        torch._dynamo.reset()
+        kvfx.reset()
+        gc.collect()
+        model.compile(backend="kvfx", options={"policy": policy, "inner": "eager"})
+        with torch.no_grad():
+            model(input_ids=ids)
+        held = {s["tokens_held"] for s in kvfx.memory()["sites"].values()}
+        assert held == {want}, (policy, held)
