@@ -17,6 +17,6 @@ def test_backend_found_by_name_without_import():
         assert "kvfx.backend" in sys.modules  # loaded by dynamo through the entry point
         print("ok")
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().endswith("ok")

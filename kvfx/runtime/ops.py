@@ -50,7 +50,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_len: in
         store.reset()
         c = b.compressor
         out, votes = prefill_attention(q, k, v, mask, scale=scale, is_causal=is_causal,
-                                       scores=c.kernel_scores, window=getattr(c, "window", 0))
+                                       scores=c.kernel_scores, window=c.window)
         with torch.no_grad():
             c.prefill(store, q, k, v, key_valid(mask, B, nq, q.device), scale, votes)
         store.seen = nq

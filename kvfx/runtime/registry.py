@@ -33,14 +33,6 @@ class SiteInfo:
     policy: str = ""  # the applied layer policy, described
     graphs: int = 1  # graphs in which the site was seen
 
-    def row(self) -> dict:
-        return {
-            "site": self.module_path, "layer": self.layer_index, "pattern": self.pattern,
-            "kv_source": self.provenance, "q_heads": self.q_heads, "kv_heads": self.kv_heads,
-            "head_dim": self.head_dim, "status": "rewritten" if self.rewritten else "left alone",
-            "policy": self.policy, "reason": self.reason,
-        }
-
 
 @dataclass
 class Binding:
