@@ -16,7 +16,10 @@ import dataclasses
 
 import torch
 
-KINDS = ("prefill_attention", "decode_attention")
+# Attention kernels, and the store kernels: quantized decode attention and quantize+pack
+# (KIVI/OTT), select+gather (eviction), per-token K/V statistics (KNorm, LagKV).
+KINDS = ("prefill_attention", "decode_attention", "quant_decode_attention", "quant_compress",
+         "select_gather", "kv_stats")
 DTYPES = ("fp32", "fp16", "bf16")
 HEAD_DIMS = (16, 32, 64, 128, 256)
 MAX_GQA_GROUP = 64
