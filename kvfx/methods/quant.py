@@ -129,6 +129,12 @@ def _check_valid(valid: torch.Tensor, B: int, H: int, T: int) -> torch.Tensor:
                          f"{(B, H, T)}") from None
 
 
+def _check_excluded(excluded: str) -> str:
+    if excluded not in ("mean", "clamp"):
+        raise ValueError(f"excluded: got {excluded!r}, expected 'mean' or 'clamp'")
+    return excluded
+
+
 # --- group quantization ------------------------------------------------------------------------
 
 _SAME_SIZE_INT = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
@@ -158,14 +164,17 @@ def _round_directed(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tens
 
 
 def _quantize_groups(x: torch.Tensor, bits: int, stat_dtype: torch.dtype, dim: int,
-                     valid: Optional[torch.Tensor] = None, name: str = "x"):
+                     valid: Optional[torch.Tensor] = None, name: str = "x", excluded: str = "mean"):
     """x (..., G at ``dim``, ...) -> uint8 codes like x, scale and min with ``dim`` removed.
 
     ``valid`` (broadcastable to x, bool): invalid slots are refilled with the mean of the valid
     ones (clamped into their range) so they never move min or max; a group with no valid slot
-    gets scale 1, min 0, codes 0.
+    gets scale 1, min 0, codes 0. ``excluded="clamp"``: the invalid slots still stay out of the
+    range, but their codes encode their own value clamped into it (what a traced outlier falls
+    back to when it leaves the outlier pool) instead of the mean.
     """
     L = (1 << bits) - 1
+    x_own = x
     if valid is not None:
         valid = valid.expand_as(x)
         count = valid.sum(dim, keepdim=True)
@@ -188,18 +197,21 @@ def _quantize_groups(x: torch.Tensor, bits: int, stat_dtype: torch.dtype, dim: i
                          "torch.float32, or mark the bad tokens invalid")
     flat = s == 0
     s = torch.where(flat, torch.ones_like(s), s)
+    if excluded == "clamp":
+        x = x_own
     q = torch.round(((x - m.to(x.dtype)) / s.to(x.dtype)).clamp(0, L))
     q = torch.where(flat, 0.0, q).to(torch.uint8)
     return q, s.squeeze(dim), m.squeeze(dim)
 
 
 def quantize_keys(k: torch.Tensor, bits: int, group: int, *, valid: Optional[torch.Tensor] = None,
-                  stat_dtype: Optional[torch.dtype] = None) -> QuantizedKeys:
+                  stat_dtype: Optional[torch.dtype] = None, excluded: str = "mean") -> QuantizedKeys:
     """KIVI keys: per channel over groups of ``group`` consecutive tokens.
 
     k (B, H, T, d) with T a multiple of ``group`` and of 32 // bits. ``valid`` (B, H, T) bool
     (anything broadcastable): invalid tokens never enter a group's min/max; the result's
-    ``masked`` is ``~valid``. ``stat_dtype``: dtype of scale/min, default k.dtype if it is a half
+    ``masked`` is ``~valid``. ``excluded``: what the codes of invalid slots hold, "mean" (the
+    group mean) or "clamp" (their own value clamped into the group's range). ``stat_dtype``: dtype of scale/min, default k.dtype if it is a half
     dtype else float16.
 
         >>> qk = quantize_keys(torch.randn(2, 4, 128, 64), bits=2, group=32)
@@ -215,7 +227,7 @@ def quantize_keys(k: torch.Tensor, bits: int, group: int, *, valid: Optional[tor
     x = k.to(_compute_dtype(k.dtype)).reshape(B, H, T // group, group, d)
     v = None if valid is None else _check_valid(valid, B, H, T)
     vg = None if v is None else v.reshape(B, H, T // group, group, 1)
-    q, s, m = _quantize_groups(x, bits, sd, dim=3, valid=vg, name="k")
+    q, s, m = _quantize_groups(x, bits, sd, dim=3, valid=vg, name="k", excluded=_check_excluded(excluded))
     codes = pack(q.reshape(B, H, T, d), bits, dim=-2)
     return QuantizedKeys(codes, s, m, bits, group, k.dtype, None if v is None else ~v)
 
@@ -324,7 +336,7 @@ def select_outliers(k_group: torch.Tensor, n_out: int, norm: str = "l1", *,
 
 def quantize_keys_with_outliers(k: torch.Tensor, bits: int, group: int, n_out: int, norm: str = "l1",
                                 valid: Optional[torch.Tensor] = None, *,
-                                stat_dtype: Optional[torch.dtype] = None):
+                                stat_dtype: Optional[torch.dtype] = None, excluded: str = "mean"):
     """KIVI keys with the ``n_out`` smallest-norm tokens of each group traced as outliers.
 
     Returns ``(qk, outlier_idx, outlier_keys)``: ``outlier_idx`` (B, H, T/group, n_out) int64
@@ -352,7 +364,7 @@ def quantize_keys_with_outliers(k: torch.Tensor, bits: int, group: int, n_out: i
     is_out = torch.zeros(B, H, nG, group, dtype=torch.int32, device=k.device).scatter_add(
         -1, safe, hit.to(torch.int32)) > 0
     keep = ~is_out if vg is None else vg & ~is_out
-    qk = quantize_keys(k, bits, group, valid=keep.reshape(B, H, T), stat_dtype=stat_dtype)
+    qk = quantize_keys(k, bits, group, valid=keep.reshape(B, H, T), stat_dtype=stat_dtype, excluded=excluded)
     base = torch.arange(nG, device=k.device).view(1, 1, nG, 1) * group
     idx = torch.where(hit, local + base, -1)
     keys = torch.gather(kg, 3, safe.unsqueeze(-1).expand(B, H, nG, n_out, d))

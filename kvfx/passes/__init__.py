@@ -29,6 +29,22 @@ def _site_info(m: AttentionMatch, key: str, path: str, index: int, provenance: s
                     provenance=provenance, q_heads=hq, kv_heads=hkv, head_dim=d, rewritten=False)
 
 
+def _check_quant_fits(compressor, info: SiteInfo, policy_name: str) -> None:
+    """A quantized layout the site's head dim cannot hold is a policy error, raised at compile
+    time (not at the first generated token)."""
+    from kvfx.methods.quant_pack import per_word
+
+    q, d = getattr(compressor, "quant", None), info.head_dim
+    if q is None or d is None:
+        return
+    for side, group, bits in (("keys", None, q.kbits), ("values", q.vgroup, q.vbits)):
+        if d % per_word(bits) or (group is not None and d % group):
+            raise UnsupportedPolicyError(
+                f"kvfx: policy {policy_name!r}: site {info.module_path} has head dim {d}, which "
+                f"quant.{side} (bits={bits}{f', group={group}' if group else ''}) cannot split into "
+                f"whole groups and 32-bit words; set quant.values.group to a divisor of {d}")
+
+
 def run_passes(gm: GraphModule, policy, namespace: str = "default") -> dict:
     """Rewrite every cached attention site of ``gm`` in place according to ``policy``.
 
@@ -60,6 +76,7 @@ def run_passes(gm: GraphModule, policy, namespace: str = "default") -> dict:
                     f"kvfx: policy {policy.name!r} asks site {path} (layer {index}) for {e}, "
                     "which this version of kvfx does not implement yet; use a preset from "
                     "`kvfx policy list` that only needs implemented features") from None
+            _check_quant_fits(compressor, info, policy.name)
             info.policy = lp.describe()
             plans.append(SitePlan(m, ks, vs, key))
         else:

@@ -47,15 +47,22 @@ def key_valid(mask: torch.Tensor | None, B: int, n: int, device) -> torch.Tensor
 def _store_mask(store: SiteStore, mask: torch.Tensor | None, is_causal: bool, nq: int,
                 past_len: int, g: int) -> torch.Tensor | None:
     """Mask (B, Hq, nq, n) over the store slots, or None if every slot is visible to every
-    query. Boolean masks stay boolean (True = attend); additive float masks are gathered with
-    their values, so biases (ALiBi-style) apply exactly; empty slots get -inf."""
-    n = store.length
+    query (see :func:`positions_mask`)."""
     if mask is None and not store.ragged and not (is_causal and nq > 1):
         return None
-    B, H = store.count.shape
-    dev = store.k.device
-    pos = store.pos[:, :, :n]  # (B, Hkv, n) logical positions, -1 = empty
-    keep = (torch.arange(n, device=dev) < store.count[..., None])[:, :, None, :].expand(B, H, nq, n)
+    return positions_mask(store.pos[:, :, :store.length], mask, is_causal, nq, past_len, g)
+
+
+def positions_mask(pos: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, nq: int,
+                   past_len: int, g: int) -> torch.Tensor:
+    """Mask (B, Hq, nq, N) over keys at logical positions ``pos`` (B, Hkv, N) (-1: no key).
+
+    Boolean masks stay boolean (True = attend); additive float masks are gathered with their
+    values, so biases (ALiBi-style) apply exactly; keys at -1 get -inf. Slots of a SiteStore
+    past a row's count hold -1, so this is also the store's validity mask."""
+    B, H, n = pos.shape
+    dev = pos.device
+    keep = (pos >= 0)[:, :, None, :].expand(B, H, nq, n)
     if is_causal and nq > 1:  # SDPA's is_causal is top-left aligned over the logical keys
         keep = keep & (pos[:, :, None, :] <= torch.arange(nq, device=dev)[None, None, :, None])
     if g > 1:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from kvfx.runtime.attention import KvfxStateError, decode_attention, key_valid, prefill_attention
+from kvfx.runtime.qstore import QuantStore
 from kvfx.runtime.registry import REGISTRY
 
 
@@ -64,9 +65,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_len: in
     positions = torch.arange(past_len, past_len + nq, device=q.device)
     with torch.no_grad():
         store.append(k, v, positions)
-        out, probs = decode_attention(store, q, mask, is_causal, past_len, scale,
-                                      b.compressor.needs_probs)
-        b.compressor.after_decode(store, nq, probs)
+        if isinstance(store, QuantStore):  # no decode-time eviction on quantized stores
+            out = store.attend(q, mask, is_causal, past_len, scale)
+            store.flush()
+        else:
+            out, probs = decode_attention(store, q, mask, is_causal, past_len, scale,
+                                          b.compressor.needs_probs)
+            b.compressor.after_decode(store, nq, probs)
     store.seen += nq
     return out.contiguous()
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvfx.runtime.qstore import QuantStore
 from kvfx.runtime.store import SiteStore
 
 
@@ -40,7 +41,7 @@ class Binding:
 
     info: SiteInfo
     compressor: object
-    store: SiteStore
+    store: SiteStore | QuantStore
     ghosts: list = field(default_factory=list)  # weakrefs to the ghost tensors handed back
 
 
@@ -55,11 +56,13 @@ class Registry:
             info.graphs = old.graphs + 1
         self.sites[info.key] = info
         if info.rewritten:
-            if info.key in self.bindings:
-                self.bindings[info.key].info = info
-                self.bindings[info.key].compressor = compressor
+            quant = getattr(compressor, "quant", None)
+            b = self.bindings.get(info.key)
+            if b is not None and getattr(b.store, "cfg", None) == quant:
+                b.info, b.compressor = info, compressor
             else:
-                self.bindings[info.key] = Binding(info, compressor, SiteStore(info.key))
+                store = SiteStore(info.key) if quant is None else QuantStore(info.key, quant)
+                self.bindings[info.key] = Binding(info, compressor, store)
 
     def binding(self, key: str) -> Binding:
         try:
@@ -118,32 +121,36 @@ def memory(cache=None) -> dict:
             ``model_cache_bytes`` (this includes sites kvfx left alone). Without it, the
             model-side bytes are those of the ghost tensors kvfx handed back.
     Returns:
-        ``{"sites": {path: {...}}, "held_bytes", "dense_bytes", "model_cache_bytes",
-        "store_bytes", "ratio"}``; dense bytes are for every token seen, in the store's dtype.
+        ``{"sites": {path: {...}}, "held_bytes", "dense_bytes", "dense_fp16_bytes",
+        "model_cache_bytes", "store_bytes", "ratio", "ratio_fp16"}``; dense bytes are for every
+        token seen, in the model's dtype (``dense_bytes``) and in fp16 (``dense_fp16_bytes``).
     """
-    sites, store_total, dense_total, ghost_total = {}, 0, 0, 0
+    sites, store_total, dense_total, ghost_total, dense16_total = {}, 0, 0, 0, 0
     for key, b in REGISTRY.bindings.items():
         st = b.store
-        if st.k is None:
+        if st.empty:
             continue
         ghosts = [r() for r in b.ghosts if r() is not None]
         ghost_bytes = _storage_bytes(ghosts)
-        dense = st.seen * st.batch * st.kv_heads * (st.k.shape[-1] + st.v.shape[-1]) * st.k.element_size()
+        per_token = st.seen * st.batch * st.kv_heads * sum(st.head_dims())
+        dense = per_token * st.dtype.itemsize
         held = st.held_bytes()
         sites[b.info.module_path] = {
             "held_bytes": held, "kv_bytes": st.kv_bytes(), "ghost_bytes": ghost_bytes,
-            "dense_bytes": dense, "tokens_seen": st.seen, "tokens_held": st.tokens_held(),
-            "capacity": st.capacity, "policy": b.info.policy,
+            "dense_bytes": dense, "dense_fp16_bytes": per_token * 2, "tokens_seen": st.seen,
+            "tokens_held": st.tokens_held(), "capacity": st.capacity, "policy": b.info.policy,
         }
         store_total += held
         ghost_total += ghost_bytes
         dense_total += dense
+        dense16_total += per_token * 2
     model_bytes = _storage_bytes(cache_tensors(cache)) if cache is not None else ghost_total
     held_total = store_total + model_bytes
     return {
         "sites": sites, "store_bytes": store_total, "model_cache_bytes": model_bytes,
-        "held_bytes": held_total, "dense_bytes": dense_total,
+        "held_bytes": held_total, "dense_bytes": dense_total, "dense_fp16_bytes": dense16_total,
         "ratio": held_total / dense_total if dense_total else float("nan"),
+        "ratio_fp16": held_total / dense16_total if dense16_total else float("nan"),
     }
 
 

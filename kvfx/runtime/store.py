@@ -60,6 +60,13 @@ class SiteStore:
     def capacity(self) -> int:
         return 0 if self.k is None else self.k.shape[2]
 
+    @property
+    def empty(self) -> bool:
+        return self.k is None
+
+    def head_dims(self) -> tuple[int, int]:
+        return self.k.shape[-1], self.v.shape[-1]
+
     def allocate(self, like_k: torch.Tensor, like_v: torch.Tensor, capacity: int) -> None:
         """(Re)allocate to ``capacity`` slots, keeping the first ``length`` slots."""
         B, H = like_k.shape[0], like_k.shape[1]

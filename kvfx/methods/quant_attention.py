@@ -1,0 +1,146 @@
+"""Attention over a quantized store (KIVI + outlier tokens): the reference of the fused kernel.
+
+A quantized site holds, per (batch row b, KV head h), ``n`` slots in one slot order:
+
+    keys    slots [0, nk) quantized per channel over groups of ``kgroup`` slots
+            (``kcodes`` packed along slots, ``kscale``/``kmin`` per group and channel),
+            slots [nk, n) in full precision in ``rk`` (``rk[:, :, i]`` is slot ``nk + i``);
+    values  slots [0, nv) quantized per slot over groups of ``vgroup`` channels
+            (``vcodes`` packed along channels, ``vscale``/``vmin`` per slot and group),
+            slots [nv, n) in full precision in ``rv`` (``rv[:, :, i]`` is slot ``nv + i``);
+    ok      (B, H, cap) bool or None: slot s < n takes part in attention (False for pads and
+            empty slots, and for traced outliers while the outlier pool holds them);
+            None means every slot in [0, n) does;
+    pool    ``pool_k``/``pool_v`` (B, H, C, d/dv) full-precision outlier tokens,
+            ``pool_ok`` (B, H, C) bool (False = empty entry); C may be 0.
+
+KIVI's flush rules keep nk a multiple of ``kgroup`` (keys are quantized R at a time) and
+nv <= nk <= n (values are quantized one slot at a time once more than R are held), but the
+reference only needs 0 <= nk, nv <= n.
+
+Attention of q (B, Hq, nq, d) (query head h reads KV head h // g) is one softmax over the union
+[slots 0..n) ∪ [pool entries]: logits s = scale · q·k̂ (+ ``bias``), where k̂ is the dequantized
+key (x̂ = code·scale + min, in fp32) for s < nk and the stored key otherwise; the output is
+Σ p·v̂ with v̂ dequantized for s < nv. This is exactly the math the Triton kernel must do in
+registers. The reference walks the quantized slots in chunks, so it never materializes a
+dequantized copy of the whole cache either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from kvfx.methods.quant_pack import per_word, unpack
+
+_CHUNK = 1024  # slots dequantized at a time by the reference
+
+
+@dataclass(eq=False)
+class QuantKV:
+    """The tensors of a quantized store that attention reads (see the module docstring)."""
+
+    kcodes: torch.Tensor  # int32 (B, H, capk / (32 // kbits), d)
+    kscale: torch.Tensor  # half (B, H, capk / kgroup, d)
+    kmin: torch.Tensor
+    vcodes: torch.Tensor  # int32 (B, H, capv, dv / (32 // vbits))
+    vscale: torch.Tensor  # half (B, H, capv, dv / vgroup)
+    vmin: torch.Tensor
+    rk: torch.Tensor  # (B, H, >= n - nk, d) model dtype
+    rv: torch.Tensor  # (B, H, >= n - nv, dv)
+    ok: Optional[torch.Tensor]  # (B, H, >= n) bool, or None (all slots attended)
+    pool_k: Optional[torch.Tensor]  # (B, H, C, d) or None (no outlier pool)
+    pool_v: Optional[torch.Tensor]
+    pool_ok: Optional[torch.Tensor]  # (B, H, C) bool
+    kbits: int
+    kgroup: int
+    vbits: int
+    vgroup: int
+    n: int
+    nk: int
+    nv: int
+
+    @property
+    def pool_size(self) -> int:
+        return 0 if self.pool_k is None else self.pool_k.shape[2]
+
+
+def dequant_keys(kv: QuantKV, s0: int, s1: int) -> torch.Tensor:
+    """Keys of slots [s0, s1) (both multiples of the key group and of 32 // kbits, s1 <= nk) in
+    fp32: (B, H, s1 - s0, d)."""
+    pw, G = per_word(kv.kbits), kv.kgroup
+    codes = unpack(kv.kcodes[:, :, s0 // pw:s1 // pw], kv.kbits, s1 - s0, dim=-2)
+    B, H, T, d = codes.shape
+    sl = slice(s0 // G, s1 // G)
+    x = codes.view(B, H, T // G, G, d).float() * kv.kscale[:, :, sl, None].float() + kv.kmin[:, :, sl, None].float()
+    return x.view(B, H, T, d)
+
+
+def dequant_values(kv: QuantKV, s0: int, s1: int) -> torch.Tensor:
+    """Values of slots [s0, s1) (s1 <= nv) in fp32: (B, H, s1 - s0, dv)."""
+    dv = kv.vcodes.shape[-1] * per_word(kv.vbits)
+    codes = unpack(kv.vcodes[:, :, s0:s1], kv.vbits, dv)
+    B, H, T, _ = codes.shape
+    G = kv.vgroup
+    x = (codes.view(B, H, T, dv // G, G).float() * kv.vscale[:, :, s0:s1, :, None].float()
+         + kv.vmin[:, :, s0:s1, :, None].float())
+    return x.view(B, H, T, dv)
+
+
+def _chunks(lo: int, hi: int, step: int):
+    s = lo
+    while s < hi:
+        yield s, min(s + step, hi)
+        s += step
+
+
+def _expand(x: torch.Tensor, g: int) -> torch.Tensor:
+    return x if g == 1 else x.repeat_interleave(g, dim=1)
+
+
+def quant_attention_reference(q: torch.Tensor, kv: QuantKV, *, scale: float,
+                              bias: Optional[torch.Tensor] = None, chunk: int = _CHUNK):
+    """Attention of q (B, Hq, nq, d) over a quantized store.
+
+    ``bias``: optional additive fp32 mask over [slots 0..n) ∪ [pool], broadcastable to
+    (B, Hq, nq, n + C) (-inf hides a key); ``kv.ok``/``kv.pool_ok`` always apply.
+    Returns (o (B, Hq, nq, dv) in q's dtype, lse (B, Hq, nq) fp32); a row that sees no key gets
+    o = 0 and lse = -inf.
+    """
+    B, Hq, nq, d = q.shape
+    H = kv.kcodes.shape[1]
+    g = Hq // H
+    n, nk, nv, C = kv.n, kv.nk, kv.nv, kv.pool_size
+    qf = q.float().reshape(B, H, g * nq, d)  # query heads of one KV head side by side
+    step = max(kv.kgroup, per_word(kv.kbits))
+    step = max(step, chunk // step * step)
+    parts = []
+    for s0, s1 in _chunks(0, nk, step):  # quantized keys
+        parts.append(qf @ dequant_keys(kv, s0, s1).transpose(-1, -2))
+    if n > nk:
+        parts.append(qf @ kv.rk[:, :, :n - nk].float().transpose(-1, -2))
+    if C:
+        parts.append(qf @ kv.pool_k.float().transpose(-1, -2))
+    s = torch.cat(parts, dim=-1) * scale if parts else qf.new_zeros(B, H, g * nq, 0)
+    s = s.view(B, Hq, nq, n + C)
+    visible = torch.ones(B, H, n + C, dtype=torch.bool, device=q.device)
+    if kv.ok is not None:
+        visible[:, :, :n] = kv.ok[:, :, :n]
+    if C:
+        visible[:, :, n:] = kv.pool_ok
+    s = s.masked_fill(~_expand(visible, g)[:, :, None, :], float("-inf"))
+    if bias is not None:
+        s = s + bias.float()
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(lse == float("-inf"), 0.0, lse)[..., None])  # 0 where masked
+    pv = p.view(B, H, g * nq, n + C)
+    o = torch.zeros(B, H, g * nq, kv.rv.shape[-1], dtype=torch.float32, device=q.device)
+    for s0, s1 in _chunks(0, nv, step):
+        o += pv[..., s0:s1] @ dequant_values(kv, s0, s1)
+    if n > nv:
+        o += pv[..., nv:n] @ torch.nan_to_num(kv.rv[:, :, :n - nv].float())
+    if C:
+        o += pv[..., n:] @ torch.where(kv.pool_ok[..., None], kv.pool_v.float(), 0.0)
+    return o.view(B, Hq, nq, -1).to(q.dtype), lse

@@ -1,0 +1,360 @@
+"""The quantized KV store of a site (KIVI low-bit codes, full-precision residual, outlier pool).
+
+A site whose policy has ``quant:`` keeps its tokens in a :class:`QuantStore` instead of a
+:class:`kvfx.runtime.store.SiteStore`. The slot axis is shared by every row and head (a decode
+step appends at slot ``n`` everywhere); what each slot holds is described in
+:mod:`kvfx.methods.quant_attention` (the attention reference and the kernel's contract):
+
+    slots [0, nk)   keys quantized per channel in groups of G slots (packed codes, half stats)
+    slots [nk, n)   keys in full precision (``rk``), fewer than R + the step's new tokens
+    slots [0, nv)   values quantized per slot in groups of G channels
+    slots [nv, n)   values in full precision (``rv``), at most R after a flush
+    pool            outlier tokens (OTT): full-precision key and value, at most C per head
+
+Flush rules (KIVI, ALGORITHMS.md): at prefill nk = R·⌊n/R⌋ and nv = max(0, n − R); during
+decode, keys flush R at a time whenever R full-precision keys are held, values one slot at a
+time once more than R are held. With outlier tracing, every key flush (R slots = R/G groups)
+takes the ``per_group`` smallest-norm valid keys of each group out of the group before its range
+is computed and offers them, with their values, to the pool; the pool keeps the C smallest
+norms per head. A slot in the pool is hidden from the quantized part (``ok`` False); a token
+that leaves the pool (or is not admitted) falls back to its quantized slot, whose codes hold its
+own key clamped into the group's range ([Note] the OTT paper fills the slot with the group mean
+and masks it; we keep the clamped code so a token the pool cannot hold still takes part in
+attention, an approximation rather than a deletion).
+
+Positions: ``pos`` (B, H, cap) int32 logical positions of the slots (-1: empty or pad), needed
+to apply the model's mask once eviction or padding has made slots differ from positions. When
+the kept slots are exactly positions 0..n−1 in every row (no eviction, no padding), ``pos`` is
+None and slot s is position s: the identity layout costs no bytes per token. Likewise ``ok``
+is None until some slot must be hidden.
+
+Bytes: every tensor above is counted by :meth:`held_bytes`; nothing is derived from a formula.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kvfx.methods.quant import quantize_keys, quantize_keys_with_outliers, quantize_values, token_norms
+from kvfx.methods.quant_attention import QuantKV, quant_attention_reference
+from kvfx.methods.quant_pack import OutlierPool, per_word
+
+_GROW_MIN = 64
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What a policy's ``quant:`` section asks of a site."""
+
+    kbits: int = 2
+    kgroup: int = 32
+    vbits: int = 2
+    vgroup: int = 32
+    residual: int = 128
+    per_group: int = 0  # outliers traced per key group (0: no outlier tracing)
+    pool: int = 0  # outlier pool capacity per head
+    norm: str = "l1"
+
+    @classmethod
+    def from_policy(cls, q) -> "QuantConfig":
+        """From a validated :class:`kvfx.policy.schema.Quant`; raises NotImplementedError for
+        layouts this build does not store."""
+        if q.keys.axis != "channel":
+            raise NotImplementedError("quant.keys.axis=token (kvfx stores keys per channel, as KIVI)")
+        if q.values.axis != "token":
+            raise NotImplementedError("quant.values.axis=channel (kvfx stores values per token, as KIVI)")
+        if q.keys.group % per_word(q.keys.bits):
+            raise NotImplementedError(f"quant.keys.group={q.keys.group} with bits={q.keys.bits} (a key "
+                                      f"group must fill whole 32-bit words: a multiple of "
+                                      f"{per_word(q.keys.bits)})")
+        o = q.outliers
+        return cls(q.keys.bits, q.keys.group, q.values.bits, q.values.group, q.residual,
+                   o.per_group if o else 0, o.pool if o else 0, o.norm if o else "l1")
+
+    def describe(self) -> str:
+        s = f"K{self.kbits}/G{self.kgroup} V{self.vbits}/G{self.vgroup} R{self.residual}"
+        return s + (f" outliers {self.per_group}/group pool {self.pool}" if self.per_group else "")
+
+
+def _round_up(n: int, q: int) -> int:
+    return -(-n // q) * q
+
+
+class QuantStore:
+    """Quantized storage for one site (see the module docstring)."""
+
+    def __init__(self, site_id: str, cfg: QuantConfig):
+        self.site_id, self.cfg = site_id, cfg
+        self.quantum = math.lcm(cfg.kgroup, per_word(cfg.kbits), 16)
+        self.reset()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.kcodes = self.kscale = self.kmin = None
+        self.vcodes = self.vscale = self.vmin = None
+        self.rk = self.rv = None
+        self.pos = self.ok = self.count = None
+        self.pool: OutlierPool | None = None
+        self.n = self.nk = self.nv = self.seen = 0
+        self.cap = 0
+        self.batch = self.kv_heads = 0
+        self.dtype = None
+        self.extra: dict = {}  # no rolling caps on quantized stores (see build_compressor)
+        self.extra_host: dict = {}
+        self.slot_state: dict = {}
+        self.ragged = False
+
+    @property
+    def empty(self) -> bool:
+        return self.kcodes is None
+
+    @property
+    def length(self) -> int:
+        return self.n
+
+    @length.setter
+    def length(self, value: int) -> None:  # compressors without rolling caps set it unchanged
+        if value != self.n:
+            raise RuntimeError("kvfx: a quantized store cannot be truncated by a compressor")
+
+    @property
+    def capacity(self) -> int:
+        return self.cap
+
+    # ---- allocation ------------------------------------------------------------------------
+    def _alloc(self, like_k: torch.Tensor, like_v: torch.Tensor, cap: int) -> None:
+        """(Re)allocate the slot buffers to ``cap`` slots, keeping their contents."""
+        c = self.cfg
+        B, H, d, dv = like_k.shape[0], like_k.shape[1], like_k.shape[-1], like_v.shape[-1]
+        dev = like_k.device
+        sd = like_k.dtype if like_k.dtype in (torch.float16, torch.bfloat16) else torch.float16
+        capv = max(0, cap - c.residual)
+        new = {
+            "kcodes": torch.zeros(B, H, cap // per_word(c.kbits), d, dtype=torch.int32, device=dev),
+            "kscale": torch.ones(B, H, cap // c.kgroup, d, dtype=sd, device=dev),
+            "kmin": torch.zeros(B, H, cap // c.kgroup, d, dtype=sd, device=dev),
+            # values are quantized only R slots behind the newest one: nv <= max(0, n - R)
+            "vcodes": torch.zeros(B, H, capv, dv // per_word(c.vbits), dtype=torch.int32, device=dev),
+            "vscale": torch.ones(B, H, capv, dv // c.vgroup, dtype=sd, device=dev),
+            "vmin": torch.zeros(B, H, capv, dv // c.vgroup, dtype=sd, device=dev),
+        }
+        if self.pos is not None:
+            new["pos"] = torch.full((B, H, cap), -1, dtype=torch.int32, device=dev)
+        if self.ok is not None:
+            new["ok"] = torch.zeros(B, H, cap, dtype=torch.bool, device=dev)
+        for name, t in new.items():
+            old = getattr(self, name)
+            if old is not None and self.cap:
+                keep = old.shape[2] if name not in ("pos", "ok") else self.n
+                t[:, :, :keep] = old[:, :, :keep]
+            setattr(self, name, t)
+        self.cap = cap
+
+    def _ensure(self, slots: int, like_k, like_v) -> None:
+        if slots > self.cap:
+            grow = slots + max(_GROW_MIN, self.cap // 32)
+            self._alloc(like_k, like_v, _round_up(grow, self.quantum))
+
+    def _residual(self, name: str, like: torch.Tensor, need: int, keep: int) -> torch.Tensor:
+        """The full-precision residual buffer ``name`` resized to hold ``need`` slots (rounded
+        up to 8), keeping its first ``keep``. It grows 8 slots at a time and shrinks after a key
+        flush, so it holds what KIVI keeps in full precision and little more."""
+        buf = getattr(self, name)
+        cap = _round_up(max(need, 1), 8)
+        if buf is None or buf.shape[2] < need or buf.shape[2] > cap + 8:
+            grown = like.new_zeros(like.shape[0], like.shape[1], cap, like.shape[-1])
+            if buf is not None and keep:
+                grown[:, :, :keep] = buf[:, :, :keep]
+            setattr(self, name, grown)
+            buf = grown
+        return buf
+
+    # ---- writes ----------------------------------------------------------------------------
+    def write_kept(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, count: torch.Tensor,
+                   capacity: int) -> None:
+        """The prompt's kept tokens (k/v (B, H, m, d), pos (B, H, m) logical positions with -1
+        for unused slots, count (B, H)), quantized by the prefill flush rules."""
+        c = self.cfg
+        self.reset()
+        B, H, m, d = k.shape
+        dv = v.shape[-1]
+        if dv % c.vgroup or dv % per_word(c.vbits):
+            raise ValueError(f"kvfx: quant.values.group={c.vgroup} does not divide this site's value "
+                             f"head dim {dv} (or it is not a multiple of {per_word(c.vbits)}); "
+                             "pick a group that divides the head dim")
+        self.batch, self.kv_heads, self.dtype = B, H, k.dtype
+        identity = bool((pos == torch.arange(m, device=k.device)).all())
+        valid = pos >= 0
+        if not identity:
+            self.pos = pos.to(torch.int32)
+            self.ragged = True
+        if not identity or c.per_group:
+            self.ok = valid.clone()
+        self._alloc(k, v, _round_up(max(m, capacity, 1), self.quantum))
+        if self.pos is not None:
+            self.pos[:, :, :m] = pos.to(torch.int32)
+        if self.ok is not None:
+            self.ok[:, :, :m] = valid
+        self.count = count.clone()
+        self.n = m
+        R = c.residual
+        self._flush_keys(k[:, :, :m // R * R], v[:, :, :m // R * R], 0,
+                         None if identity else valid[:, :, :m // R * R])
+        self.nk = m // R * R
+        rk = self._residual("rk", k, m - self.nk, 0)
+        rk[:, :, :m - self.nk] = k[:, :, self.nk:]
+        self.nv = max(0, m - R)
+        if self.nv:
+            self._write_values(v[:, :, :self.nv], 0)
+        rv = self._residual("rv", v, m - self.nv, 0)
+        rv[:, :, :m - self.nv] = v[:, :, self.nv:]
+
+    def _flush_keys(self, k: torch.Tensor, v: torch.Tensor, start: int, valid) -> None:
+        """Quantize keys of slots [start, start + T) (T a multiple of the group); ``v`` holds
+        their values in full precision (for the outlier pool)."""
+        c = self.cfg
+        T = k.shape[2]
+        if T == 0:
+            return
+        pw, G = per_word(c.kbits), c.kgroup
+        sd = self.kscale.dtype
+        if c.per_group:
+            qk, idx, keys = quantize_keys_with_outliers(k, c.kbits, G, c.per_group, c.norm, valid,
+                                                        stat_dtype=sd, excluded="clamp")
+            self.ok[:, :, start:start + T] &= ~qk.masked
+            self._offer_outliers(idx, keys, v, start)
+        else:
+            qk = quantize_keys(k, c.kbits, G, valid=valid, stat_dtype=sd, excluded="clamp")
+        self.kcodes[:, :, start // pw:(start + T) // pw] = qk.codes
+        self.kscale[:, :, start // G:(start + T) // G] = qk.scale
+        self.kmin[:, :, start // G:(start + T) // G] = qk.min
+
+    def _offer_outliers(self, idx: torch.Tensor, keys: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """idx (B, H, groups, n_out) indices into the flushed chunk (-1: none), keys their
+        full-precision keys, v the chunk's values."""
+        c = self.cfg
+        B, H = idx.shape[:2]
+        if self.pool is None:
+            self.pool = OutlierPool(B, H, c.pool, keys.shape[-1], v.shape[-1], dtype=keys.dtype,
+                                    device=keys.device)
+        idx = idx.reshape(B, H, -1)
+        keys = keys.reshape(B, H, idx.shape[-1], -1)
+        safe = idx.clamp(min=0)
+        vals = v.gather(2, safe[..., None].expand(*safe.shape, v.shape[-1]))
+        slots = torch.where(idx >= 0, safe + start, -1)
+        ev = self.pool.add(keys, vals, slots, token_norms(keys, c.norm))
+        back = ev.pos.long()  # tokens the pool does not hold return to their quantized slot
+        hit = back >= 0
+        cur = self.ok.gather(2, back.clamp(min=0))
+        self.ok.scatter_(2, back.clamp(min=0), cur | hit)
+
+    def _write_values(self, v: torch.Tensor, start: int) -> None:
+        c = self.cfg
+        qv = quantize_values(v, c.vbits, c.vgroup, stat_dtype=self.vscale.dtype)
+        T = v.shape[2]
+        self.vcodes[:, :, start:start + T] = qv.codes
+        self.vscale[:, :, start:start + T] = qv.scale
+        self.vmin[:, :, start:start + T] = qv.min
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """q new tokens (B, H, q, d) at slots [n, n + q) of every row."""
+        q = k.shape[2]
+        n = self.n
+        self._ensure(n + q, k, v)
+        if self.pos is not None:
+            self.pos[:, :, n:n + q] = positions.to(torch.int32)
+        if self.ok is not None:
+            self.ok[:, :, n:n + q] = True
+        rk = self._residual("rk", k, n + q - self.nk, n - self.nk)
+        rk[:, :, n - self.nk:n + q - self.nk] = k
+        rv = self._residual("rv", v, n + q - self.nv, n - self.nv)
+        rv[:, :, n - self.nv:n + q - self.nv] = v
+        self.n += q
+        self.count += q
+
+    def flush(self) -> None:
+        """Apply KIVI's decode flush rules (keys R at a time, then values past R)."""
+        R = self.cfg.residual
+        while self.n - self.nk >= R:
+            off = self.nk - self.nv  # values of the flushed slots are still in rv (nv <= nk)
+            valid = None if self.pos is None else self.pos[:, :, self.nk:self.nk + R] >= 0
+            self._flush_keys(self.rk[:, :, :R], self.rv[:, :, off:off + R], self.nk, valid)
+            rest = self.n - self.nk - R
+            self.rk[:, :, :rest] = self.rk[:, :, R:R + rest].clone()
+            self.nk += R
+            self._residual("rk", self.rk, rest, rest)  # shrink to what is left
+        t = self.n - self.nv - R
+        if t > 0:
+            self._write_values(self.rv[:, :, :t], self.nv)
+            rest = self.n - self.nv - t
+            self.rv[:, :, :rest] = self.rv[:, :, t:t + rest].clone()
+            self.nv += t
+
+    # ---- reads -----------------------------------------------------------------------------
+    def view(self) -> QuantKV:
+        c, p = self.cfg, self.pool
+        return QuantKV(self.kcodes, self.kscale, self.kmin, self.vcodes, self.vscale, self.vmin,
+                       self.rk, self.rv, self.ok,
+                       p.keys if p is not None else None, p.values if p is not None else None,
+                       p.occupied if p is not None else None,
+                       c.kbits, c.kgroup, c.vbits, c.vgroup, self.n, self.nk, self.nv)
+
+    def positions(self) -> torch.Tensor:
+        """(B, H, n + C) logical positions of [slots | pool entries] (-1: none)."""
+        dev = self.kcodes.device
+        B, H = self.batch, self.kv_heads
+        slot_pos = (self.pos[:, :, :self.n].long() if self.pos is not None
+                    else torch.arange(self.n, device=dev).expand(B, H, self.n))
+        if self.pool is None:
+            return slot_pos
+        ps = self.pool.pos.long()
+        pool_pos = torch.where(ps >= 0, slot_pos.gather(2, ps.clamp(min=0)), -1)
+        return torch.cat([slot_pos, pool_pos], dim=2)
+
+    def attend(self, q: torch.Tensor, mask, is_causal: bool, past_len: int, scale) -> torch.Tensor:
+        """Attention of q (B, Hq, nq, d) over the store (after the step's tokens were appended)."""
+        from kvfx.runtime.attention import _use_kernel, positions_mask
+
+        sm = scale if scale is not None else q.shape[-1] ** -0.5
+        nq = q.shape[2]
+        g = q.shape[1] // self.kv_heads
+        kv = self.view()
+        if mask is None and not (is_causal and nq > 1):
+            bias = None
+        else:
+            keep = positions_mask(self.positions(), mask, is_causal, nq, past_len, g)
+            bias = keep.float() if keep.dtype != torch.bool else torch.zeros(
+                keep.shape, device=q.device).masked_fill(~keep, float("-inf"))
+        if bias is None and nq == 1 and _use_kernel(q):
+            from kvfx.templates.launch_quant import quant_decode_attention
+
+            return quant_decode_attention(q, kv, scale=sm)[0]
+        return quant_attention_reference(q, kv, scale=sm, bias=bias)[0]
+
+    # ---- accounting ------------------------------------------------------------------------
+    def _tensors(self) -> list:
+        ts = [self.kcodes, self.kscale, self.kmin, self.vcodes, self.vscale, self.vmin, self.rk, self.rv,
+              self.pos, self.ok, self.count]
+        if self.pool is not None:
+            p = self.pool
+            ts += [p.keys, p.values, p.pos, p.norms]
+        return [t for t in ts if t is not None]
+
+    def held_bytes(self) -> int:
+        return sum(t.untyped_storage().nbytes() for t in self._tensors())
+
+    def kv_bytes(self) -> int:
+        """Bytes of key/value content (codes, statistics, residual, pool keys/values)."""
+        ts = [self.kcodes, self.kscale, self.kmin, self.vcodes, self.vscale, self.vmin, self.rk, self.rv]
+        if self.pool is not None:
+            ts += [self.pool.keys, self.pool.values]
+        return sum(t.untyped_storage().nbytes() for t in ts if t is not None)
+
+    def head_dims(self) -> tuple[int, int]:
+        return self.kcodes.shape[-1], self.vcodes.shape[-1] * per_word(self.cfg.vbits)
+
+    def tokens_held(self) -> int:
+        return 0 if self.count is None else int(self.count.max().item())
