@@ -3,6 +3,9 @@
     kvfx demo [--policy P ...] [--length 4096]     passkey demo on SmolLM2-135M
     kvfx explain --model M [--policy P]            the site report for a model
     kvfx policy validate|show|schema|list          policy files
+    kvfx calibrate --keep-rank K --out F           ReCalKV low-rank K/V factors (safetensors)
+    kvfx calib-error [--length 4k] [--keep 0.25,...]  CaliDrop per-layer error vs full
+    kvfx bench e2e|kernels                         speed and memory as ratios vs baselines, one run
     kvfx models                                    registered model names
 """
 
@@ -78,6 +81,51 @@ def _report(args) -> int:
     return 0
 
 
+def _calibrate(args) -> int:
+    from pathlib import Path
+
+    from kvfx.calibrate import calibrate, format_summary, heldout_errors, save_artifact, text_ids
+    from kvfx.eval.text import TEXT_SOURCES, TextSourceError, filler_text
+    from kvfx.models import load_model
+
+    if args.text in TEXT_SOURCES:
+        try:
+            text, source = filler_text(args.text), args.text
+        except TextSourceError as e:
+            raise SystemExit(f"kvfx calibrate: {e}") from None
+    elif Path(args.text).is_file():
+        text, source = Path(args.text).read_text(encoding="utf-8"), Path(args.text).name
+    else:
+        raise SystemExit(f"kvfx calibrate: --text {args.text!r} is neither a text source "
+                         f"({', '.join(TEXT_SOURCES)}) nor a readable file")
+    model, tok = load_model(args.model, progress=False)
+    try:
+        factors, prov = calibrate(model, tok, text, args.keep_rank, tokens=args.tokens, hsr=not args.no_hsr,
+                                  ovc=not args.no_ovc, group_size=args.group_size, chunk=args.chunk,
+                                  text_source=source, model_name=args.model)
+        heldout = None
+        if args.heldout_tokens:
+            ids = text_ids(tok, text, args.tokens + args.heldout_tokens)[args.tokens:]
+            heldout = heldout_errors(model, factors, ids, chunk=args.chunk)
+    except ValueError as e:
+        raise SystemExit(f"kvfx calibrate: {e}") from None
+    path = save_artifact(args.out, factors, prov)
+    print(format_summary(prov, heldout))
+    print(f"wrote {path}")
+    return 0
+
+
+def _calib_error(args) -> int:
+    from kvfx.eval.calib_error import markdown, run_calib_error
+
+    keeps = tuple(float(x) for x in args.keep.split(","))
+    r = run_calib_error(args.model, length=_parse_lengths(args.length)[0], steps=args.steps, keeps=keeps,
+                        methods=tuple(args.methods.split(",")), source=args.text, out=args.out)
+    print(markdown(r))
+    print(f"wrote {args.out}/calib_error.json and calib_error.png ({r['seconds']:.0f} s)")
+    return 0
+
+
 def _models(args) -> int:
     from kvfx.models import list_models
 
@@ -87,6 +135,7 @@ def _models(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from kvfx import __version__
+    from kvfx.bench.commands import register as register_bench
     from kvfx.policy.commands import register as register_policy
 
     p = argparse.ArgumentParser(prog="kvfx", description="KV-cache compression as a "
@@ -116,13 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default="smollm2-135m")
     ev.add_argument("--policy", nargs="+", required=True,
                     help="presets, files or NAME@KEEP (e.g. snapkv@0.125); include full")
-    ev.add_argument("--task", default="passkey", choices=["passkey", "needle", "perplexity"])
+    ev.add_argument("--task", default="passkey", choices=["passkey", "needle", "perplexity", "agreement"],
+                    help="agreement: greedy tokens and next-token distributions against full "
+                         "(--depths is ignored)")
     ev.add_argument("--lengths", default="4k", help="comma separated, e.g. 1k,2k,4k")
     ev.add_argument("--depths", default="10", help="a count (evenly spaced) or a list 0.1,0.5")
     ev.add_argument("--seeds", type=int, default=1)
     ev.add_argument("--out", default="runs/eval")
     ev.add_argument("--max-new-tokens", type=int, default=None,
-                    help="default: 8 for passkey, 24 for needle")
+                    help="default: 8 for passkey, 24 for needle, 32 for agreement")
     ev.add_argument("--chunk", type=int, default=1, help="perplexity: tokens per decode step")
     ev.add_argument("--inner", default="eager", choices=["eager", "inductor", "aot_eager"])
     ev.set_defaults(func=_eval)
@@ -131,10 +182,39 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("dir")
     rp.set_defaults(func=_report)
 
+    ca = sub.add_parser("calibrate", help="ReCalKV: calibrate low-rank key/value factors offline")
+    ca.add_argument("--model", default="smollm2-135m")
+    ca.add_argument("--text", default="essays",
+                    help="calibration text: a source (essays, pydoc, grass, auto) or a UTF-8 file")
+    ca.add_argument("--keep-rank", type=float, required=True,
+                    help="fraction of the Hkv*head_dim key/value dims kept, in (0, 1]")
+    ca.add_argument("--out", required=True, help="artifact path (.safetensors)")
+    ca.add_argument("--tokens", type=int, default=4096, help="calibration tokens")
+    ca.add_argument("--chunk", type=int, default=512, help="tokens per calibration sequence")
+    ca.add_argument("--group-size", type=int, default=None,
+                    help="key heads per SVD group (default 4, or ceil(Hkv/2) when smaller)")
+    ca.add_argument("--no-hsr", action="store_true", help="contiguous key head groups (no reordering)")
+    ca.add_argument("--no-ovc", action="store_true", help="no least-squares refinement of the values")
+    ca.add_argument("--heldout-tokens", type=int, default=0,
+                    help="also report the error on this many tokens of the text after the calibration ones")
+    ca.set_defaults(func=_calibrate)
+
+    ce = sub.add_parser("calib-error", help="CaliDrop: per-layer decode attention error vs the full "
+                        "cache, with and without calibration")
+    ce.add_argument("--model", default="smollm2-135m")
+    ce.add_argument("--length", default="4k", help="prompt tokens")
+    ce.add_argument("--steps", type=int, default=32, help="teacher-forced decode steps measured")
+    ce.add_argument("--keep", default="0.25,0.125,0.0625", help="budgets (fractions of the prompt)")
+    ce.add_argument("--methods", default="snapkv,streaming")
+    ce.add_argument("--text", default="essays", help="text source (essays, pydoc, grass)")
+    ce.add_argument("--out", default="runs/calib-error")
+    ce.set_defaults(func=_calib_error)
+
     m = sub.add_parser("models", help="list registered model names")
     m.set_defaults(func=_models)
 
     register_policy(sub)
+    register_bench(sub)
     return p
 
 

@@ -33,8 +33,12 @@ def policy_from_spec(spec: str):
     return load_policy(spec)
 
 
+def _depth_key(depth):
+    return None if depth is None else round(depth, 4)
+
+
 def _sample_key(r: dict) -> tuple:
-    return (r["task"], r["policy"], r["length"], round(r["depth"], 4), r["seed"])
+    return (r["task"], r["policy"], r["length"], _depth_key(r["depth"]), r["seed"])
 
 
 def load_results(out: Path) -> list[dict]:
@@ -44,7 +48,7 @@ def load_results(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-TASKS = ("passkey", "needle", "perplexity")
+TASKS = ("passkey", "needle", "perplexity", "agreement")
 
 
 def _task_tools(task: str):
@@ -77,15 +81,22 @@ def run_eval(model_name: str, policies: list[str], *, task: str = "passkey", len
     out.mkdir(parents=True, exist_ok=True)
     if task == "perplexity":
         depths = (0.0,)  # one sample per length: the text's first `length` tokens
+    elif task == "agreement":
+        depths = (None,)  # one sample per (length, seed): real text, nothing hidden in it
     done = {_sample_key(r) for r in load_results(out)}
     grid = [(p, n, d, s) for p in policies for n in lengths for d in depths for s in seeds]
-    todo = [g for g in grid if (task, g[0], g[1], round(g[2], 4), g[3]) not in done]
+    todo = [g for g in grid if (task, g[0], g[1], _depth_key(g[2]), g[3]) not in done]
     if not todo:
         records = load_results(out)
         write_summary(records, out / "summary.csv")
         return records
     model, tok = load_model(model_name, progress=progress)
     samples, current, policy = {}, None, None
+    if task == "agreement":  # the full-cache references first, with kvfx `full`, once per sample
+        from kvfx.eval.agreement import DEFAULT_NEW_TOKENS
+
+        current, policy = _agreement_references(model, tok, model_name, todo, samples, out, inner,
+                                                max_new_tokens or DEFAULT_NEW_TOKENS)
     bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc=task, unit="sample",
                disable=not progress)
     with open(out / "results.jsonl", "a") as f:
@@ -100,12 +111,20 @@ def run_eval(model_name: str, policies: list[str], *, task: str = "passkey", len
                    "length": n, "depth": depth, "seed": seed, "kvfx": kvfx.__version__}
             if task == "perplexity":
                 rec.update(_perplexity_sample(model, tok, n, seed, chunk))
+            elif task == "agreement":
+                rec.update(_agreement_sample(model, tok, samples[(n, seed)]))
             else:
                 rec.update(_generation_sample(model, tok, task, samples, n, depth, seed, max_new_tokens))
             f.write(json.dumps(rec) + "\n")
             f.flush()
-            shown = f"ppl={rec['ppl']:.2f}" if task == "perplexity" else ("ok" if rec["correct"] else "miss")
-            bar.set_postfix_str(f"{spec} len={n} depth={depth:.2f} {shown}")
+            if task == "perplexity":
+                shown = f"ppl={rec['ppl']:.2f}"
+            elif task == "agreement":
+                shown = f"agree={rec['prefix_agreement']:.2f} kl={rec['kl']:.3f}"
+            else:
+                shown = "ok" if rec["correct"] else "miss"
+            where = "" if depth is None else f" depth={depth:.2f}"
+            bar.set_postfix_str(f"{spec} len={n}{where} {shown}")
             bar.update()
     bar.close()
     records = load_results(out)
@@ -119,7 +138,8 @@ def _memory_fields(cache) -> dict:
     mem = kvfx.memory(cache)
     held = [s["tokens_held"] for s in mem["sites"].values()]
     return {"kept_tokens": sum(held) / len(held) if held else None,
-            "held_bytes": mem["held_bytes"], "dense_bytes": mem["dense_bytes"]}
+            "held_bytes": mem["held_bytes"], "dense_bytes": mem["dense_bytes"],
+            "dense_fp16_bytes": mem.get("dense_fp16_bytes")}
 
 
 def _generation_sample(model, tok, task, samples, n, depth, seed, max_new_tokens) -> dict:
@@ -153,6 +173,49 @@ def _perplexity_sample(model, tok, n, seed, chunk) -> dict:
             "tokens": r["tokens"], "seconds": round(r["seconds"], 3), **_memory_fields(None)}
 
 
+def _agreement_references(model, tok, model_name, todo, refs, out, inner, max_new_tokens):
+    """Load or make (with kvfx ``full``, saved under ``OUT/agreement_refs``) the reference of
+    every (length, seed) in ``todo`` into ``refs``; returns the compiled (spec, policy) or
+    (None, None) when every reference was on disk."""
+    import torch._dynamo
+
+    import kvfx
+    from kvfx.eval.agreement import load_reference, make_reference, reference_path, save_reference
+
+    current, policy = None, None
+    for n, seed in sorted({(g[1], g[3]) for g in todo}):
+        path = reference_path(out, n, seed, max_new_tokens)
+        if path.exists():
+            refs[(n, seed)] = load_reference(path, model=model_name, length=n, seed=seed,
+                                             max_new_tokens=max_new_tokens)
+            continue
+        if current is None:
+            policy = policy_from_spec("full")
+            torch._dynamo.reset()
+            kvfx.reset()
+            model.compile(backend="kvfx", options={"policy": policy, "inner": inner})
+            current = "full"
+        ref = make_reference(model, tok, n, seed, max_new_tokens=max_new_tokens)
+        save_reference(ref, path, model=model_name, policy_hash=policy.hash, kvfx=kvfx.__version__)
+        refs[(n, seed)] = ref
+    return current, policy
+
+
+def _agreement_sample(model, tok, ref) -> dict:
+    """Greedy and teacher-forced agreement with the full-cache reference; see kvfx/eval/agreement.py."""
+    from kvfx.eval.agreement import evaluate_agreement
+
+    r = evaluate_agreement(model, ref)
+    mem = _memory_fields(r.pop("cache"))
+    tokens = r.pop("tokens")
+    r.pop("compared")
+    return {"n_tokens": int(ref["prompt_ids"].shape[1]), "new_tokens": int(ref["max_new_tokens"]),
+            "source": ref["source"], "correct": r["prefix_agreement"] == 1.0, **r,
+            "seconds": round(r["seconds"], 3), "forced_seconds": round(r["forced_seconds"], 3),
+            "expected": tok.decode(ref["tokens"]), "answer": tok.decode(tokens),
+            "expected_ids": [int(t) for t in ref["tokens"]], "answer_ids": [int(t) for t in tokens], **mem}
+
+
 def run_passkey_eval(model_name: str, policies: list[str], **kw) -> list[dict]:
     """:func:`run_eval` with ``task="passkey"``."""
     return run_eval(model_name, policies, task="passkey", **kw)
@@ -160,7 +223,9 @@ def run_passkey_eval(model_name: str, policies: list[str], **kw) -> list[dict]:
 
 def summarize(records: list[dict]) -> list[dict]:
     """Per (task, policy, length): accuracy or perplexity (and Δ against ``full`` of the same
-    run), mean held/dense bytes, mean kept tokens, mean seconds."""
+    run), mean held/dense bytes, mean kept tokens, mean seconds. For ``agreement`` the accuracy
+    is the mean prefix agreement, with the mean position agreement, teacher-forced top-1
+    agreement and KL(full || policy) alongside."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["task"], r["policy"], r["length"]), []).append(r)
@@ -169,11 +234,16 @@ def summarize(records: list[dict]) -> list[dict]:
         ratios = [r["held_bytes"] / r["dense_bytes"] for r in rs if r.get("dense_bytes")]
         row = {"task": task, "policy": policy, "length": length, "samples": len(rs),
                "accuracy": None, "ppl": None, "delta_ppl": None,
+               "position_agreement": None, "top1_agreement": None, "kl": None,
                "held_over_dense": sum(ratios) / len(ratios) if ratios else float("nan"),
                "kept_tokens": sum(r.get("kept_tokens") or 0 for r in rs) / len(rs),
                "seconds": sum(r["seconds"] for r in rs) / len(rs)}
         if task == "perplexity":
             row["ppl"] = sum(r["ppl"] for r in rs) / len(rs)
+        elif task == "agreement":
+            row["accuracy"] = sum(r["prefix_agreement"] for r in rs) / len(rs)
+            for key in ("position_agreement", "top1_agreement", "kl"):
+                row[key] = sum(r[key] for r in rs) / len(rs)
         else:
             row["accuracy"] = sum(bool(r.get("correct")) for r in rs) / len(rs)
         rows.append(row)
@@ -196,20 +266,25 @@ def write_summary(records: list[dict], path: Path) -> None:
 
 def markdown_table(records: list[dict]) -> str:
     """The summary as a Markdown table (what ``kvfx report`` prints)."""
-    lines = ["| task | policy | length | samples | accuracy | ppl (Δ vs full) | held / dense | kept tokens | s / sample |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    head = ("| task | policy | length | samples | accuracy | ppl (Δ vs full) | top-1 (forced) | KL vs full "
+            "| held / dense | kept tokens | s / sample |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summarize(records):
         acc = "" if r["accuracy"] is None else f"{r['accuracy']:.2f}"
         ppl = "" if r["ppl"] is None else f"{r['ppl']:.2f}" + (
             "" if r["delta_ppl"] is None else f" ({r['delta_ppl']:+.2f})")
+        top1 = "" if r["top1_agreement"] is None else f"{r['top1_agreement']:.2f}"
+        kl = "" if r["kl"] is None else f"{r['kl']:.4f}"
         lines.append(f"| {r['task']} | {r['policy']} | {r['length']} | {r['samples']} | {acc} | {ppl} | "
-                     f"{r['held_over_dense']:.3f} | {r['kept_tokens']:.0f} | {r['seconds']:.1f} |")
+                     f"{top1} | {kl} | {r['held_over_dense']:.3f} | {r['kept_tokens']:.0f} | "
+                     f"{r['seconds']:.1f} |")
     return "\n".join(lines)
 
 
 def write_report(out: Path) -> tuple[str, list[Path]]:
     """``kvfx report``: the Markdown table (also written to ``OUT/report.md``) and PNGs: a
-    depth × length heatmap per policy for needle/passkey, accuracy vs compression per task."""
+    depth × length heatmap per policy for needle/passkey, accuracy vs compression per task
+    (for agreement: prefix agreement, and teacher-forced top-1 agreement, vs compression)."""
     from kvfx.eval.plots import accuracy_vs_compression, needle_heatmap
 
     out = Path(out)
@@ -218,6 +293,12 @@ def write_report(out: Path) -> tuple[str, list[Path]]:
     pngs = []
     for task in sorted({r["task"] for r in records} - {"perplexity"}):
         rs = [r for r in records if r["task"] == task]
+        if task == "agreement":
+            pngs.append(accuracy_vs_compression(rs, task, out / f"{task}_accuracy_vs_compression.png",
+                                                metric="prefix_agreement", label="prefix agreement"))
+            pngs.append(accuracy_vs_compression(rs, task, out / f"{task}_top1_vs_compression.png",
+                                                metric="top1_agreement", label="top-1 agreement (forced)"))
+            continue
         pngs.append(accuracy_vs_compression(rs, task, out / f"{task}_accuracy_vs_compression.png"))
         for policy in sorted({r["policy"] for r in rs}):
             safe = policy.replace("@", "_at_").replace("/", "_")

@@ -99,7 +99,7 @@ def perplexity_under_compression(model, input_ids: torch.Tensor, *, prefix: int,
     return {"nll_sum": nll_sum, "tokens": tokens, "ppl": math.exp(nll_sum / tokens), "seconds": seconds}
 
 
-def long_text_ids(tokenizer, n_tokens: int, source: str = "essays") -> torch.Tensor:
+def long_text_ids(tokenizer, n_tokens: int, source: str = "essays", *, start: int = 0) -> torch.Tensor:
     """The first ``n_tokens`` tokens of a long deterministic text, as ``(1, n_tokens)`` LongTensor.
 
     Args:
@@ -108,6 +108,8 @@ def long_text_ids(tokenizer, n_tokens: int, source: str = "essays") -> torch.Ten
         n_tokens: how many tokens, ``>= 1``.
         source: ``"essays"`` (Paul Graham, ~154k tokens), ``"pydoc"`` (~113k tokens, no install),
             ``"grass"`` or ``"auto"``; see :func:`kvfx.eval.text.filler_text`.
+        start: character offset in the text where tokenizing begins (``0``: its beginning; the
+            agreement task starts other samples at paragraph boundaries).
 
     Raises:
         ValueError: ``n_tokens < 1``, or the source has fewer tokens than asked for.
@@ -121,6 +123,10 @@ def long_text_ids(tokenizer, n_tokens: int, source: str = "essays") -> torch.Ten
     if n_tokens < 1:
         raise ValueError(f"long_text_ids n_tokens: got {n_tokens}, expected >= 1")
     text = filler_text(source)
+    if not 0 <= start < len(text):
+        raise ValueError(f"long_text_ids start: got {start}, expected 0 <= start < {len(text)} "
+                         f"(the length of source {source!r} in characters)")
+    text = text[start:] if start else text
     chars = 6 * n_tokens + 1024
     while True:
         # [Note] Tokenize a prefix of the text, not all of it (~1 s per 100k tokens). Keep a margin
@@ -131,7 +137,8 @@ def long_text_ids(tokenizer, n_tokens: int, source: str = "essays") -> torch.Ten
         chars *= 2
     if len(ids) < n_tokens:
         raise ValueError(
-            f"long_text_ids n_tokens: got {n_tokens}, but source {source!r} has only {len(ids)} tokens; "
+            f"long_text_ids n_tokens: got {n_tokens}, but source {source!r} has only {len(ids)} tokens"
+            f"{f' after character {start}' if start else ''}; "
             f"use fewer tokens or another source ({', '.join(TEXT_SOURCES)})"
         )
     return torch.tensor([ids[:n_tokens]], dtype=torch.long)

@@ -84,12 +84,15 @@ def needle_heatmap(records: list[dict], policy: str, path: str | Path, *, task: 
     return _save(fig, path)
 
 
-def accuracy_vs_compression(records: list[dict], task: str, path: str | Path) -> Path:
+def accuracy_vs_compression(records: list[dict], task: str, path: str | Path, *,
+                            metric: str = "correct", label: str = "accuracy") -> Path:
     """Accuracy against memory for every policy on ``task``, saved as PNG.
 
     One labelled marker per policy: x is the mean held / dense bytes ratio (lower = more
-    compression; log scale when the ratios span more than 5x), y the accuracy over all its
-    samples. ``full`` is drawn as a larger star with a dashed line at its accuracy.
+    compression; log scale when the ratios span more than 5x), y the mean of the record field
+    ``metric`` (a bool or a number in [0, 1]; ``correct``: the accuracy) over all its samples,
+    named ``label`` on the axis and title. ``full`` is drawn as a larger star with a dashed line
+    at its value.
 
     Raises:
         ValueError: no record has this ``task`` (the message lists the tasks present).
@@ -97,6 +100,8 @@ def accuracy_vs_compression(records: list[dict], task: str, path: str | Path) ->
     Example::
 
         accuracy_vs_compression(records, "passkey", "passkey-tradeoff.png")
+        accuracy_vs_compression(records, "agreement", "agree.png", metric="prefix_agreement",
+                                label="prefix agreement")
     """
     rs = [r for r in records if r.get("task") == task]
     if not rs:
@@ -108,7 +113,7 @@ def accuracy_vs_compression(records: list[dict], task: str, path: str | Path) ->
     by_policy: dict[str, list[dict]] = {}
     for r in rs:
         by_policy.setdefault(str(r["policy"]), []).append(r)
-    points = {p: (_mean_ratio(v), sum(bool(r.get("correct")) for r in v) / len(v), len(v))
+    points = {p: (_mean_ratio(v), sum(float(r.get(metric) or 0) for r in v) / len(v), len(v))
               for p, v in sorted(by_policy.items())}
 
     fig, ax = _figure(7.2, 4.6)
@@ -146,9 +151,9 @@ def accuracy_vs_compression(records: list[dict], task: str, path: str | Path) ->
     ax.xaxis.set_minor_formatter(minor)
     ax.set_ylim(-0.05, 1.08)
     ax.set_xlabel("held / dense bytes" + (" (log scale)" if log else ""))
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel(label)
     lengths = sorted({int(r["length"]) for r in rs if r.get("length") is not None})
-    ax.set_title(f"{task}: accuracy vs memory ({', '.join(_tokens(n) for n in lengths)} tokens)",
+    ax.set_title(f"{task}: {label} vs memory ({', '.join(_tokens(n) for n in lengths)} tokens)",
                  fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), framealpha=0.9)

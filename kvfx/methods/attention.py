@@ -117,12 +117,17 @@ def prefill_attention_reference(q, k, v, *, scale, causal=True, kv_start=None, s
     return o.to(q.dtype), lse.to(out_dtype), total.to(out_dtype)
 
 
-def decode_attention_reference(q, k, v, lengths, *, scale, bias=None, return_probs=False):
+def decode_attention_reference(q, k, v, lengths, *, scale, bias=None, return_probs=False, calib=None):
     """One new query per sequence attends over a fixed-capacity store.
 
     q: (B, Hq, 1, d); k, v: (B, Hkv, cap, d) (the store); lengths: (B, Hkv) integer, slots
     [0, lengths[b, h]) are valid (clamped to [0, cap]); bias: optional additive fp32 (B, 1, cap)
     or (B, Hkv, cap), added to the scaled logits (-inf masks a slot).
+    calib: optional CaliDrop partition (o_e (B, Hq, d), lse_e (B, Hq), use (B, Hq) bool or
+    integer, nonzero = use), e.g. `kvfx.methods.calidrop.lookup`'s; where use holds it is merged
+    with the store's attention before the output is rounded to q's dtype (`merge_partitions`, in
+    the compute dtype), so o and lse are those of the union of the two partitions; elsewhere o and
+    lse are exactly those without calib. probs stay normalized over the store slots.
     Returns o (B, Hq, 1, d) in q's dtype and lse (B, Hq, 1) fp32 (float64 for float64 input),
     plus, with return_probs, the attention row probs (B, Hq, cap) in lse's dtype (0 at slots
     >= lengths[b, h // g], at -inf bias, and for heads with no valid slot).
@@ -151,6 +156,11 @@ def decode_attention_reference(q, k, v, lengths, *, scale, bias=None, return_pro
     o, lse, p = _masked_attention(
         q.to(cd), _expand_kv(k.to(cd), Hq), _expand_kv(v.to(cd), Hq), visible, scale, b
     )
+    if calib is not None:
+        o_e, lse_e, use = calib
+        use = (use != 0).reshape(lse.shape)
+        o_m, lse_m = merge_partitions(o, lse, o_e.to(cd).reshape(o.shape), lse_e.to(cd).reshape(lse.shape))
+        o, lse = torch.where(use[..., None], o_m, o), torch.where(use, lse_m, lse)
     out_dtype = torch.float64 if cd == torch.float64 else torch.float32
     if not return_probs:
         return o.to(q.dtype), lse.to(out_dtype)

@@ -17,13 +17,14 @@ from __future__ import annotations
 import torch
 
 from kvfx.methods.h2o import H2O
-from kvfx.methods.knorm import KNorm, knorm_scores
+from kvfx.methods.knorm import KNorm
 from kvfx.methods.lagkv import lagkv_keep_indices
 from kvfx.methods.pyramidkv import pyramid_budget
 from kvfx.methods.scoring import default_scale, group_reduce
-from kvfx.methods.select import budget_from_keep, gather_tokens, select_kept
+from kvfx.methods.select import budget_from_keep, gather_tokens, priority, select_kept
 from kvfx.methods.snapkv import SnapKV
 from kvfx.methods.tova import TOVA
+from kvfx.runtime import compress
 from kvfx.runtime.store import SiteStore
 
 IMPLEMENTED_SCORERS = ("none", "streaming", "knorm", "snapkv", "h2o", "tova", "lagkv")
@@ -34,6 +35,8 @@ class Compressor:
     """Keep everything (the ``full`` policy)."""
 
     name = "full"
+    quant = None  # a kvfx.runtime.qstore.QuantConfig when the layer policy has quant:
+    calib = None  # a kvfx.methods.calidrop.CaliDrop when the layer policy has calibration:
     needs_probs = False
     kernel_scores = "none"  # the scores the fused prefill kernel should emit
     window = 0
@@ -50,6 +53,27 @@ class Compressor:
 
     def after_decode(self, store: SiteStore, nq: int, probs=None) -> None:
         pass
+
+    def init_calibration(self, store, q, k, v, valid, scale) -> None:
+        """CaliDrop (``self.calib``): after prefill, the evicted partition's statistics for the
+        last ``history`` prompt queries. A scorer that computed the window's logits (SnapKV and
+        PyramidKV on the PyTorch path) hands them over, so no second q·Kᵀ pass runs."""
+        logits, self._window_logits = getattr(self, "_window_logits", None), None
+        if self.calib is None:
+            return
+        from kvfx.methods.calidrop import build_state_from_logits
+        from kvfx.runtime.attention import evicted_mask
+
+        sm = default_scale(q, scale)
+        store.calib_scale = sm
+        evicted = evicted_mask(store, valid)
+        c = min(self.calib.history, q.shape[2])
+        if logits is not None and logits.shape[2] == c:
+            store.calib = build_state_from_logits(
+                q[:, :, -c:], logits, k, v, evicted, scale=sm, q_valid=valid[:, -c:],
+                adjust=self.calib.adjust, keep_evicted=self.calib.recompute_threshold is not None)
+        else:
+            store.calib = self.calib.build_state(q, k, v, evicted, scale=sm, q_valid=valid)
 
 
 def _write_selection(store, k, v, idx, count, slack) -> None:
@@ -102,11 +126,22 @@ class Scored(Compressor):
             scores = None
         elif votes is not None:
             scores = self.scorer.from_votes(votes, valid, Hkv)
+        elif isinstance(self.scorer, KNorm):  # attention-free: the kv_stats kernel on CUDA
+            scores = compress.knorm_scores(k)
+        elif self.calib is not None and isinstance(self.scorer, SnapKV):
+            out: list = []  # the window logits, reused by init_calibration
+            scores = self.scorer.scores(q, k, v, valid, default_scale(q, scale), logits_out=out)
+            self._window_logits = out[0]
         else:
             scores = self.scorer.scores(q, k, v, valid, default_scale(q, scale))
         window = self._window(n_valid)
-        idx, count = select_kept(scores, valid, budget, sink=self.sink, window=window, kv_heads=Hkv)
-        _write_selection(store, k, v, idx, count, 1)
+        # Select + gather (the select_gather kernel on CUDA): count = budget <= n_valid, since
+        # only pads carry -inf (a -inf score from a scorer would be dropped); pos -1 past count.
+        prio = priority(scores, valid, sink=self.sink, window=window, kv_heads=Hkv)
+        m = int(budget.max().item()) if B else 0
+        k_kept, v_kept, pos, count = compress.select_and_gather(prio, budget, k, v, m)
+        store.write_kept(k_kept, v_kept, pos, count, m + 1)
+        idx = pos.clamp(min=0)
         cap = budget if self.decode in ("h2o", "tova") else None
         if self.max_tokens is not None:
             cap = torch.full_like(budget, self.max_tokens) if cap is None else cap.clamp(max=self.max_tokens)
@@ -133,14 +168,17 @@ class Scored(Compressor):
             elif self.decode == "h2o":
                 score = store.slot_state["score"][:, :, :n]
             elif self.decode == "knorm":
-                score = knorm_scores(store.k[:, :, :n])
+                score = compress.knorm_scores(store.k[:, :, :n])
             else:  # oldest first
                 score = -store.pos[:, :, :n].double()
             pos = store.pos[:, :, :n]
             protected = (slot < self.sink) | (slot >= store.count[..., None])
             protected = protected | (pos >= store.seen + nq - store.extra["recent"][..., None])
             victim = score.double().masked_fill(protected, float("inf")).argmin(-1)
-            store.evict(victim, store.count > store.extra["cap"])
+            over = store.count > store.extra["cap"]
+            if store.calib is not None:  # CaliDrop: the evicted token joins the stored partitions
+                _fold(store, victim[..., None], over[..., None])
+            store.evict(victim, over)
             probs = None  # a second eviction in the same step has no fresh attention row
         store.length = min(store.length, store.host_cap)
 
@@ -160,7 +198,8 @@ class LagKVCompressor(Compressor):
             idx_valid = valid[b].nonzero()[:, 0]
             kb, vb = k[b][:, idx_valid], v[b][:, idx_valid]
             kept, tail = lagkv_keep_indices(kb, vb, sink=self.sink, lag=self.lag, keep=self.keep,
-                                            v_ratio=self.v_ratio)
+                                            v_ratio=self.v_ratio,
+                                            score_fn=compress.lagkv_partition_scores)
             rows.append(idx_valid[kept])
             tails.append(tail)
         m = max(r.shape[1] for r in rows)
@@ -190,8 +229,14 @@ class LagKVCompressor(Compressor):
         from kvfx.methods.lagkv import compress_partitions
 
         kept = compress_partitions(store.k[b, :, part], store.v[b, :, part], lag=lag, keep=self.keep,
-                                   v_ratio=self.v_ratio) + start  # (H, kk)
+                                   v_ratio=self.v_ratio,
+                                   score_fn=compress.lagkv_partition_scores) + start  # (H, kk)
         H = kept.shape[0]
+        if store.calib is not None:  # CaliDrop: the partition's dropped tokens join the state
+            gone = torch.zeros(store.batch, H, lag, dtype=torch.bool, device=dev)
+            gone[b] = True
+            gone[b].scatter_(1, kept - start, False)
+            _fold(store, torch.arange(start, start + lag, device=dev).expand(store.batch, H, lag), gone)
         order = torch.cat([torch.arange(start, device=dev).expand(H, start), kept,
                            torch.arange(start + lag, count, device=dev).expand(H, count - start - lag)], 1)
         new_count = order.shape[1]
@@ -203,13 +248,46 @@ class LagKVCompressor(Compressor):
         h["count"][b], h["tail"][b] = new_count, tail - lag
 
 
+def _fold(store, slots: torch.Tensor, valid: torch.Tensor) -> None:
+    """Fold the tokens at store slots (B, Hkv, m) where ``valid`` into the CaliDrop state."""
+    from kvfx.methods.calidrop import fold
+
+    k_e = gather_tokens(store.k, slots)
+    v_e = gather_tokens(store.v, slots)
+    store.calib = fold(store.calib, k_e, v_e, valid, scale=store.calib_scale)
+
+
 def build_compressor(layer_policy, layer: int = 0, num_layers: int = 1) -> Compressor:
     """Map a resolved :class:`kvfx.policy.LayerPolicy` to its compressor, or raise
     ``NotImplementedError`` naming what this build cannot do yet."""
     lp = layer_policy
-    missing = [s for s in ("calibration", "quant", "lowrank") if getattr(lp, s, None) is not None]
-    if missing:
-        raise NotImplementedError(", ".join(missing))
+    if lp.lowrank is not None:  # ReCalKV latents (kvfx.methods.lowrank, kvfx.runtime.lowrank)
+        from kvfx.methods.lowrank import build_lowrank
+
+        return build_lowrank(lp, layer)
+    c = _build_evictor(lp, layer, num_layers)
+    c.quant = c.calib = None
+    if lp.calibration is not None:
+        from kvfx.methods.calidrop import CaliDrop
+
+        cal = lp.calibration
+        c.calib = CaliDrop(history=cal.history, threshold=cal.threshold, adjust=cal.adjust,
+                           recompute_threshold=cal.recompute.threshold if cal.recompute else None)
+    if lp.quant is not None:
+        from kvfx.runtime.qstore import QuantConfig
+
+        rolling = isinstance(c, LagKVCompressor) or (isinstance(c, Scored) and (
+            c.decode in ("h2o", "tova") or c.max_tokens is not None))
+        if rolling:
+            raise NotImplementedError(
+                f"quant together with decode-time eviction ({c.name}"
+                f"{', budget.max_tokens' if getattr(c, 'max_tokens', None) else ''}); quantized stores "
+                "combine with prompt-time eviction (snapkv, pyramidkv, knorm without max_tokens)")
+        c.quant = QuantConfig.from_policy(lp.quant)
+    return c
+
+
+def _build_evictor(lp, layer: int, num_layers: int) -> Compressor:
     ev, bud = lp.eviction, lp.budget
     scorer = ev.scorer
     common = dict(keep=bud.keep, tokens=bud.tokens, sink=bud.sink, window=bud.window,

@@ -42,18 +42,19 @@ def partition_scores(k: torch.Tensor, v: torch.Tensor, *, lag: int, v_ratio: flo
 
 
 def compress_partitions(k: torch.Tensor, v: torch.Tensor, *, lag: int, keep: float,
-                        v_ratio: float) -> torch.Tensor:
+                        v_ratio: float, score_fn=partition_scores) -> torch.Tensor:
     """Indices (H, (P−1)·kk) into the P·lag tokens of the kept tokens of the first P−1
-    partitions, in position order (kk = int(keep·lag) per partition and head)."""
+    partitions, in position order (kk = int(keep·lag) per partition and head). ``score_fn``
+    computes :func:`partition_scores` (the runtime passes its kernel-or-reference choice)."""
     kk = max(1, int(keep * lag))
-    s = partition_scores(k, v, lag=lag, v_ratio=v_ratio)
+    s = score_fn(k, v, lag=lag, v_ratio=v_ratio)
     top = s.topk(kk, dim=-1).indices.sort(-1).values  # (H, P-1, kk)
     offs = torch.arange(s.shape[1], device=k.device)[None, :, None] * lag
     return (top + offs).reshape(k.shape[0], -1)
 
 
 def lagkv_keep_indices(k: torch.Tensor, v: torch.Tensor, *, sink: int, lag: int, keep: float,
-                       v_ratio: float) -> tuple[torch.Tensor, int]:
+                       v_ratio: float, score_fn=partition_scores) -> tuple[torch.Tensor, int]:
     """For one row: k, v (H, n, d) of valid tokens -> (kept indices (H, m) in position order,
     number of trailing uncompressed tokens)."""
     H, n, _ = k.shape
@@ -63,7 +64,8 @@ def lagkv_keep_indices(k: torch.Tensor, v: torch.Tensor, *, sink: int, lag: int,
     if P < 2:
         return torch.arange(n, device=dev).expand(H, n), n - s
     body = slice(s, s + P * lag)
-    kept = compress_partitions(k[:, body], v[:, body], lag=lag, keep=keep, v_ratio=v_ratio) + s
+    kept = compress_partitions(k[:, body], v[:, body], lag=lag, keep=keep, v_ratio=v_ratio,
+                               score_fn=score_fn) + s
     tail_start = s + (P - 1) * lag
     head = torch.arange(s, device=dev).expand(H, s)
     tail = torch.arange(tail_start, n, device=dev).expand(H, n - tail_start)

@@ -101,11 +101,17 @@ def _expand(x: torch.Tensor, g: int) -> torch.Tensor:
 
 
 def quant_attention_reference(q: torch.Tensor, kv: QuantKV, *, scale: float,
-                              bias: Optional[torch.Tensor] = None, chunk: int = _CHUNK):
+                              bias: Optional[torch.Tensor] = None, chunk: int = _CHUNK, calib=None):
     """Attention of q (B, Hq, nq, d) over a quantized store.
 
     ``bias``: optional additive fp32 mask over [slots 0..n) ∪ [pool], broadcastable to
     (B, Hq, nq, n + C) (-inf hides a key); ``kv.ok``/``kv.pool_ok`` always apply.
+    ``calib``: optional CaliDrop partition (o_e (B, Hq, dv), lse_e (B, Hq) float, use (B, Hq)
+    bool or integer, nonzero = use), e.g. `kvfx.methods.calidrop.lookup`'s, for nq = 1 only:
+    where use holds, the store's attention and the evicted set's estimate are merged by
+    `kvfx.methods.calidrop.merge` in fp32, before o is rounded to q's dtype, so o and lse are
+    those of the union of the two partitions; elsewhere they are exactly those without calib.
+    This is the semantics of the fused kernel's calibration variant.
     Returns (o (B, Hq, nq, dv) in q's dtype, lse (B, Hq, nq) fp32); a row that sees no key gets
     o = 0 and lse = -inf.
     """
@@ -143,4 +149,13 @@ def quant_attention_reference(q: torch.Tensor, kv: QuantKV, *, scale: float,
         o += pv[..., nv:n] @ torch.nan_to_num(kv.rv[:, :, :n - nv].float())
     if C:
         o += pv[..., n:] @ torch.where(kv.pool_ok[..., None], kv.pool_v.float(), 0.0)
-    return o.view(B, Hq, nq, -1).to(q.dtype), lse
+    o = o.view(B, Hq, nq, -1)
+    if calib is not None:
+        if nq != 1:
+            raise ValueError(f"quant_attention_reference: calib needs one query per sequence, got nq={nq}")
+        from kvfx.methods.calidrop import merge
+
+        o_e, lse_e, use = calib
+        o, lse = merge(o, lse, o_e.to(q.device, torch.float32), lse_e.to(q.device, torch.float32),
+                       use.to(q.device) != 0)
+    return o.to(q.dtype), lse

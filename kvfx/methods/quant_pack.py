@@ -80,10 +80,15 @@ def unpack(words: torch.Tensor, bits: int, n: int, dim: int = -1) -> torch.Tenso
     if words.shape[dim] != n // pw:
         raise ValueError(f"unpack: axis {dim} holds {words.shape[dim]} words, expected n * bits / 32 "
                          f"= {n // pw} for n={n}, bits={bits}")
-    w = words.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
-    c = (w.unsqueeze(-1) >> _shifts(bits, w.device)) & ((1 << bits) - 1)
-    c = c.reshape(*c.shape[:-2], n).to(torch.uint8)
-    return c.movedim(-1, dim).contiguous()
+    # [Note] int32 shifts in place along ``dim`` (no movedim, no int64): an arithmetic shift of a
+    # negative word sign-extends, but the mask keeps only the code's own bits.
+    shape = [1] * (words.ndim + 1)
+    shape[dim + 1] = pw
+    shifts = (torch.arange(pw, dtype=torch.int32, device=words.device) * bits).view(shape)
+    c = (words.unsqueeze(dim + 1) >> shifts) & ((1 << bits) - 1)
+    out = list(words.shape)
+    out[dim] = n
+    return c.to(torch.uint8).reshape(out)
 
 
 # --- outlier pool ------------------------------------------------------------------------------

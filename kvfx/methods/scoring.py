@@ -24,17 +24,20 @@ def expand_kv(k: torch.Tensor, q_heads: int) -> torch.Tensor:
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, q_pos: torch.Tensor,
-                    scale: float) -> torch.Tensor:
+                    scale: float, logits_out: list | None = None) -> torch.Tensor:
     """Softmax attention (fp32) of the queries at positions ``q_pos`` (nq,) over all n keys,
     causal (key j visible to query at position p iff j <= p) and without pad keys.
 
-    Returns (B, Hq, nq, n)."""
+    Returns (B, Hq, nq, n). ``logits_out``: a list that receives the masked logits (-inf where
+    not visible), for callers that reuse them (CaliDrop's prompt statistics)."""
     kk = expand_kv(k, q.shape[1]).float()
     logits = torch.matmul(q.float(), kk.transpose(-1, -2)) * scale
     n = k.shape[2]
     allowed = (torch.arange(n, device=q.device)[None, :] <= q_pos[:, None])[None, None]
     allowed = allowed & valid[:, None, None, :]
     logits = logits.masked_fill(~allowed, float("-inf"))
+    if logits_out is not None:
+        logits_out.append(logits)
     probs = torch.softmax(logits, dim=-1)
     return torch.nan_to_num(probs, nan=0.0)  # a query row with no visible key (pad queries)
 

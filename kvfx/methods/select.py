@@ -46,6 +46,18 @@ def budget_from_keep(n_valid: torch.Tensor, *, keep: float | None, tokens: int |
     return torch.minimum(budget, n_valid)
 
 
+def priority(scores: torch.Tensor | None, valid: torch.Tensor, *, sink: int,
+             window: int | torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(B, Hkv, n) fp32 selection priority: the scores (recency if None), +inf at the sinks and
+    the window (always kept), -inf at pads (never kept)."""
+    B, n = valid.shape
+    protected = protected_mask(valid, sink, window)[:, None, :].expand(B, kv_heads, n)
+    valid3 = valid[:, None, :].expand(B, kv_heads, n)
+    if scores is None:  # recency as the score: later = better
+        scores = torch.arange(n, device=valid.device, dtype=torch.float32).expand(B, kv_heads, n)
+    return scores.float().masked_fill(protected, float("inf")).masked_fill(~valid3, float("-inf"))
+
+
 def select_kept(scores: torch.Tensor | None, valid: torch.Tensor, budget: torch.Tensor, *,
                 sink: int, window: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose the kept tokens of every (row, KV head).
@@ -60,11 +72,7 @@ def select_kept(scores: torch.Tensor | None, valid: torch.Tensor, budget: torch.
         count (B, Hkv) long: kept tokens per row and head (= budget[b]).
     """
     B, n = valid.shape
-    protected = protected_mask(valid, sink, window)[:, None, :].expand(B, kv_heads, n)
-    valid3 = valid[:, None, :].expand(B, kv_heads, n)
-    if scores is None:  # recency as the score: later = better
-        scores = torch.arange(n, device=valid.device, dtype=torch.float32).expand(B, kv_heads, n)
-    prio = scores.float().masked_fill(protected, float("inf")).masked_fill(~valid3, float("-inf"))
+    prio = priority(scores, valid, sink=sink, window=window, kv_heads=kv_heads)
     m = int(budget.max().item()) if B else 0
     # [Note] a stable sort, not topk: pooled scores tie often, and topk breaks ties by tensor
     # index, which left padding shifts; the stable order depends only on token order.
@@ -81,3 +89,50 @@ def select_kept(scores: torch.Tensor | None, valid: torch.Tensor, budget: torch.
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x (B, H, n, d), idx (B, H, m) -> (B, H, m, d)."""
     return x.gather(2, idx[..., None].expand(*idx.shape, x.shape[-1]))
+
+
+def select_gather_reference(prio: torch.Tensor, budget: torch.Tensor, k: torch.Tensor,
+                            v: torch.Tensor, cap: int):
+    """Keep the ``budget`` highest-priority tokens of every (row, KV head) and gather them, in
+    position order, into fresh ``cap``-slot buffers: the semantics of the ``select_gather`` kernel
+    (:func:`kvfx.runtime.compress.select_and_gather` runs one or the other).
+
+    Args:
+        prio:   (B, Hkv, n) float, higher = keep (see :func:`priority`: +inf protected, -inf pads).
+        budget: (B,) or (B, Hkv) integer tokens to keep per row (and head).
+        k, v:   (B, Hkv, n, d) and (B, Hkv, n, dv).
+        cap:    slots of the outputs (an int >= 0).
+    Returns:
+        k_out (B, Hkv, cap, d), v_out (B, Hkv, cap, dv): kept tokens in slots [0, count), zeros after;
+        pos_out (B, Hkv, cap) long: their token indices, -1 after;
+        count (B, Hkv) long = min(budget, tokens with prio != -inf, cap), clamped at 0.
+
+    The kept set is the first ``count`` tokens of a stable descending sort of ``prio``: ties go to
+    the smaller index, NaN ranks above +inf (as in ``torch.sort``). -inf tokens are never kept,
+    even when the budget exceeds the other tokens (then count < budget).
+
+    >>> prio = torch.tensor([[[0.5, float("inf"), 0.5, float("-inf"), 2.0]]])
+    >>> k = torch.arange(5.0).view(1, 1, 5, 1)
+    >>> k_out, _, pos, count = select_gather_reference(prio, torch.tensor([3]), k, k, cap=4)
+    >>> pos.tolist(), count.tolist(), k_out[0, 0, :, 0].tolist()
+    ([[[0, 1, 4, -1]]], [[3]], [0.0, 1.0, 4.0, 0.0])
+    """
+    B, H, n = prio.shape
+    dev = prio.device
+    budget = budget.to(device=dev, dtype=torch.long)
+    budget = (budget[:, None] if budget.dim() == 1 else budget).expand(B, H)
+    alive = (prio != float("-inf")).sum(-1)
+    count = torch.minimum(torch.minimum(budget.clamp(min=0), alive), torch.full_like(alive, cap))
+    order = prio.float().sort(dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=dev).expand(B, H, n))
+    keep = rank < count[..., None]  # (B, H, n): the first `count` of the sorted order
+    tokens = torch.arange(n, device=dev).expand(B, H, n)
+    slot_key = torch.where(keep, tokens, tokens + n).sort(dim=-1).values  # kept first, by position
+    pos = torch.full((B, H, cap), -1, dtype=torch.long, device=dev)
+    m = min(cap, n)
+    pos[..., :m] = torch.where(slot_key[..., :m] < n, slot_key[..., :m], -1)
+    used = pos >= 0
+    idx = pos.clamp(min=0)
+    k_out = gather_tokens(k, idx).masked_fill(~used[..., None], 0) if n else k.new_zeros(B, H, cap, k.shape[-1])
+    v_out = gather_tokens(v, idx).masked_fill(~used[..., None], 0) if n else v.new_zeros(B, H, cap, v.shape[-1])
+    return k_out, v_out, pos, count

@@ -28,19 +28,21 @@ def pool_scores(s: torch.Tensor, kind: str, kernel: int) -> torch.Tensor:
     return x.reshape(shape)
 
 
-def window_votes(q, k, valid, *, window: int, scale: float) -> torch.Tensor:
+def window_votes(q, k, valid, *, window: int, scale: float, logits_out: list | None = None) -> torch.Tensor:
     """Σ of the attention of the last ``window`` (non-pad) queries: (B, Hq, n)."""
     n = k.shape[2]
     w = min(window, n)
     q_pos = torch.arange(n - w, n, device=q.device)
-    probs = attention_probs(q[:, :, n - w:], k, valid, q_pos, scale)
+    probs = attention_probs(q[:, :, n - w:], k, valid, q_pos, scale, logits_out)
     return (probs * valid[:, None, n - w:, None]).sum(2)
 
 
 def snapkv_scores(q, k, valid, *, window: int, scale: float, pool: str = "max", kernel: int = 7,
-                  group_reduce_how: str = "mean") -> torch.Tensor:
-    """q (B, Hq, n, d), k (B, Hkv, n, d), valid (B, n) -> scores (B, Hkv, n)."""
-    s = pool_scores(window_votes(q, k, valid, window=window, scale=scale), pool, kernel)
+                  group_reduce_how: str = "mean", logits_out: list | None = None) -> torch.Tensor:
+    """q (B, Hq, n, d), k (B, Hkv, n, d), valid (B, n) -> scores (B, Hkv, n). ``logits_out``
+    receives the window's logits (B, Hq, w, n)."""
+    s = pool_scores(window_votes(q, k, valid, window=window, scale=scale, logits_out=logits_out),
+                    pool, kernel)
     return group_reduce(s, k.shape[1], group_reduce_how)
 
 
@@ -57,6 +59,6 @@ class SnapKV:
         """Scores from the prefill kernel's window votes (B, Hq, n)."""
         return group_reduce(pool_scores(votes, self.pool, self.kernel), kv_heads, self.group_reduce)
 
-    def scores(self, q, k, v, valid, scale):
+    def scores(self, q, k, v, valid, scale, logits_out: list | None = None):
         return snapkv_scores(q, k, valid, window=max(self.window, 1), scale=scale, pool=self.pool,
-                             kernel=self.kernel, group_reduce_how=self.group_reduce)
+                             kernel=self.kernel, group_reduce_how=self.group_reduce, logits_out=logits_out)

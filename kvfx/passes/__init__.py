@@ -10,6 +10,7 @@ from torch.fx import GraphModule
 
 from kvfx.passes import graph_utils as gu
 from kvfx.passes.find_attention import AttentionMatch, find_attention
+from kvfx.passes.lowrank import check_lowrank
 from kvfx.passes.rewrite import SitePlan, check, rewrite_site
 from kvfx.passes.trace_kv import trace_kv_source
 from kvfx.runtime.registry import REGISTRY, SiteInfo
@@ -55,7 +56,7 @@ def run_passes(gm: GraphModule, policy, namespace: str = "default") -> dict:
     from kvfx.methods.compressor import build_compressor
 
     matches = find_attention(gm.graph)
-    plans, infos = [], []
+    plans, infos, rope_owner = [], [], {}
     num_layers = len(matches)
     for order, m in enumerate(matches):
         users = {m.out, *m.chain}
@@ -66,7 +67,7 @@ def run_passes(gm: GraphModule, policy, namespace: str = "default") -> dict:
         key = f"{namespace}/{path}"
         info = _site_info(m, key, path, index, ks.provenance, ks.new if ks.new is not None else m.k)
         reason = check(m, ks, vs)
-        compressor = None
+        compressor = rope = None
         if not reason:
             lp = policy.resolve(index, path, max(num_layers, index + 1))
             try:
@@ -77,10 +78,14 @@ def run_passes(gm: GraphModule, policy, namespace: str = "default") -> dict:
                     "which this version of kvfx does not implement yet; use a preset from "
                     "`kvfx policy list` that only needs implemented features") from None
             _check_quant_fits(compressor, info, policy.name)
+            if getattr(compressor, "lowrank", False):
+                rope, reason = check_lowrank(m, ks, vs, compressor, info, namespace, rope_owner)
+        if not reason:
             info.policy = lp.describe()
-            plans.append(SitePlan(m, ks, vs, key))
+            plans.append(SitePlan(m, ks, vs, key, rope=rope))
         else:
             info.reason = reason
+            compressor = None
         infos.append((info, compressor))
     for plan in plans:
         rewrite_site(gm, plan)

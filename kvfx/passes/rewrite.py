@@ -9,6 +9,8 @@ For a site whose K/V are ``cat([past, new])`` (see :mod:`kvfx.passes.trace_kv`):
     out = kvfx::attention(q, nk, nv, mask, n, site, scale, is_causal)    # after
     cache_k, cache_v = kvfx::ghost(nk, n, site), kvfx::ghost(nv, n, site)
 
+A low-rank site (policy ``lowrank:``) calls ``kvfx::lowrank_attention(q, nk, nv, cos, sin, mask,
+n, site, rope_key, scale, is_causal)`` instead, with its keys' RoPE cos/sin (kvfx.passes.lowrank).
 A check returns a reason to leave the site alone; every rewrite bumps ``stats["rewritten"]``.
 """
 
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
+import kvfx.runtime.lowrank  # (registers torch.ops.kvfx.lowrank_attention)
 import kvfx.runtime.ops  # noqa: F401  (registers torch.ops.kvfx.*)
 from kvfx.passes import graph_utils as gu
 from kvfx.passes.find_attention import AttentionMatch
@@ -35,6 +38,7 @@ class SitePlan:
     vs: KVSource
     key: str  # registry key
     reason: str = ""
+    rope: tuple | None = None  # low-rank sites (kvfx.passes.lowrank): (cos, sin, RoPE table key)
 
 
 def check(match: AttentionMatch, ks: KVSource, vs: KVSource) -> str:
@@ -89,8 +93,14 @@ def rewrite_site(gm: GraphModule, plan: SitePlan) -> None:
         mask = m.mask
         if m.mask_kind == "fill_true":  # masked_fill(mask, -inf): True means "masked"
             mask = g.call_function(torch.logical_not, (mask,))
-        attn = g.call_function(torch.ops.kvfx.attention.default,
-                               (q, ks.new, vs.new, mask, past_len, plan.key, m.scale, m.is_causal))
+        if plan.rope is not None:  # the store holds latents (kvfx.runtime.lowrank)
+            cos, sin, rope_key = plan.rope
+            attn = g.call_function(torch.ops.kvfx.lowrank_attention.default,
+                                   (q, ks.new, vs.new, cos, sin, mask, past_len, plan.key, rope_key,
+                                    m.scale, m.is_causal))
+        else:
+            attn = g.call_function(torch.ops.kvfx.attention.default,
+                                   (q, ks.new, vs.new, mask, past_len, plan.key, m.scale, m.is_causal))
     m.out.replace_all_uses_with(attn)
     for src in (ks, vs):
         with g.inserting_after(src.cat):

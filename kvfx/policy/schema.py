@@ -157,6 +157,9 @@ class Calibration(_Model):
     method: Literal["calidrop"] = "calidrop"
     history: int = Field(32, ge=1, description="stored queries per head (default: the window, 32)")
     threshold: float = Field(0.9, ge=-1, le=1, description="cosine similarity needed to calibrate")
+    adjust: Literal["none", "tangent"] = Field("none", description="LSE of the evicted partition at the "
+                                               "decode query: none = the stored query's, tangent = "
+                                               "first-order shift (a lower bound)")
     recompute: Optional[Recompute] = None
 
     @model_validator(mode="after")

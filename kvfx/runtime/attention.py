@@ -150,3 +150,64 @@ def prefill_attention(q, k, v, mask, *, scale, is_causal, scores: str = "none", 
         o, _, votes = kernel(q, k, v, scale=sm, causal=True, scores=scores, window=max(window, 1))
         return o, votes
     return sdpa(q, k, v, mask, scale=scale, is_causal=is_causal), None
+
+
+def evicted_mask(store, valid: torch.Tensor) -> torch.Tensor:
+    """(B, Hkv, n) bool: prompt tokens that are valid (``valid`` (B, n)) but not held by the
+    store after prefill compression (what CaliDrop calibrates for)."""
+    B, n = valid.shape
+    pos = store.positions() if hasattr(store, "positions") else store.pos[:, :, :store.length]
+    held = torch.zeros(B, store.kv_heads, n, dtype=torch.int32, device=valid.device)
+    held.scatter_add_(2, pos.clamp(min=0).long(), (pos >= 0).to(torch.int32))
+    return valid[:, None, :] & (held == 0)
+
+
+def calibrated_decode(store, q: torch.Tensor, mask, is_causal: bool, past_len: int, scale,
+                      with_probs: bool, calib):
+    """Decode attention merged with CaliDrop's evicted partition (kvfx.methods.calidrop).
+
+    Each query row looks up its nearest stored prompt query (and, with the recompute tier,
+    may refresh the history); the kept-cache attention (o_C, LSE_C) and the stored (O_E, LSE_E)
+    merge by the exact two-partition rule. On CUDA (one query, no mask) the merge is the decode
+    kernel's extra split-K partition (for a quantized store, the quantized decode kernel's, beside
+    its slot splits and outlier pool: DESIGN rule 9); otherwise the reference merge runs after
+    attention.
+    Returns (out, probs over the store or None)."""
+    from kvfx.methods.calidrop import merge
+
+    sm = scale if scale is not None else q.shape[-1] ** -0.5
+    nq = q.shape[2]
+    rows = []
+    for t in range(nq):
+        o_e, lse_e, use, store.calib = calib.calibrate(store.calib, q[:, :, t:t + 1], scale=sm)
+        rows.append((o_e, lse_e, use))
+    if hasattr(store, "attend"):  # quantized store: fused kernel, or attention then merge
+        if nq == 1 and mask is None and _use_kernel(q):
+            return store.attend(q, mask, is_causal, past_len, scale, calib=rows[0]), None
+        o_c, lse_c = store.attend(q, mask, is_causal, past_len, scale, return_lse=True)
+        probs = None
+    else:
+        n = store.length
+        g = q.shape[1] // store.kv_heads
+        keep = _store_mask(store, mask, is_causal, nq, past_len, g)
+        k, v = store.k[:, :, :n], store.v[:, :, :n]
+        if keep is None and nq == 1 and _use_kernel(q, k):
+            from kvfx.templates.launch import decode_attention as kernel
+
+            res = kernel(q, k, v, store.count.to(torch.int32), scale=sm, return_probs=with_probs,
+                         calib=rows[0])
+            return res[0], (res[2][:, :, None, :] if with_probs else None)
+        from kvfx.methods.scoring import expand_kv
+
+        logits = torch.matmul(q.float(), expand_kv(k, q.shape[1]).float().transpose(-1, -2)) * sm
+        if keep is not None:
+            logits = logits.masked_fill(~keep, float("-inf")) if keep.dtype == torch.bool else logits + keep
+        lse_c = torch.logsumexp(logits, dim=-1)
+        probs = torch.exp(logits - torch.where(lse_c == float("-inf"), 0.0, lse_c)[..., None])
+        o_c = torch.matmul(probs.to(v.dtype), expand_kv(v, q.shape[1]))
+        probs = probs if with_probs else None
+    outs = []
+    for t, (o_e, lse_e, use) in enumerate(rows):
+        o_t, _ = merge(o_c[:, :, t:t + 1], lse_c[:, :, t:t + 1], o_e, lse_e, use)
+        outs.append(o_t)
+    return torch.cat(outs, dim=2), probs

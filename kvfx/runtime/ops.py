@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvfx.runtime.attention import KvfxStateError, decode_attention, key_valid, prefill_attention
+from kvfx.runtime.attention import (KvfxStateError, calibrated_decode, decode_attention, key_valid,
+                                    prefill_attention)
 from kvfx.runtime.qstore import QuantStore
 from kvfx.runtime.registry import REGISTRY
 
@@ -45,33 +46,55 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_len: in
     """q (B, Hq, nq, d), k/v (B, Hkv, nq, d) the *new* tokens only; mask over the logical keys
     (past_len + nq columns). Returns (B, Hq, nq, dv)."""
     b = REGISTRY.binding(site)
-    store = b.store
+    out = site_attention(b.compressor, b.store, q, k, v, mask, past_len, scale, is_causal,
+                         b.info.module_path)
+    if TAP is not None:
+        TAP(b.info, q, k, v, mask, past_len, scale, is_causal, out)
+    return out
+
+
+TAP = None  # a callable(info, q, k, v, mask, past_len, scale, is_causal, out) that sees every call
+            # (kvfx.eval.calib_error records a full-cache run with it); None in normal use
+
+
+def site_attention(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_len: int,
+                   scale: float | None, is_causal: bool, where: str = "") -> Tensor:
+    """One call of a site: its compressor ``c`` and store. Prefill (``past_len == 0``): exact
+    attention on the prompt, then compression (and CaliDrop's state). Decode: append, attend
+    (calibrated, quantized or plain), then flush or evict. Also used to replay recorded calls."""
     B, _, nq, _ = q.shape
     if past_len == 0:  # a new sequence: exact attention on the prompt, then compress
         store.reset()
-        c = b.compressor
         out, votes = prefill_attention(q, k, v, mask, scale=scale, is_causal=is_causal,
                                        scores=c.kernel_scores, window=c.window)
         with torch.no_grad():
-            c.prefill(store, q, k, v, key_valid(mask, B, nq, q.device), scale, votes)
+            valid = key_valid(mask, B, nq, q.device)
+            c.prefill(store, q, k, v, valid, scale, votes)
+            c.init_calibration(store, q, k, v, valid, scale)  # CaliDrop's state, if any
         store.seen = nq
         return out.contiguous()  # the layout the fake implementation promises
     if store.seen != past_len or store.batch != B:
         raise KvfxStateError(
-            f"kvfx: site {b.info.module_path}: the model's cache reports {past_len} past tokens "
+            f"kvfx: site {where}: the model's cache reports {past_len} past tokens "
             f"for batch {B}, the kvfx store has {store.seen} for batch {store.batch}. kvfx does "
             "not support cropping or reordering the cache (assisted decoding, beam search, "
             "contrastive search); start a new sequence with an empty cache.")
     positions = torch.arange(past_len, past_len + nq, device=q.device)
     with torch.no_grad():
         store.append(k, v, positions)
-        if isinstance(store, QuantStore):  # no decode-time eviction on quantized stores
+        if c.calib is not None:
+            out, probs = calibrated_decode(store, q, mask, is_causal, past_len, scale,
+                                           c.needs_probs, c.calib)
+            if isinstance(store, QuantStore):
+                store.flush()
+            else:
+                c.after_decode(store, nq, probs)
+        elif isinstance(store, QuantStore):  # no decode-time eviction on quantized stores
             out = store.attend(q, mask, is_causal, past_len, scale)
             store.flush()
         else:
-            out, probs = decode_attention(store, q, mask, is_causal, past_len, scale,
-                                          b.compressor.needs_probs)
-            b.compressor.after_decode(store, nq, probs)
+            out, probs = decode_attention(store, q, mask, is_causal, past_len, scale, c.needs_probs)
+            c.after_decode(store, nq, probs)
     store.seen += nq
     return out.contiguous()
 
@@ -81,4 +104,4 @@ def _(q, k, v, mask, past_len, site, scale, is_causal):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
-__all__ = ["attention", "ghost", "KvfxStateError"]
+__all__ = ["attention", "ghost", "site_attention", "KvfxStateError"]

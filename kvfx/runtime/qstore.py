@@ -106,6 +106,8 @@ class QuantStore:
         self.extra_host: dict = {}
         self.slot_state: dict = {}
         self.ragged = False
+        self.calib = None  # CaliDrop state of the sequence
+        self.calib_scale = 1.0
 
     @property
     def empty(self) -> bool:
@@ -314,8 +316,14 @@ class QuantStore:
         pool_pos = torch.where(ps >= 0, slot_pos.gather(2, ps.clamp(min=0)), -1)
         return torch.cat([slot_pos, pool_pos], dim=2)
 
-    def attend(self, q: torch.Tensor, mask, is_causal: bool, past_len: int, scale) -> torch.Tensor:
-        """Attention of q (B, Hq, nq, d) over the store (after the step's tokens were appended)."""
+    def attend(self, q: torch.Tensor, mask, is_causal: bool, past_len: int, scale,
+               return_lse: bool = False, calib=None):
+        """Attention of q (B, Hq, nq, d) over the store (after the step's tokens were appended):
+        out (B, Hq, nq, dv), or (out, lse (B, Hq, nq) fp32) with ``return_lse``.
+
+        ``calib``: optional CaliDrop partition (o_e, lse_e, use) of the one query (nq = 1), merged
+        with the store's attention (out and lse are those of the union): inside the quantized
+        decode kernel's reduction on the kernel path, by the reference's merge otherwise."""
         from kvfx.runtime.attention import _use_kernel, positions_mask
 
         sm = scale if scale is not None else q.shape[-1] ** -0.5
@@ -331,8 +339,10 @@ class QuantStore:
         if bias is None and nq == 1 and _use_kernel(q):
             from kvfx.templates.launch_quant import quant_decode_attention
 
-            return quant_decode_attention(q, kv, scale=sm)[0]
-        return quant_attention_reference(q, kv, scale=sm, bias=bias)[0]
+            o, lse = quant_decode_attention(q, kv, scale=sm, calib=calib)
+        else:
+            o, lse = quant_attention_reference(q, kv, scale=sm, bias=bias, calib=calib)
+        return (o, lse.reshape(o.shape[:-1])) if return_lse else o
 
     # ---- accounting ------------------------------------------------------------------------
     def _tensors(self) -> list:
@@ -344,7 +354,10 @@ class QuantStore:
         return [t for t in ts if t is not None]
 
     def held_bytes(self) -> int:
-        return sum(t.untyped_storage().nbytes() for t in self._tensors())
+        return sum(t.untyped_storage().nbytes() for t in self._tensors()) + self.calib_bytes()
+
+    def calib_bytes(self) -> int:
+        return 0 if self.calib is None else self.calib.nbytes()
 
     def kv_bytes(self) -> int:
         """Bytes of key/value content (codes, statistics, residual, pool keys/values)."""

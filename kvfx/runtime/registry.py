@@ -45,10 +45,21 @@ class Binding:
     ghosts: list = field(default_factory=list)  # weakrefs to the ghost tensors handed back
 
 
+def make_store(key: str, compressor) -> SiteStore | QuantStore:
+    """The store a compressor writes: quantized when its layer policy has ``quant:``."""
+    if getattr(compressor, "lowrank", False):  # ReCalKV latents (kvfx.runtime.lowrank)
+        from kvfx.runtime.lowrank import LatentStore
+
+        return LatentStore(key, compressor.kv_heads, compressor.head_dim)
+    quant = getattr(compressor, "quant", None)
+    return SiteStore(key) if quant is None else QuantStore(key, quant)
+
+
 class Registry:
     def __init__(self):
         self.sites: dict[str, SiteInfo] = {}
         self.bindings: dict[str, Binding] = {}
+        self.shared: dict[str, object] = {}  # state shared by sites (low-rank RoPE tables), by key
 
     def add_site(self, info: SiteInfo, compressor=None) -> None:
         old = self.sites.get(info.key)
@@ -58,11 +69,12 @@ class Registry:
         if info.rewritten:
             quant = getattr(compressor, "quant", None)
             b = self.bindings.get(info.key)
-            if b is not None and getattr(b.store, "cfg", None) == quant:
+            lowrank = bool(getattr(compressor, "lowrank", False))
+            if (b is not None and getattr(b.store, "cfg", None) == quant
+                    and hasattr(b.store, "lat") == lowrank):
                 b.info, b.compressor = info, compressor
             else:
-                store = SiteStore(info.key) if quant is None else QuantStore(info.key, quant)
-                self.bindings[info.key] = Binding(info, compressor, store)
+                self.bindings[info.key] = Binding(info, compressor, make_store(info.key, compressor))
 
     def binding(self, key: str) -> Binding:
         try:
@@ -122,8 +134,10 @@ def memory(cache=None) -> dict:
             model-side bytes are those of the ghost tensors kvfx handed back.
     Returns:
         ``{"sites": {path: {...}}, "held_bytes", "dense_bytes", "dense_fp16_bytes",
-        "model_cache_bytes", "store_bytes", "ratio", "ratio_fp16"}``; dense bytes are for every
-        token seen, in the model's dtype (``dense_bytes``) and in fp16 (``dense_fp16_bytes``).
+        "model_cache_bytes", "store_bytes", "shared_bytes", "ratio", "ratio_fp16"}``; dense bytes are
+        for every token seen, in the model's dtype (``dense_bytes``) and in fp16
+        (``dense_fp16_bytes``). ``shared_bytes`` (state several sites share, e.g. the RoPE table of
+        low-rank sites) is part of ``store_bytes``, counted once.
     """
     sites, store_total, dense_total, ghost_total, dense16_total = {}, 0, 0, 0, 0
     for key, b in REGISTRY.bindings.items():
@@ -137,6 +151,7 @@ def memory(cache=None) -> dict:
         held = st.held_bytes()
         sites[b.info.module_path] = {
             "held_bytes": held, "kv_bytes": st.kv_bytes(), "ghost_bytes": ghost_bytes,
+            "calib_bytes": st.calib_bytes(),
             "dense_bytes": dense, "dense_fp16_bytes": per_token * 2, "tokens_seen": st.seen,
             "tokens_held": st.tokens_held(), "capacity": st.capacity, "policy": b.info.policy,
         }
@@ -144,10 +159,13 @@ def memory(cache=None) -> dict:
         ghost_total += ghost_bytes
         dense_total += dense
         dense16_total += per_token * 2
+    shared_total = sum(t.held_bytes() for t in REGISTRY.shared.values())  # each counted once
+    store_total += shared_total
     model_bytes = _storage_bytes(cache_tensors(cache)) if cache is not None else ghost_total
     held_total = store_total + model_bytes
     return {
-        "sites": sites, "store_bytes": store_total, "model_cache_bytes": model_bytes,
+        "sites": sites, "store_bytes": store_total, "shared_bytes": shared_total,
+        "model_cache_bytes": model_bytes,
         "held_bytes": held_total, "dense_bytes": dense_total, "dense_fp16_bytes": dense16_total,
         "ratio": held_total / dense_total if dense_total else float("nan"),
         "ratio_fp16": held_total / dense16_total if dense16_total else float("nan"),
@@ -163,3 +181,4 @@ def reset() -> None:
     """Forget all sites and stores (compiled models must be recompiled afterwards)."""
     REGISTRY.sites.clear()
     REGISTRY.bindings.clear()
+    REGISTRY.shared.clear()

@@ -44,6 +44,8 @@ class SiteStore:
         self.slot_state: dict[str, torch.Tensor] = {}  # (B, Hkv, cap) per-slot method state
         self.extra_host: dict = {}  # host-side method bookkeeping (never read from the device)
         self.host_cap = 0  # rolling policies: host bound of ``length``
+        self.calib = None  # CaliDrop state (kvfx.methods.calidrop.CalibState) of the sequence
+        self.calib_scale = 1.0
 
     # ---- lifecycle -------------------------------------------------------------------------
     def reset(self) -> None:
@@ -55,6 +57,7 @@ class SiteStore:
         self.slot_state = {}
         self.extra_host = {}
         self.host_cap = 0
+        self.calib = None
 
     @property
     def capacity(self) -> int:
@@ -148,7 +151,10 @@ class SiteStore:
         """Bytes of every tensor this site's store holds (buffers, counters, method state)."""
         tensors = [t for t in (self.k, self.v, self.pos, self.count) if t is not None]
         tensors += list(self.extra.values()) + list(self.slot_state.values())
-        return sum(t.untyped_storage().nbytes() for t in tensors)
+        return sum(t.untyped_storage().nbytes() for t in tensors) + self.calib_bytes()
+
+    def calib_bytes(self) -> int:
+        return 0 if self.calib is None else self.calib.nbytes()
 
     def kv_bytes(self) -> int:
         return sum(t.untyped_storage().nbytes() for t in (self.k, self.v) if t is not None)

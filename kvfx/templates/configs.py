@@ -72,6 +72,53 @@ def decode_probs_block(cap: int) -> int:
     return min(1024, _pow2_at_least(cap))
 
 
+# Select+gather (one program per row) and K/V statistics (one per token tile or partition).
+SELECT_BLOCK_N = 1024  # scores per selection chunk
+GATHER_TILE_ELEMENTS = 4096  # BLOCK_C * head_dim: K/V elements per compaction step
+STATS_TILE_ELEMENTS = 8192  # BLOCK_N (knorm) or BLOCK_L (lagkv) * head_dim per reduced tile
+EVICT_NUM_WARPS = 4
+
+
+def select_blocks(n: int, head_dim: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_C) of the select_gather kernel for rows of n tokens."""
+    cap_n = _pow2_at_least(n)
+    return min(SELECT_BLOCK_N, cap_n), min(cap_n, max(16, GATHER_TILE_ELEMENTS // head_dim))
+
+
+def stats_block(n: int, head_dim: int) -> int:
+    """Tokens per tile of the kv_stats kernel (n: tokens per row, or lag for LagKV)."""
+    return min(_pow2_at_least(n), max(16, STATS_TILE_ELEMENTS // head_dim))
+
+
+# Quantized decode attention (KIVI): the K and V tiles are unpacked into fp32 registers, so the
+# block is bounded by its elements (BLOCK_N * head dim) rather than by shared memory.
+QUANT_DECODE_CONFIGS = (
+    AttnConfig(0, 64, 4, 2),
+    AttnConfig(0, 32, 4, 2),
+    AttnConfig(0, 16, 2, 1),
+)
+QUANT_TILE_ELEMENTS = 8192  # BLOCK_N * max(d, dv) of an unpacked K or V tile
+QUANT_COMPRESS_TILE_ELEMENTS = 4096  # tokens * d of one quant_compress program (values: BLOCK_T)
+
+
+def prune_quant_decode(configs, *, head_dim: int, head_dim_v: int, slots: int):
+    """Configs whose unpacked tiles fit QUANT_TILE_ELEMENTS and whose block is not larger than the
+    longest partition (slots: max(n, pool size))."""
+    fit = [c for c in configs if c.block_n * max(head_dim, head_dim_v) <= QUANT_TILE_ELEMENTS]
+    small = [c for c in fit if c.block_n <= _pow2_at_least(slots)]
+    return small or fit[-1:] or list(configs[-1:])
+
+
+def quant_values_block(T: int, head_dim: int) -> int:
+    """Tokens per program of the quant_compress values kernel."""
+    return min(_pow2_at_least(T, floor=1), max(1, QUANT_COMPRESS_TILE_ELEMENTS // head_dim))
+
+
+def quant_compress_warps(elements: int) -> int:
+    """num_warps of a quant_compress program holding `elements` values."""
+    return 4 if elements <= QUANT_COMPRESS_TILE_ELEMENTS else 8
+
+
 def decode_num_splits(cap: int, bh: int, block_n: int) -> int:
     """Number of split-K partitions of a store of `cap` slots, for `bh` = B·Hkv programs per split."""
     want = math.ceil(TARGET_PROGRAMS / max(1, bh))

@@ -5,6 +5,7 @@ argument checks; triton is imported only when a kernel is launched.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -167,7 +168,26 @@ def prefill_attention(q, k, v, *, scale, causal=True, kv_start=None, scores="non
     return (o, lse) if scores == "none" else (o, lse, out_scores)
 
 
-def decode_attention(q, k, v, lengths, *, scale, bias=None, return_probs=False):
+def _check_calib(op, calib, q, dv=None):
+    """calib = (o_e (B, Hq, dv) float, lse_e (B, Hq) float, use (B, Hq) bool or integer); dv is
+    the value dim (default: q's head dim)."""
+    B, Hq, _, d = q.shape
+    d = d if dv is None else dv
+    if not isinstance(calib, (tuple, list)) or len(calib) != 3 \
+            or not all(isinstance(t, torch.Tensor) for t in calib):
+        raise ValueError(f"{op}: calib must be a tuple (o_e, lse_e, use) of tensors, "
+                         f"got {type(calib).__name__}")
+    o_e, lse_e, use = calib
+    want = (("o_e", o_e, (B, Hq, d), "float"), ("lse_e", lse_e, (B, Hq), "float"),
+            ("use", use, (B, Hq), "bool or integer"))
+    for name, t, shape, kind in want:
+        ok_dtype = t.dtype.is_floating_point if kind == "float" else not t.dtype.is_floating_point
+        if tuple(t.shape) != shape or not ok_dtype or t.is_complex():
+            raise ValueError(f"{op}: calib {name} must be a {kind} tensor of shape {shape}, got "
+                             f"{tuple(t.shape)} {t.dtype}")
+
+
+def decode_attention(q, k, v, lengths, *, scale, bias=None, return_probs=False, calib=None):
     """One new query per sequence over a fixed-capacity KV store (split-K, GQA).
 
     q: (B, Hq, 1, d); k, v: (B, Hkv, cap, d) the store, Hq a multiple of Hkv; dtype fp32, fp16 or
@@ -180,6 +200,12 @@ def decode_attention(q, k, v, lengths, *, scale, bias=None, return_probs=False):
     Returns o (B, Hq, 1, d) in q's dtype and lse (B, Hq, 1) fp32 (natural log); a head with no
     valid slot gets o = 0, lse = -inf. With return_probs, also probs (B, Hq, cap) fp32: 0 at
     slots >= lengths[b, h // g] and at -inf bias, all 0 for a head with no valid slot.
+    calib: optional CaliDrop partition (o_e, lse_e, use) per query head: o_e (B, Hq, d) and
+        lse_e (B, Hq) float (cast to fp32), use (B, Hq) bool or integer (nonzero = use), e.g.
+        `kvfx.methods.calidrop.lookup`'s. Where use holds, the evicted set's estimate is merged
+        as one more partition of the split-K reduction (a `calibration=True` kernel), and o, lse
+        are those of the union; elsewhere they are bit for bit those without calib. probs stay
+        normalized over the store slots.
     The number of splits comes from configs.decode_num_splits.
 
     >>> q = torch.randn(2, 4, 1, 64); k = v = torch.randn(2, 2, 32, 64)
@@ -210,19 +236,21 @@ def decode_attention(q, k, v, lengths, *, scale, bias=None, return_probs=False):
                              f"= ({B}, 1 or {Hkv}, {cap}), got {got}")
     if type(return_probs) is not bool:
         raise ValueError(f"{op}: return_probs got {return_probs!r}, expected True or False")
+    if calib is not None:
+        _check_calib(op, calib, q)
     use_kernel = q.is_cuda or os.environ.get("KVFX_FORCE_TRITON") == "1"
     triton = _triton_or_none(op) if use_kernel else None
     if triton is None or min(B, Hq, cap) == 0:
         if use_kernel and triton is None:
             _warn_no_triton(op)
         return ref.decode_attention_reference(q, k, v, lengths, scale=scale, bias=bias,
-                                              return_probs=return_probs)
+                                              return_probs=return_probs, calib=calib)
 
     from kvfx.templates.render import load
 
     g = Hq // Hkv
     spec = KernelSpec("decode_attention", DTYPE_NAMES[q.dtype], d, g,
-                      scores="last_row" if return_probs else "none")
+                      scores="last_row" if return_probs else "none", calibration=calib is not None)
     module = load(spec)
     block_g = max(16, 1 << (g - 1).bit_length())
     lens = lengths.to(device=q.device, dtype=torch.int32)
@@ -232,6 +260,16 @@ def decode_attention(q, k, v, lengths, *, scale, bias=None, return_probs=False):
     # Stage 1 writes the logits of valid slots into probs, stage 3 normalizes them in place.
     probs = torch.empty((B, Hq, cap), dtype=torch.float32, device=q.device) if return_probs else None
     probs_args = (probs, *probs.stride()) if return_probs else ()
+    calib_ptrs, calib_strides, lse_c = (), (), lse
+    if calib is not None:
+        o_e = calib[0].to(device=q.device, dtype=torch.float32)
+        lse_e = calib[1].to(device=q.device, dtype=torch.float32)
+        use = calib[2].to(q.device)
+        use = use.view(torch.int8) if use.dtype == torch.bool else (use != 0).view(torch.int8)
+        # With probs, stage 2 also writes the store-only lse (LSE_C) that stage 3 normalizes by.
+        lse_c = torch.empty_like(lse) if return_probs else lse
+        calib_ptrs = (o_e, lse_e, use) + ((lse_c,) if return_probs else ())
+        calib_strides = (*o_e.stride(), *lse_e.stride(), *use.stride())
 
     def run(cfg):
         splits = configs.decode_num_splits(cap, B * Hkv, cfg.block_n)
@@ -250,21 +288,23 @@ def decode_attention(q, k, v, lengths, *, scale, bias=None, return_probs=False):
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         module._kvfx_decode_attention_reduce_kernel[(B * Hq,)](
-            o_part, lse_part, o, lse,
+            o_part, lse_part, o, lse, *calib_ptrs,
             *o_part.stride(), *lse_part.stride(), o.stride(0), o.stride(1), o.stride(3),
-            lse.stride(0), lse.stride(1),
+            lse.stride(0), lse.stride(1), *calib_strides,
             Hq, splits,
             HEAD_DIM=d, BLOCK_S=max(2, 1 << (splits - 1).bit_length()),
         )
         if return_probs:
             block_p = configs.decode_probs_block(cap)
             module._kvfx_decode_attention_probs_kernel[(B * Hq, triton.cdiv(cap, block_p))](
-                probs, lse, lens, *probs.stride(), lse.stride(0), lse.stride(1), *lens.stride(),
+                probs, lse_c, lens, *probs.stride(), lse_c.stride(0), lse_c.stride(1), *lens.stride(),
                 Hq, cap, GQA_GROUP=g, BLOCK_P=block_p,
             )
 
     candidates = configs.prune_decode(configs.DECODE_CONFIGS, head_dim=d, dtype=spec.dtype, block_g=block_g, cap=cap)
-    key = (spec.uri, cap.bit_length(), B * Hkv)
+    # keyed by the calibration=False spec: calibrated and plain launches pick the same config,
+    # so use=0 stays bit-identical to the plain kernel under KVFX_AUTOTUNE=1 too
+    key = (dataclasses.replace(spec, calibration=False).uri, cap.bit_length(), B * Hkv)
     with _device_ctx(q):
         cfg = configs.choose(key, candidates, lambda c: triton.testing.do_bench(lambda: run(c)))
         run(cfg)

@@ -25,6 +25,8 @@ from kvfx.templates.spec import KernelSpec
 
 TEMPLATE_DIR = Path(__file__).resolve().parent
 _TL_DTYPES = {"fp32": "tl.float32", "fp16": "tl.float16", "bf16": "tl.bfloat16"}
+# Kinds whose template renders calibration=True (the CaliDrop partition in the split-K reduction).
+CALIBRATION_KINDS = ("decode_attention", "quant_decode_attention")
 
 
 @functools.cache
@@ -55,6 +57,8 @@ def render(spec: KernelSpec) -> str:
     if not isinstance(spec, KernelSpec):
         raise TypeError(f"render: expected a KernelSpec, got {type(spec).__name__}")
     for name, default in (("quant_bits", 0), ("calibration", False)):
+        if name == "calibration" and spec.kind in CALIBRATION_KINDS:
+            continue
         if getattr(spec, name) != default:
             raise NotImplementedError(
                 f"render: {spec.kind} has no '{name}={getattr(spec, name)!r}' variant yet "
@@ -70,6 +74,13 @@ def render(spec: KernelSpec) -> str:
         gqa_group=spec.gqa_group,
         causal=spec.causal,
         scores=spec.scores,
+        calibration=spec.calibration,
+        key_bits=spec.key_bits,
+        key_group=spec.key_group,
+        value_bits=spec.value_bits,
+        value_group=spec.value_group,
+        outlier_pool=spec.outlier_pool,
+        outlier_norm=spec.outlier_norm,
     )
     return _env().get_template(f"{spec.kind}.py.jinja").render(**context)
 

@@ -93,3 +93,11 @@ def test_accuracy_vs_compression_unknown_task(tmp_path):
     with pytest.raises(ValueError, match=r"task: got 'ruler', but there are no records for it; "
                                          r"tasks present: \['needle'\]"):
         accuracy_vs_compression(_records(), "ruler", tmp_path / "x.png")
+
+
+def test_accuracy_vs_compression_numeric_metric(tmp_path):
+    # agreement records: y is the mean of a number in [0, 1] instead of the share of `correct`
+    recs = [dict(r, task="agreement", depth=None, prefix_agreement=0.25 * (i % 5))
+            for i, r in enumerate(_records(lengths=(1024,), depths=(0.5,)))]
+    _assert_plot(accuracy_vs_compression(recs, "agreement", tmp_path / "agree.png",
+                                         metric="prefix_agreement", label="prefix agreement"))

@@ -1,0 +1,226 @@
+"""The quantized store (KIVI + outlier tokens) on its own and inside compiled models."""
+
+import pytest
+import torch
+import torch._dynamo.utils as dutils
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kvfx
+from kvfx.methods.quant import (dequantize_keys, dequantize_values, quantize_keys, quantize_values,
+                                token_norms)
+from kvfx.runtime.qstore import QuantConfig, QuantStore
+
+
+def _fill(cfg, B, H, m, steps, d=64, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(B, H, m + steps, d, generator=g).to(dtype)
+    v = torch.randn(B, H, m + steps, d, generator=g).to(dtype)
+    st_ = QuantStore("t", cfg)
+    st_.write_kept(k[:, :, :m], v[:, :, :m], torch.arange(m).expand(B, H, m),
+                   torch.full((B, H), m), m + 1)
+    st_.seen = m
+    return st_, k, v
+
+
+def _dense_expected(cfg, k, v, n):
+    """What the store must attend over after n tokens, built straight from KIVI's rules:
+    keys of the first R·⌊n/R⌋ slots and values of the first max(0, n − R) quantized."""
+    R = cfg.residual
+    nk, nv = n // R * R, max(0, n - R)
+    K, V = k[:, :, :n].clone(), v[:, :, :n].clone()
+    if nk:
+        K[:, :, :nk] = dequantize_keys(quantize_keys(k[:, :, :nk], cfg.kbits, cfg.kgroup))
+    if nv:
+        V[:, :, :nv] = dequantize_values(quantize_values(v[:, :, :nv], cfg.vbits, cfg.vgroup))
+    return K, V, nk, nv
+
+
+@settings(max_examples=10, deadline=None)
+@given(bits=st.sampled_from([2, 4, 8]), group=st.sampled_from([16, 32]),
+       rmul=st.integers(1, 2), m=st.integers(1, 120), steps=st.integers(0, 40), g=st.sampled_from([1, 3]))
+def test_flush_rules_and_attention_match_kivi(bits, group, rmul, m, steps, g):
+    if group % (32 // bits):
+        group = 32
+    cfg = QuantConfig(bits, group, bits, group, residual=group * rmul)
+    store, k, v = _fill(cfg, 1, 2, m, steps)
+    q = torch.randn(1, 2 * g, 1, 64)
+    for t in range(m, m + steps + 1):
+        if t > m:
+            store.append(k[:, :, t - 1:t], v[:, :, t - 1:t], torch.tensor([t - 1]))
+            store.flush()
+        K, V, nk, nv = _dense_expected(cfg, k, v, t)
+        assert (store.n, store.nk, store.nv) == (t, nk, nv)
+        out = store.attend(q, None, False, t, None)
+        want = F.scaled_dot_product_attention(q, K, V, enable_gqa=g > 1)
+        torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-4)
+
+
+def test_kivi2_bytes_at_4k_under_022_of_fp16():
+    """Bytes are those of the tensors the store holds (codes, stats, residual, counters)."""
+    cfg = QuantConfig(2, 32, 2, 32, residual=128)
+    m = 4096
+    store, k, v = _fill(cfg, 1, 3, m, 8, dtype=torch.float16)
+    for t in range(m, m + 8):
+        store.append(k[:, :, t:t + 1], v[:, :, t:t + 1], torch.tensor([t]))
+        store.flush()
+    dense16 = 3 * (m + 8) * 128 * 2
+    assert store.held_bytes() <= 0.22 * dense16, store.held_bytes() / dense16
+    assert store.pos is None and store.ok is None  # identity layout: no per-slot bookkeeping
+
+
+def test_outlier_pool_holds_smallest_norm_keys_exactly():
+    cfg = QuantConfig(2, 32, 2, 32, residual=64, per_group=1, pool=3)
+    m = 256  # 8 groups, 8 candidates for a pool of 3
+    store, k, v = _fill(cfg, 1, 2, m, 0, seed=3)
+    pool = store.pool
+    assert (pool.count == 3).all()
+    for h in range(2):
+        kh = k[0, h, :256]
+        cand = [int(token_norms(kh[i * 32:(i + 1) * 32]).argmin()) + 32 * i for i in range(8)]
+        norms = token_norms(kh[cand])
+        want = sorted(c for _, c in sorted(zip(norms.tolist(), cand))[:3])
+        held = sorted(pool.pos[0, h].tolist())
+        assert held == want
+        # the pool's keys and values are bit-exact, their slots are hidden; the others are back
+        for j, s in enumerate(pool.pos[0, h].tolist()):
+            assert torch.equal(pool.keys[0, h, j], k[0, h, s]) and torch.equal(pool.values[0, h, j], v[0, h, s])
+        hidden = (~store.ok[0, h, :m]).nonzero().flatten().tolist()
+        assert hidden == want
+        # each group's range was computed without its outlier
+        for i in range(8):
+            grp = kh[i * 32:(i + 1) * 32]
+            rest = torch.cat([grp[:cand[i] - 32 * i], grp[cand[i] - 32 * i + 1:]])
+            lo = store.kmin[0, h, i].float()
+            assert (lo <= rest.min(0).values).all()
+            assert torch.allclose(lo, rest.min(0).values, atol=1e-2)
+
+
+def test_outlier_store_attention_matches_its_own_dense_view():
+    """Attention over [quantized slots (pool slots hidden) ∪ pool ∪ residual] equals SDPA over
+    the same keys written out: pool tokens exact, the rest dequantized."""
+    cfg = QuantConfig(2, 32, 2, 32, residual=64, per_group=1, pool=4)
+    store, k, v = _fill(cfg, 1, 2, 256 + 20, 0, seed=5)
+    kv = store.view()
+    from kvfx.methods.quant_attention import dequant_keys, dequant_values
+
+    K = torch.cat([dequant_keys(kv, 0, kv.nk), store.rk[:, :, :kv.n - kv.nk].float()], 2)
+    V = torch.cat([dequant_values(kv, 0, kv.nv), store.rv[:, :, :kv.n - kv.nv].float()], 2)
+    K = torch.cat([K, store.pool.keys.float()], 2)
+    V = torch.cat([V, store.pool.values.float()], 2)
+    vis = torch.cat([store.ok[:, :, :kv.n], store.pool.occupied], 2)
+    q = torch.randn(1, 2, 1, 64)
+    want = F.scaled_dot_product_attention(q, K, V, attn_mask=vis[:, :, None, :])
+    torch.testing.assert_close(store.attend(q, None, False, kv.n, None), want, atol=2e-5, rtol=1e-4)
+    assert int((~store.ok[:, :, :kv.n]).sum()) == 2 * 4  # hidden exactly while pooled
+
+
+# ---- inside compiled models --------------------------------------------------------------------
+
+def _llama(layers=2, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=256, intermediate_size=256, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
+    m = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval().to(dtype)
+    m.generation_config.pad_token_id = 0
+    return m
+
+
+def _teacher_logits(model, seq, prompt):
+    from zoo import cache_kwarg
+
+    with torch.no_grad():
+        out = model(seq[:, :prompt], use_cache=True)
+        lg = [out.logits[:, -1:]]
+        for t in range(prompt, seq.shape[1] - 1):
+            past = out.get("cache", out.get("past_key_values"))
+            out = model(seq[:, t:t + 1], **{cache_kwarg(model): past}, use_cache=True)
+            lg.append(out.logits[:, -1:])
+    return torch.cat(lg, 1)
+
+
+def test_quantized_generation_error_shrinks_with_bits_and_no_recompiles():
+    ids = torch.randint(1, 90, (1, 300), generator=torch.Generator().manual_seed(1))
+    seq = torch.cat([ids, torch.randint(1, 90, (1, 20), generator=torch.Generator().manual_seed(2))], 1)
+    ref = _teacher_logits(_llama(), seq, 300)
+    err = {}
+    for bits in (8, 4, 2):
+        kvfx.reset()
+        torch._dynamo.reset()
+        model = _llama()
+        policy = {"kvfx": 1, "name": f"kivi{bits}", "extends": "kivi2",
+                  "quant": {"keys": {"bits": bits}, "values": {"bits": bits}}}
+        model.compile(backend="kvfx", options={"policy": policy, "inner": "eager"})
+        dutils.counters.clear()
+        got = _teacher_logits(model, seq, 300)
+        assert dutils.counters["stats"]["unique_graphs"] <= 3
+        err[bits] = (got - ref).abs().max().item()
+        store = next(iter(kvfx.runtime.registry.REGISTRY.bindings.values())).store
+        assert isinstance(store, QuantStore) and (store.n, store.nk, store.nv) == (319, 256, 191)
+    assert err[8] < 5e-3 and err[8] < err[4] < err[2], err
+
+
+def test_kivi2_model_memory_at_4k_is_real_bytes():
+    """A half-precision model at a 4k prompt: kvfx.memory() (measured tensors, including the
+    model's own ghost cache) is at most 0.22 of the dense fp16 cache."""
+    kvfx.reset()
+    torch._dynamo.reset()
+    model = _llama(dtype=torch.bfloat16)
+    model.compile(backend="kvfx", options={"policy": "kivi2", "inner": "eager"})
+    ids = torch.randint(1, 90, (1, 4096), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                             min_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    mem = kvfx.memory(out.get("cache", out.get("past_key_values")))
+    assert mem["ratio_fp16"] <= 0.22, mem["ratio_fp16"]
+    assert mem["ratio"] == pytest.approx(mem["ratio_fp16"])  # the model's dtype is 16-bit here
+
+
+def test_snapkv_ott2_with_left_padding_never_keeps_pads():
+    kvfx.reset()
+    torch._dynamo.reset()
+    model = _llama()
+    model.compile(backend="kvfx", options={"policy": "snapkv-ott2", "inner": "eager"})
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, 90, (2, 700), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :100], ids[1, :100] = 0, 0
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    assert out.shape == (2, 720)
+    for b in kvfx.runtime.registry.REGISTRY.bindings.values():
+        st_ = b.store
+        assert isinstance(st_, QuantStore) and st_.pos is not None
+        pos = st_.pos[1, :, :st_.n]
+        assert not ((pos >= 0) & (pos < 100)).any()  # row 1's pads were never kept
+        assert int(st_.count[0].max()) == round(0.25 * 700) + 19  # 19 decode steps feed tokens back
+
+
+@pytest.mark.parametrize("policy,match", [
+    ({"kvfx": 1, "name": "h2o-q", "extends": "h2o", "quant": {}}, "decode-time eviction"),
+    ({"kvfx": 1, "name": "st-q", "extends": "streaming", "quant": {}}, "decode-time eviction"),
+])
+def test_quant_with_rolling_eviction_is_refused_clearly(policy, match):
+    kvfx.reset()
+    torch._dynamo.reset()
+    model = _llama(layers=1)
+    model.compile(backend="kvfx", options={"policy": policy, "inner": "eager"})
+    ids = torch.randint(1, 90, (1, 40))
+    with pytest.raises(Exception, match=match):
+        with torch.no_grad():
+            model(ids)
+
+
+def test_value_group_that_does_not_divide_head_dim_fails_at_compile():
+    from zoo import hf_model  # head dim 16
+
+    kvfx.reset()
+    torch._dynamo.reset()
+    model = hf_model("llama", layers=1)
+    model.compile(backend="kvfx", options={"policy": "kivi2", "inner": "eager"})
+    with pytest.raises(Exception, match="head dim 16"):
+        with torch.no_grad():
+            model(torch.randint(1, 90, (1, 40)))
