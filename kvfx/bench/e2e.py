@@ -34,7 +34,8 @@ and length:
                      (see :class:`kvfx.bench.measure.PeakMemory`), max over the measured rounds;
                      split into the prefill forward (``peak_rss_prefill_delta``: prompt activations
                      and the prompt's K/V before compression) and the decode steps
-                     (``peak_rss_decode_delta``: what stays held while generating, the KV cache)
+                     (``peak_rss_decode_delta``, after handing what the prefill freed back to the OS:
+                     what stays held while generating, the KV cache, plus decode's transients)
 
 Ratios (``vs_baseline``, ``vs_full``) divide a number by the same number of the ``inductor`` (the
 baseline) or ``kvfx:full`` configuration at the same length in the same run (< 1: faster or smaller).
@@ -218,7 +219,7 @@ def _sequence(s: Setup, model, ids, n, warmup, steps, kw, first_kw, greedy, prob
                            device)
     cache = _returned_cache(out, cache)
     mem_prefill = probe.read()
-    probe.rearm()
+    probe.rearm(release=True)  # [Note] without it, heap pages the prefill freed count as decode's
     decode_s = []
     for i in range(warmup + steps):
         tok = out.logits[:, -1:].argmax(-1) if greedy else ids[:, n + i:n + i + 1]
@@ -338,7 +339,8 @@ def markdown_table(result: dict) -> str:
         "bytes of the kvfx store plus the model's own cache tensors at the end of the sequence "
         "(baselines: the DynamicCache tensors); held/dense: against the uncompressed cache of every "
         f"token seen. peak ΔRSS: {m['memory_measure']}, during the prefill forward and during the "
-        f"decode steps (the {x} ratio is the decode one), max over rounds. compile s: the compile "
+        "decode steps (after returning what the prefill freed to the OS; the "
+        f"{x} ratio is the decode one), max over rounds. compile s: the compile "
         "round's sequence time minus its steady-state estimate (eager shows the noise level). "
         "graphs: graphs dynamo compiled in the compile round. sites rewritten: attention sites kvfx "
         "rewrote / found.")]

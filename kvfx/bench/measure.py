@@ -84,9 +84,12 @@ class PeakMemory:
         if self.cuda:
             self.cuda_start = torch.cuda.memory_allocated()
 
-    def rearm(self) -> None:
+    def rearm(self, release: bool = False) -> None:
         """Restart the high-water mark at the current RSS, keeping the run's start (to measure
-        one phase of a run, e.g. decode after prefill)."""
+        one phase of a run, e.g. decode after prefill); ``release``: first hand what the last
+        phase freed back to the OS, so that the next peak shows what is still held."""
+        if release:
+            release_memory()
         if self.per_run:
             with open(_CLEAR_REFS, "w") as f:
                 f.write("5")
