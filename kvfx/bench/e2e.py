@@ -422,17 +422,12 @@ def load_inputs(model_name: str, n_tokens: int, *, device: str, dtype: torch.dty
 
 
 def _new_cache(model):
-    from transformers import DynamicCache
+    from kvfx.eval.perplexity import _new_cache as new_cache
 
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # older transformers: no config argument
-        return DynamicCache()
+    return new_cache(model)
 
 
 def _returned_cache(out, cache):
-    for name in ("cache", "past_key_values"):
-        c = getattr(out, name, None)
-        if c is not None:
-            return c
-    return cache
+    from kvfx.eval.perplexity import _returned_cache as returned
+
+    return returned(out, cache)
