@@ -26,13 +26,7 @@ from kvfx.templates.spec import KernelSpec  # noqa: E402
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _force_triton(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("KVFX_FORCE_TRITON", "1")
-    mp.setenv("KVFX_CACHE_DIR", str(tmp_path_factory.mktemp("kvfx-kernels")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("force_triton")  # tests/templates/conftest.py
 
 
 @st.composite

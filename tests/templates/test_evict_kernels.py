@@ -30,13 +30,7 @@ SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[Healt
 INF = float("inf")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _force_triton(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("KVFX_FORCE_TRITON", "1")
-    mp.setenv("KVFX_CACHE_DIR", str(tmp_path_factory.mktemp("kvfx-kernels")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("force_triton")  # tests/templates/conftest.py
 
 
 # ---- select_gather ------------------------------------------------------------------------------

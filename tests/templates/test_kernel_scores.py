@@ -26,13 +26,7 @@ BLOCKS = {"16x16": configs.AttnConfig(16, 16, 2, 1), "32x16": configs.AttnConfig
           "16x32": configs.AttnConfig(16, 32, 2, 1), "table": None}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _force_triton(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("KVFX_FORCE_TRITON", "1")
-    mp.setenv("KVFX_CACHE_DIR", str(tmp_path_factory.mktemp("kvfx-kernels")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("force_triton")  # tests/templates/conftest.py
 
 
 def _voters(B, n_q, n_k, scores, window, starts, lse):

@@ -28,15 +28,7 @@ from kvfx.templates import configs, launch  # noqa: E402
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _force_triton(tmp_path_factory):
-    # KVFX_FORCE_TRITON is set here rather than at import: module-level writes happen at
-    # collection and would route every later test module of the session through the kernels.
-    mp = pytest.MonkeyPatch()
-    mp.setenv("KVFX_FORCE_TRITON", "1")
-    mp.setenv("KVFX_CACHE_DIR", str(tmp_path_factory.mktemp("kvfx-kernels")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("force_triton")  # tests/templates/conftest.py
 
 
 @st.composite

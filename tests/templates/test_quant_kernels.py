@@ -42,13 +42,7 @@ LOGIT_ULPS = 0.5
 _INT = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _force_triton(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("KVFX_FORCE_TRITON", "1")
-    mp.setenv("KVFX_CACHE_DIR", str(tmp_path_factory.mktemp("kvfx-kernels")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("force_triton")  # tests/templates/conftest.py
 
 
 def _bits_equal(a, b):
