@@ -119,8 +119,10 @@ def _calib_error(args) -> int:
     from kvfx.eval.calib_error import markdown, run_calib_error
 
     keeps = tuple(float(x) for x in args.keep.split(","))
+    thresholds = tuple(float(x) for x in args.thresholds.split(","))
     r = run_calib_error(args.model, length=_parse_lengths(args.length)[0], steps=args.steps, keeps=keeps,
-                        methods=tuple(args.methods.split(",")), source=args.text, out=args.out)
+                        methods=tuple(args.methods.split(",")), thresholds=thresholds,
+                        adjusts=tuple(args.adjust.split(",")), source=args.text, out=args.out)
     print(markdown(r))
     print(f"wrote {args.out}/calib_error.json and calib_error.png ({r['seconds']:.0f} s)")
     return 0
@@ -206,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--steps", type=int, default=32, help="teacher-forced decode steps measured")
     ce.add_argument("--keep", default="0.25,0.125,0.0625", help="budgets (fractions of the prompt)")
     ce.add_argument("--methods", default="snapkv,streaming")
+    ce.add_argument("--thresholds", default="0.9", help="CaliDrop cosine thresholds to compare, e.g. 0.9,0.7")
+    ce.add_argument("--adjust", default="none", help="LSE estimates to compare: none, tangent or both "
+                    "(none,tangent)")
     ce.add_argument("--text", default="essays", help="text source (essays, pydoc, grass)")
     ce.add_argument("--out", default="runs/calib-error")
     ce.set_defaults(func=_calib_error)

@@ -76,24 +76,59 @@ def record_full(model, ids: torch.Tensor, steps: int) -> dict[str, SiteRecord]:
     return rec
 
 
+DEFAULT_THRESHOLD, DEFAULT_ADJUST = 0.9, "none"  # the calibration defaults of the presets
+
+
+def variant_name(method: str, keep: float, calibrate: bool, threshold: float = DEFAULT_THRESHOLD,
+                 adjust: str = DEFAULT_ADJUST) -> str:
+    """``snapkv@0.25``, ``snapkv@0.25+calidrop`` (preset calibration) or
+    ``snapkv@0.25+calidrop(t=0.8,tangent)`` (another threshold or LSE adjustment)."""
+    name = f"{method}@{keep:g}"
+    if not calibrate:
+        return name
+    if (threshold, adjust) == (DEFAULT_THRESHOLD, DEFAULT_ADJUST):
+        return name + "+calidrop"
+    return name + f"+calidrop(t={threshold:g}" + (f",{adjust})" if adjust != "none" else ")")
+
+
 def variant_policy(method: str, keep: float, calibrate: bool, prompt_len: int, history: int = 32,
-                   threshold: float = 0.9) -> dict:
+                   threshold: float = DEFAULT_THRESHOLD, adjust: str = DEFAULT_ADJUST) -> dict:
     """A policy dict: ``snapkv`` at ``keep``, or ``streaming`` with the window sized so it keeps
-    the same number of tokens (sink + window = keep · prompt), each with or without CaliDrop."""
-    name = f"{method}-keep{keep:g}" + ("+calidrop" if calibrate else "")
+    the same number of tokens (sink + window = keep · prompt), each with or without CaliDrop
+    (``threshold``: the cosine a decode query needs; ``adjust``: the LSE estimate)."""
+    name = variant_name(method, keep, calibrate, threshold, adjust)
+    name = name.replace("@", "-keep").replace("(t=", "-t").replace(",", "-").replace(")", "")
     doc = {"kvfx": 1, "name": name, "extends": method}
     if method == "streaming":
         doc["budget"] = {"window": max(1, round(keep * prompt_len) - 4)}
     else:
         doc["budget"] = {"keep": keep}
     if calibrate:
-        doc["calibration"] = {"history": history, "threshold": threshold}
+        doc["calibration"] = {"history": history, "threshold": threshold, "adjust": adjust}
     return doc
 
 
-def replay(rec: dict[str, SiteRecord], policy, num_layers: int) -> dict[str, float]:
+class _CountingCaliDrop:
+    """Wraps a compressor's :class:`kvfx.methods.calidrop.CaliDrop` and counts how many (query
+    head, decode step) pairs were calibrated (``use`` True) out of all."""
+
+    def __init__(self, inner):
+        self.inner, self.used, self.total = inner, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def calibrate(self, state, q, *, scale):
+        o_e, lse_e, use, state = self.inner.calibrate(state, q, scale=scale)
+        self.used += int(use.sum())
+        self.total += use.numel()
+        return o_e, lse_e, use, state
+
+
+def replay(rec: dict[str, SiteRecord], policy, num_layers: int, hits: dict | None = None) -> dict[str, float]:
     """Relative L1 error per site of ``policy`` (anything ``load_policy`` takes) replayed on the
-    recorded calls."""
+    recorded calls. ``hits``: a dict that receives, per site with calibration, the fraction of
+    (query head, decode step) pairs whose nearest stored query passed the threshold."""
     from kvfx.methods.compressor import build_compressor
     from kvfx.policy import load_policy
     from kvfx.runtime.ops import site_attention
@@ -103,6 +138,8 @@ def replay(rec: dict[str, SiteRecord], policy, num_layers: int) -> dict[str, flo
     errors = {}
     for path, r in rec.items():
         c = build_compressor(pol.resolve(r.layer, path, num_layers), r.layer, num_layers)
+        if c.calib is not None:
+            c.calib = _CountingCaliDrop(c.calib)
         store = make_store(path, c)
         q, k, v, mask, scale, causal = r.prompt
         site_attention(c, store, q, k, v, mask, 0, scale, causal, path)
@@ -112,16 +149,21 @@ def replay(rec: dict[str, SiteRecord], policy, num_layers: int) -> dict[str, flo
             err += float((o.float() - full.float()).abs().sum())
             ref += float(full.float().abs().sum())
         errors[path] = err / ref if ref else float("nan")
+        if hits is not None and c.calib is not None:
+            hits[path] = c.calib.used / c.calib.total if c.calib.total else float("nan")
     return errors
 
 
 def run_calib_error(model_name: str = "smollm2-135m", *, length: int = 4096, steps: int = 32,
                     keeps=(0.25, 0.125, 0.0625), methods=("snapkv", "streaming"),
+                    thresholds=(DEFAULT_THRESHOLD,), adjusts=(DEFAULT_ADJUST,),
                     source: str = "essays", out: str | Path | None = None, progress: bool = True) -> dict:
     """Record a full-cache run of ``model_name`` on ``length`` tokens of ``source`` (the last
-    ``steps`` teacher-forced), replay every (method × keep × calibration) variant, and return
-    ``{"layers": [...], "variants": {name: [error per layer]}, "mean": {name: mean error}, ...}``;
-    with ``out``, also write ``calib_error.json`` and ``calib_error.png`` there."""
+    ``steps`` teacher-forced), replay every variant (method × keep × [no calibration, CaliDrop
+    with each threshold × adjust]) and return ``{"layers": [...], "variants": {name: [error per
+    layer]}, "mean": {name: mean error}, "hit_rate": {name: mean over layers of the calibrated
+    fraction of (head, step) pairs}, ...}`` (names: :func:`variant_name`); with ``out``, also
+    write ``calib_error.json`` and ``calib_error.png`` there."""
     import kvfx
     from kvfx.eval.perplexity import long_text_ids
     from kvfx.models import load_model
@@ -134,22 +176,30 @@ def run_calib_error(model_name: str = "smollm2-135m", *, length: int = 4096, ste
     rec = record_full(model, ids, steps)
     order = sorted(rec, key=lambda p: rec[p].layer)
     n_layers = len(order)
-    variants = [(m, kp, cal) for m in methods for kp in keeps for cal in (False, True)]
-    table = {}
+    cal_opts = [(t, a) for t in thresholds for a in adjusts]
+    variants = [(m, kp, None) for m in methods for kp in keeps]
+    variants += [(m, kp, ta) for m in methods for kp in keeps for ta in cal_opts]
+    table, hit_rate = {}, {}
     it = variants
     if progress:
         from tqdm import tqdm
 
         it = tqdm(variants, desc="calib-error replay", unit="variant")
-    for m, kp, cal in it:
-        doc = variant_policy(m, kp, cal, length)
-        err = replay(rec, doc, n_layers)
-        table[f"{m}@{kp:g}" + ("+calidrop" if cal else "")] = [err[p] for p in order]
+    for m, kp, ta in it:
+        cal = ta is not None
+        t, a = ta if cal else (DEFAULT_THRESHOLD, DEFAULT_ADJUST)
+        hits: dict = {}
+        err = replay(rec, variant_policy(m, kp, cal, length, threshold=t, adjust=a), n_layers, hits)
+        name = variant_name(m, kp, cal, t, a)
+        table[name] = [err[p] for p in order]
+        if cal:
+            hit_rate[name] = sum(hits.values()) / len(hits)
     result = {
         "model": model_name, "length": length, "steps": steps, "source": source,
         "layers": [rec[p].layer for p in order],
         "variants": table,
         "mean": {k: sum(v) / len(v) for k, v in table.items()},
+        "hit_rate": hit_rate,
         "seconds": time.perf_counter() - t0,
     }
     if out is not None:
@@ -161,15 +211,24 @@ def run_calib_error(model_name: str = "smollm2-135m", *, length: int = 4096, ste
 
 
 def markdown(result: dict) -> str:
-    """Mean relative L1 error over layers, with and without calibration, per method and keep."""
-    rows = ["| method | keep | error without | error with CaliDrop | change |", "|---|---|---|---|---|"]
+    """Mean relative L1 error over layers without and with each calibration variant, per method
+    and keep, and how often the calibration applied (the threshold's hit rate)."""
+    rows = ["| method | keep | calibration | mean error | change | calibrated (head, step) pairs |",
+            "|---|---|---|---|---|---|"]
+    hit = result.get("hit_rate", {})
     for name, e in result["mean"].items():
-        if name.endswith("+calidrop"):
+        if "+" in name:
             continue
         method, keep = name.split("@")
-        e_cal = result["mean"].get(name + "+calidrop")
-        change = f"{100 * (e_cal - e) / e:+.1f}%" if e_cal is not None and e else ""
-        rows.append(f"| {method} | {keep} | {e:.4f} | {e_cal:.4f} | {change} |")
+        rows.append(f"| {method} | {keep} | none | {e:.4f} |  |  |")
+        for cname, e_cal in result["mean"].items():
+            if not cname.startswith(name + "+"):
+                continue
+            label = cname[len(name) + 1:]
+            change = f"{100 * (e_cal - e) / e:+.1f}%" if e else ""
+            h = hit.get(cname)
+            rows.append(f"| {method} | {keep} | {label} | {e_cal:.4f} | {change} | "
+                        + (f"{100 * h:.1f}% |" if h is not None else " |"))
     return "\n".join(rows)
 
 
@@ -182,14 +241,18 @@ def plot_calib_error(result: dict, path) -> None:
     methods = sorted({n.split("@")[0] for n in result["variants"]})
     fig, axes = plt.subplots(1, len(methods), figsize=(6 * len(methods), 4), squeeze=False, sharey=True)
     for ax, method in zip(axes[0], methods):
-        names = [n for n in result["variants"] if n.startswith(method + "@") and not n.endswith("+calidrop")]
+        names = [n for n in result["variants"] if n.startswith(method + "@") and "+" not in n]
         for i, name in enumerate(names):
             color = f"C{i}"
             ax.plot(result["layers"], result["variants"][name], color=color, ls="--",
                     label=f"keep {name.split('@')[1]}")
-            cal = result["variants"].get(name + "+calidrop")
+            # the preset calibration if it was run, else the first calibrated variant
+            cals = [n for n in result["variants"] if n.startswith(name + "+")]
+            cal = name + "+calidrop" if name + "+calidrop" in cals else (cals[0] if cals else None)
             if cal is not None:
-                ax.plot(result["layers"], cal, color=color, ls="-", label=f"keep {name.split('@')[1]} + CaliDrop")
+                label = "CaliDrop" if cal.endswith("+calidrop") else cal[len(name) + 1:]
+                ax.plot(result["layers"], result["variants"][cal], color=color, ls="-",
+                        label=f"keep {name.split('@')[1]} + {label}")
         ax.set_title(f"{method}: decode attention error per layer")
         ax.set_xlabel("layer")
         ax.set_yscale("log")
