@@ -33,14 +33,15 @@ s_e = scale · q_i·k_e, exactly (vectorized over the m tokens):
     LSE' = logaddexp(LSE, log Σ_e exp(s_e)),
     O'   = e^{LSE−LSE'}·O + Σ_e e^{s_e−LSE'}·v_e,   G' = e^{LSE−LSE'}·G + Σ_e e^{s_e−LSE'}·scale·k_e.
 
-Recompute tier (optional, off by default): the state also keeps the evicted K/V (full precision
-here; ALGORITHMS.md asks for low bit, which is the quantizer's job once the runtime wires it) and,
-for heads with recompute_threshold <= sim < threshold, computes O_E, LSE_E (, G_E) of q_t exactly
-and inserts (q_t, O_E, LSE_E) into the history in place of the entry *least similar to q_t*
-(entries never filled first): queries drift slowly, so the entry farthest from the current query
-is the least likely to be matched next, this never replaces the best match, and it needs no
-age counter. The evicted store here grows by concatenation; the runtime holds it in a
-fixed-capacity buffer.
+Recompute tier (optional, off by default): the state also keeps the evicted K/V
+(:class:`kvfx.methods.calidrop_evicted.EvictedKV`: in ``bits``-bit KIVI layout, as ALGORITHMS.md
+asks, or in full precision with bits None) and, for heads with recompute_threshold <= sim <
+threshold, computes O_E, LSE_E (, G_E) of q_t exactly over it (over the dequantized keys and
+values: the quantizer's error is the only one) and inserts (q_t, O_E, LSE_E) into the history in
+place of the entry *least similar to q_t* (entries never filled first): queries drift slowly, so
+the entry farthest from the current query is the least likely to be matched next, this never
+replaces the best match, and it needs no age counter. Decode-time evictions join the store (a
+full-precision tail that is quantized a key group at a time).
 
 All functions are functional: they return new tensors / a new `CalibState`.
 """
@@ -54,6 +55,7 @@ from typing import Optional
 import torch
 
 from kvfx.methods.attention import merge_partitions
+from kvfx.methods.calidrop_evicted import EvictedKV
 
 ADJUSTS = ("none", "tangent")
 _COS_EPS = 1e-12  # |q|·|q_i| floor: a zero query has cosine 0 with everything
@@ -85,8 +87,7 @@ class CalibState:
     lse_e (B, Hq, c) fp32 (float64 for float64 input; lse_e = -inf where E is empty);
     valid (B, Hq, c) bool, False for entries never filled (left-pad window rows): never matched;
     lse_grad (B, Hq, c, d) G_E of each entry, only with adjust="tangent" (else None);
-    k_ev, v_ev (B, Hkv, m, d) and valid_ev (B, Hkv, m) bool: the evicted K/V of the recompute
-    tier (else None), slots with valid_ev False hold zeros.
+    evicted: the evicted K/V of the recompute tier (else None).
     """
 
     q_hist: torch.Tensor
@@ -94,9 +95,7 @@ class CalibState:
     lse_e: torch.Tensor
     valid: torch.Tensor
     lse_grad: Optional[torch.Tensor] = None
-    k_ev: Optional[torch.Tensor] = None
-    v_ev: Optional[torch.Tensor] = None
-    valid_ev: Optional[torch.Tensor] = None
+    evicted: Optional[EvictedKV] = None
 
     @property
     def adjust(self) -> str:
@@ -104,15 +103,17 @@ class CalibState:
 
     @property
     def has_evicted(self) -> bool:
-        return self.k_ev is not None
+        return self.evicted is not None
 
     def nbytes(self) -> int:
-        """Bytes held by every tensor of the state."""
-        return sum(t.nbytes for t in self.tensors() if t is not None)
+        """Bytes held by every tensor of the state (the recompute tier's store included)."""
+        ev = 0 if self.evicted is None else self.evicted.nbytes()
+        return ev + sum(t.nbytes for t in self.tensors() if t is not None)
 
     def tensors(self) -> tuple:
-        """Every field in declaration order (None for the absent optional ones), without copies."""
-        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+        """Every tensor field in declaration order (None for the absent optional ones), without
+        copies; the recompute tier's store is ``evicted``."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "evicted")
 
 
 def _compact_evicted(k, v, evicted):
@@ -148,7 +149,7 @@ def _o_and_grad(p, k, v, ok_q, scale, with_grad, cd):
 
 
 def build_state_from_logits(q_win, logits, k, v, evicted, *, scale, q_valid=None, adjust="none",
-                            keep_evicted=False) -> CalibState:
+                            keep_evicted=False, evicted_bits=None) -> CalibState:
     """`build_state` from precomputed window logits (what SnapKV scoring computes): no second
     pass of q·Kᵀ.
 
@@ -179,12 +180,12 @@ def build_state_from_logits(q_win, logits, k, v, evicted, *, scale, q_valid=None
         grad = grad.masked_fill(~valid[..., None], 0) if grad is not None else None
     state = CalibState(q_hist=q_win.clone(), o_e=o, lse_e=lse, valid=valid, lse_grad=grad)
     if keep_evicted:
-        state.k_ev, state.v_ev, state.valid_ev = _compact_evicted(k, v, evicted)
+        state.evicted = EvictedKV.build(*_compact_evicted(k, v, evicted), bits=evicted_bits)
     return state
 
 
 def build_state(q_win, k, v, evicted, *, scale, q_valid=None, adjust="none",
-                keep_evicted=False) -> CalibState:
+                keep_evicted=False, evicted_bits=None) -> CalibState:
     """The CaliDrop history after prefill eviction.
 
     q_win (B, Hq, c, d): the last c prompt queries (default c = the observation window);
@@ -194,7 +195,8 @@ def build_state(q_win, k, v, evicted, *, scale, q_valid=None, adjust="none",
     all of E);
     scale: the logit scale (d ** -0.5); q_valid: optional (B, c) bool, False for pad rows of the
     window (never matched); adjust: "none" | "tangent" (also stores G_E, see the module doc);
-    keep_evicted: keep the evicted K/V for the recompute tier.
+    keep_evicted: keep the evicted K/V for the recompute tier, in ``evicted_bits`` (2, 4, 8;
+    None: full precision).
 
     >>> q, k, v = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 20, 16), torch.randn(1, 2, 20, 16)
     >>> ev = torch.zeros(1, 2, 20, dtype=torch.bool); ev[..., :10] = True
@@ -206,7 +208,7 @@ def build_state(q_win, k, v, evicted, *, scale, q_valid=None, adjust="none",
     kk = _per_query_head(k, q_win.shape[1]).to(cd)
     logits = (q_win.to(cd) @ kk.transpose(-1, -2)) * scale
     return build_state_from_logits(q_win, logits, k, v, evicted, scale=scale, q_valid=q_valid,
-                                   adjust=adjust, keep_evicted=keep_evicted)
+                                   adjust=adjust, keep_evicted=keep_evicted, evicted_bits=evicted_bits)
 
 
 def similarities(state: CalibState, q: torch.Tensor) -> torch.Tensor:
@@ -293,24 +295,36 @@ def fold(state: CalibState, k_e, v_e, valid_e, *, scale) -> CalibState:
                   else torch.where(keep, a * state.lse_grad + g_add, state.lse_grad)),
     )
     if state.has_evicted:
-        new.k_ev = torch.cat([state.k_ev, k_e.to(state.k_ev.dtype).masked_fill(~valid_e[..., None], 0)], 2)
-        new.v_ev = torch.cat([state.v_ev, v_e.to(state.v_ev.dtype).masked_fill(~valid_e[..., None], 0)], 2)
-        new.valid_ev = torch.cat([state.valid_ev, valid_e], 2)
+        new.evicted = state.evicted.append(k_e, v_e, valid_e)
     return new
 
 
-def recompute(state: CalibState, q, *, scale):
+def recompute(state: CalibState, q, *, scale, chunk: int = 1024):
     """Exact O_E, LSE_E (and G_E, None without adjust="tangent") of q (B, Hq, 1, d) over the
-    evicted store: (B, Hq, dv), (B, Hq), (B, Hq, d)."""
+    evicted store (dequantized ~``chunk`` tokens at a time, the partial results merged exactly):
+    (B, Hq, dv), (B, Hq), (B, Hq, d)."""
     if not state.has_evicted:
         raise ValueError("calidrop.recompute: the state keeps no evicted K/V "
                          "(build it with keep_evicted=True)")
     cd = state.lse_e.dtype
-    s = (q.to(cd) @ _per_query_head(state.k_ev, q.shape[1]).to(cd).transpose(-1, -2)) * scale
-    lse, s, ok_q = _partition(s, state.valid_ev)
-    shift = torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)
-    o, grad = _o_and_grad(torch.exp(s - shift[..., None]), state.k_ev, state.v_ev, ok_q, scale,
-                          state.lse_grad is not None, cd)
+    with_grad = state.lse_grad is not None
+    o = lse = grad = None
+    for k_b, v_b, ok_b in state.evicted.blocks(cd, chunk):
+        s = (q.to(cd) @ _per_query_head(k_b, q.shape[1]).transpose(-1, -2)) * scale
+        lse_b, s, ok_q = _partition(s, ok_b)
+        shift = torch.where(lse_b == float("-inf"), torch.zeros_like(lse_b), lse_b)
+        o_b, g_b = _o_and_grad(torch.exp(s - shift[..., None]), k_b, v_b, ok_q, scale, with_grad, cd)
+        if o is None:
+            o, lse, grad = o_b, lse_b, g_b
+            continue
+        if with_grad:
+            grad, _ = merge_partitions(grad, lse, g_b, lse_b)
+        o, lse = merge_partitions(o, lse, o_b, lse_b)
+    if o is None:  # an empty store
+        B, hq = q.shape[:2]
+        zeros = q.new_zeros(B, hq, 1, state.o_e.shape[-1], dtype=cd)
+        o, lse = zeros, q.new_full((B, hq, 1), float("-inf"), dtype=cd)
+        grad = q.new_zeros(B, hq, 1, q.shape[-1], dtype=cd) if with_grad else None
     return o[:, :, 0], lse[:, :, 0], None if grad is None else grad[:, :, 0]
 
 
@@ -348,12 +362,14 @@ def calibrate(state: CalibState, q, *, scale, threshold, recompute_threshold=Non
 @dataclass(frozen=True)
 class CaliDrop:
     """The method's parameters (policy `calibration:`): history c, threshold τ, the optional
-    recompute tier's τ_re (None: off) and the LSE adjustment ("none" | "tangent")."""
+    recompute tier's τ_re (None: off) and bits of its evicted store (None: full precision), and
+    the LSE adjustment ("none" | "tangent")."""
 
     history: int = 32
     threshold: float = 0.9
     recompute_threshold: Optional[float] = None
     adjust: str = "none"
+    recompute_bits: Optional[int] = None
 
     def __post_init__(self):
         if type(self.history) is not int or self.history < 1:
@@ -364,13 +380,19 @@ class CaliDrop:
             raise ValueError(f"CaliDrop.recompute_threshold: got {self.recompute_threshold!r}, expected "
                              f"a cosine in [-1, threshold={self.threshold})")
         _check_adjust(self.adjust)
+        if self.recompute_bits not in (None, 2, 4, 8):
+            raise ValueError(f"CaliDrop.recompute_bits: got {self.recompute_bits!r}, expected 2, 4, 8 or None")
+
+    @property
+    def keep_evicted(self) -> bool:
+        return self.recompute_threshold is not None
 
     def build_state(self, q, k, v, evicted, *, scale, q_valid=None) -> CalibState:
         """From the prompt's queries q (B, Hq, n, d): the last `history` rows are stored."""
         c = min(self.history, q.shape[2])
         qv = None if q_valid is None else q_valid[:, -c:]
         return build_state(q[:, :, -c:], k, v, evicted, scale=scale, q_valid=qv, adjust=self.adjust,
-                           keep_evicted=self.recompute_threshold is not None)
+                           keep_evicted=self.keep_evicted, evicted_bits=self.recompute_bits)
 
     def calibrate(self, state: CalibState, q, *, scale):
         return calibrate(state, q, scale=scale, threshold=self.threshold,

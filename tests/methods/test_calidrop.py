@@ -140,7 +140,7 @@ def test_fold_equals_recomputation(c, steps):
     torch.testing.assert_close(state.o_e, want.o_e, rtol=1e-10, atol=1e-10)
     if c["adjust"] == "tangent":
         torch.testing.assert_close(state.lse_grad, want.lse_grad, rtol=1e-10, atol=1e-10)
-    assert torch.equal(state.valid_ev.sum(-1), union.sum(-1)) and not state.k_ev.isnan().any()
+    assert torch.equal(state.evicted.count(), union.sum(-1)) and not state.evicted.tail_k.isnan().any()
     q_t = torch.randn(c["B"], q_win.shape[1], 1, c["d"], generator=gen, dtype=torch.float64)
     o_x, lse_x, _ = cd.recompute(state, q_t, scale=scale)
     o_w, lse_w = _kept_attention(q_t, k, v, union, scale)
@@ -315,3 +315,105 @@ def test_calidrop_method_end_to_end():
     s0 = plain.build_state(q, k, v, evicted, scale=0.25)
     assert s0.q_hist.shape[2] == 24 and s0.lse_grad is None and not s0.has_evicted
     assert plain.calibrate(s0, q[:, :, -1:], scale=0.25)[3] is s0
+
+
+@st.composite
+def lowbit_cases(draw):
+    return dict(B=draw(st.integers(1, 2)), Hkv=draw(st.integers(1, 2)), g=draw(st.sampled_from([1, 2])),
+                n=draw(st.integers(1, 150)), c=draw(st.integers(1, 4)), d=draw(st.sampled_from([16, 32, 64])),
+                p_evict=draw(st.sampled_from([0.3, 0.7, 1.0])), adjust=draw(st.sampled_from(cd.ADJUSTS)),
+                seed=draw(st.integers(0, 2**16)), bits=draw(st.sampled_from([2, 4, 8])),
+                cuts=draw(st.lists(st.integers(0, 150), max_size=3)))
+
+
+@SETTINGS
+@given(lowbit_cases())
+def test_low_bit_evicted_store_holds_every_token_in_arrival_order(c):
+    """Batching does not matter: appending the evicted tokens in pieces gives the same codes as
+    storing them at once; every token is held, and keys/values are within half a step (plus the
+    fp16 statistics' slack) of the originals."""
+    from kvfx.methods.calidrop_evicted import EvictedKV
+
+    q_win, k, v, evicted, gen = _data(c, torch.float32)
+    k_e, v_e, ok = cd._compact_evicted(k, v, evicted)
+    whole = EvictedKV.build(k_e, v_e, ok, bits=c["bits"])
+    cuts = sorted({min(x, k_e.shape[2]) for x in c["cuts"]} | {0, k_e.shape[2]}) + [k_e.shape[2]]
+    parts = EvictedKV.build(k_e[:, :, :cuts[1]], v_e[:, :, :cuts[1]], ok[:, :, :cuts[1]], bits=c["bits"])
+    for a, b in zip(cuts[1:], cuts[2:]):
+        parts = parts.append(k_e[:, :, a:b], v_e[:, :, a:b], ok[:, :, a:b])
+    assert torch.equal(whole.count(), evicted.sum(-1)) and torch.equal(parts.count(), evicted.sum(-1))
+    assert whole.body_tokens == parts.body_tokens == k_e.shape[2] // 32 * 32
+    if k_e.shape[2] == 0:  # nothing evicted: nothing to read back
+        assert list(whole.blocks(torch.float32)) == [] and whole.nbytes() == 0
+        return
+    got = [torch.cat(x, 2) for x in zip(*whole.blocks(torch.float32))]
+    again = [torch.cat(x, 2) for x in zip(*parts.blocks(torch.float32))]
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+    k_hat, v_hat, ok_hat = got
+    assert torch.equal(ok_hat, ok)
+    levels = (1 << c["bits"]) - 1
+    for x, x_hat, axis in ((k_e, k_hat, "keys"), (v_e, v_hat, "values")):
+        body = whole.body_tokens
+        err = (x - x_hat)[:, :, :body].abs().masked_fill(~ok[:, :, :body, None], 0)
+        # the widest step any group can have: the range of all valid entries / levels
+        valid = x[:, :, :body][ok[:, :, :body]]
+        step = (valid.max() - valid.min()) / levels if valid.numel() else torch.tensor(0.0)
+        assert float(err.max() if err.numel() else 0) <= float(step) / 2 * 1.01 + 1e-3, axis
+        assert torch.equal(x_hat[:, :, body:], x[:, :, body:].masked_fill(~ok[:, :, body:, None], 0))
+
+
+@SETTINGS
+@given(lowbit_cases())
+def test_low_bit_recompute_is_attention_over_the_dequantized_store(c):
+    """recompute over a low-bit store = exact attention (float64 oracle) over its dequantized
+    keys and values, whatever the chunking; with 8 bits it is close to the full-precision one."""
+    q_win, k, v, evicted, gen = _data(c, torch.float32)
+    scale = c["d"] ** -0.5
+    state = cd.build_state(q_win, k, v, evicted, scale=scale, adjust=c["adjust"], keep_evicted=True,
+                           evicted_bits=c["bits"])
+    assert state.evicted.bits == c["bits"]
+    q_t = torch.randn(c["B"], q_win.shape[1], 1, c["d"], generator=gen)
+    o_x, lse_x, g_x = cd.recompute(state, q_t, scale=scale)
+    if not evicted.any():  # an empty store: no key, lse -inf
+        assert (lse_x == float("-inf")).all() and (o_x == 0).all()
+        return
+    k_hat, v_hat, ok = (torch.cat(x, 2) for x in zip(*state.evicted.blocks(torch.float64)))
+    o_w, lse_w = _kept_attention(q_t.double(), k_hat, v_hat, ok, scale)
+    has = ok.any(-1).repeat_interleave(c["g"], 1)
+    torch.testing.assert_close(lse_x.double(), lse_w[:, :, 0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(o_x.double()[has], o_w[:, :, 0][has], rtol=1e-4, atol=1e-4)
+    # one group dequantized at a time: the partial results merge to the same attention
+    o_s, lse_s, g_s = cd.recompute(state, q_t, scale=scale, chunk=32)
+    torch.testing.assert_close(o_s, o_x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse_s, lse_x, rtol=1e-5, atol=1e-5)
+    if g_x is not None:
+        torch.testing.assert_close(g_s, g_x, rtol=1e-5, atol=1e-5)
+    if c["bits"] == 8:
+        full = cd.build_state(q_win, k, v, evicted, scale=scale, adjust=c["adjust"], keep_evicted=True)
+        o_f, lse_f, _ = cd.recompute(full, q_t, scale=scale)
+        torch.testing.assert_close(o_x, o_f, rtol=0, atol=0.05)
+        torch.testing.assert_close(lse_x, lse_f, rtol=0, atol=0.05)
+
+
+def test_low_bit_recompute_tier_bytes_and_policy_wiring():
+    """2-bit storage of the evicted set: what the policy's recompute.bits asks for, ~1/6 of the
+    full-precision fp32 store at d = 64 (codes 1/16, fp16 scale+min per 32 tokens or channels)."""
+    from kvfx.methods.compressor import build_compressor
+    from kvfx.policy import load_policy
+
+    pol = load_policy({"kvfx": 1, "name": "t", "extends": "snapkv-calidrop",
+                       "calibration": {"recompute": {"bits": 2, "threshold": 0.5}}})
+    comp = build_compressor(pol.resolve(0, "m", 1), 0, 1)
+    assert (comp.calib.recompute_bits, comp.calib.recompute_threshold) == (2, 0.5)
+    c = dict(B=1, Hkv=2, g=2, n=1024, c=4, d=64, p_evict=1.0, seed=1)
+    q_win, k, v, evicted, _ = _data(c, torch.float32)
+    full = cd.build_state(q_win, k, v, evicted, scale=0.125, keep_evicted=True)
+    low = cd.build_state(q_win, k, v, evicted, scale=0.125, keep_evicted=True, evicted_bits=2)
+    ev_full = full.nbytes() - cd.build_state(q_win, k, v, evicted, scale=0.125).nbytes()
+    ev_low = low.evicted.nbytes()
+    assert ev_full == 2 * (2 * 1024 * 64 * 4) + 2 * 1024
+    # keys: 2-bit codes + fp16 scale/min per 32 tokens per channel + 1 mask byte per token;
+    # values: codes + fp16 scale/min per 32 channels per token
+    want = 2 * (1024 * 64 // 4 + 2 * 2 * (1024 // 32) * 64 + 1024) + 2 * (1024 * 64 // 4 + 2 * 2 * 1024 * 2)
+    assert ev_low == want and ev_low < ev_full / 6
+    assert low.nbytes() == full.nbytes() - ev_full + ev_low
