@@ -12,18 +12,22 @@ P[i, j] = softmax_j(s_ij) over the keys visible to query row i:
     prefill, scores="window_colsum" (SnapKV votes): Σ_{i in the last `window` rows} P[i, j]
     prefill, scores="colsum" (H2O column sums):     Σ_{all rows i} P[i, j]
     prefill, scores="last_row" (TOVA):               P[n_q - 1, j]
+    prefill, scores="window_logits":                 s_ij of the last `window` rows (-inf where
+                                                     not visible), (B, Hq, min(window, n_q), n_k)
     decode, return_probs=True (H2O/TOVA at decode):  P[0, j] over the store slots
 Query row i sits at position i + (n_k - n_q), the alignment of the causal mask; it votes only
 if that position is >= kv_start[b] (0 without kv_start), so left-pad query rows never vote.
 Scores are (B, Hq, n_k) (decode: (B, Hq, cap)), fp32 (float64 for float64 input), 0 at
-masked keys and for rows that see no key.
+masked keys and for rows that see no key (window_logits: -inf there, and whole rows of
+non-voting queries are -inf).
 """
 from __future__ import annotations
 
 import torch
 
 _QUERY_CHUNK = 1024  # rows per chunk: bounds the (B, Hq, chunk, n_k) logits on the CPU path
-SCORE_KINDS = ("none", "window_colsum", "colsum", "last_row")  # = kvfx.templates.spec.SCORE_KINDS
+# the attention kinds of kvfx.templates.spec.SCORE_KINDS
+SCORE_KINDS = ("none", "window_colsum", "colsum", "last_row", "window_logits")
 
 
 def check_score_args(op: str, scores, window) -> None:
@@ -71,9 +75,11 @@ def prefill_attention_reference(q, k, v, *, scale, causal=True, kv_start=None, s
     kv_start: optional (B,) integer; keys j < kv_start[b] are masked (left padding), and so are
         the votes of query rows at positions i + (n_k - n_q) < kv_start[b].
     scores: "none" | "window_colsum" (Σ of the last min(window, n_q) rows' probabilities) |
-        "colsum" (Σ over all rows) | "last_row" (row n_q - 1); window is ignored by the last two.
+        "colsum" (Σ over all rows) | "last_row" (row n_q - 1) | "window_logits" (the logits of the
+        last min(window, n_q) rows); window is ignored by colsum and last_row.
     Returns o (B, Hq, n_q, d) in q's dtype and lse (B, Hq, n_q) fp32 (float64 for float64 input),
-    plus scores (B, Hq, n_k) in lse's dtype when scores != "none".
+    plus scores (B, Hq, n_k) in lse's dtype when scores != "none" (window_logits:
+    (B, Hq, min(window, n_q), n_k)).
 
     >>> q = k = v = torch.randn(1, 2, 5, 16)
     >>> o, lse = prefill_attention_reference(q, k, v, scale=0.25)
@@ -94,8 +100,11 @@ def prefill_attention_reference(q, k, v, *, scale, causal=True, kv_start=None, s
     if kv_start is not None:
         start = kv_start.to(q.device).long()
     key_ok = key[None, :] >= start[:, None]  # (B, n_k)
-    vote_lo = {"none": n_q, "window_colsum": n_q - min(window, n_q), "colsum": 0, "last_row": n_q - 1}[scores]
+    w = min(window, n_q)
+    vote_lo = {"none": n_q, "window_colsum": n_q - w, "colsum": 0, "last_row": n_q - 1,
+               "window_logits": n_q - w}[scores]
     total = torch.zeros(B, Hq, n_k, dtype=cd, device=q.device)
+    logits = []
     outs, lses = [], []
     for i0 in range(0, n_q, _QUERY_CHUNK):
         i1 = min(i0 + _QUERY_CHUNK, n_q)
@@ -108,12 +117,20 @@ def prefill_attention_reference(q, k, v, *, scale, causal=True, kv_start=None, s
         lses.append(lse)
         if i1 > vote_lo:
             votes = (rows[None, :] >= vote_lo) & (rows[None, :] + (n_k - n_q) >= start[:, None])  # (B, m)
-            total += (p * votes[:, None, :, None]).sum(2)
+            if scores == "window_logits":
+                r0 = max(i0, vote_lo)
+                s = scale * (q[:, :, r0:i1].to(cd) @ k.transpose(-1, -2))
+                ok = visible.expand(B, 1, i1 - i0, n_k)[:, :, r0 - i0:] & votes[:, None, r0 - i0:, None]
+                logits.append(s.masked_fill(~ok, float("-inf")))
+            else:
+                total += (p * votes[:, None, :, None]).sum(2)
     o = torch.cat(outs, dim=2) if outs else q.new_zeros(q.shape, dtype=cd)
     lse = torch.cat(lses, dim=2) if lses else q.new_zeros(q.shape[:3], dtype=cd)
     out_dtype = torch.float64 if cd == torch.float64 else torch.float32
     if scores == "none":
         return o.to(q.dtype), lse.to(out_dtype)
+    if scores == "window_logits":
+        total = torch.cat(logits, dim=2) if logits else q.new_zeros(B, Hq, 0, n_k, dtype=cd)
     return o.to(q.dtype), lse.to(out_dtype), total.to(out_dtype)
 
 

@@ -20,7 +20,7 @@ from kvfx.methods.h2o import H2O
 from kvfx.methods.knorm import KNorm
 from kvfx.methods.lagkv import lagkv_keep_indices
 from kvfx.methods.pyramidkv import pyramid_budget
-from kvfx.methods.scoring import default_scale, group_reduce
+from kvfx.methods.scoring import default_scale, group_reduce, window_logits
 from kvfx.methods.select import budget_from_keep, gather_tokens, priority, select_kept
 from kvfx.methods.snapkv import SnapKV
 from kvfx.methods.tova import TOVA
@@ -40,6 +40,7 @@ class Compressor:
     needs_probs = False
     kernel_scores = "none"  # the scores the fused prefill kernel should emit
     window = 0
+    logit_rows = 0  # kernel_scores="window_logits": the prompt queries whose logits are kept
 
     def prefill(self, store: SiteStore, q, k, v, valid, scale=None, votes=None) -> None:
         B, Hkv, n, _ = k.shape
@@ -54,10 +55,16 @@ class Compressor:
     def after_decode(self, store: SiteStore, nq: int, probs=None) -> None:
         pass
 
+    @property
+    def kernel_window(self) -> int:
+        """The ``window`` the fused prefill kernel is launched with (rows of votes or logits)."""
+        return self.logit_rows if self.kernel_scores == "window_logits" else self.window
+
     def init_calibration(self, store, q, k, v, valid, scale) -> None:
         """CaliDrop (``self.calib``): after prefill, the evicted partition's statistics for the
-        last ``history`` prompt queries. A scorer that computed the window's logits (SnapKV and
-        PyramidKV on the PyTorch path) hands them over, so no second q·Kᵀ pass runs."""
+        last ``history`` prompt queries. A scorer that scored from the window's logits (SnapKV,
+        PyramidKV and TOVA with calibration, on the kernel path and on the PyTorch path) hands
+        them over, so no second q·Kᵀ pass runs."""
         logits, self._window_logits = getattr(self, "_window_logits", None), None
         if self.calib is None:
             return
@@ -68,10 +75,11 @@ class Compressor:
         store.calib_scale = sm
         evicted = evicted_mask(store, valid)
         c = min(self.calib.history, q.shape[2])
-        if logits is not None and logits.shape[2] == c:
+        if logits is not None and logits.shape[2] >= c:
             store.calib = build_state_from_logits(
-                q[:, :, -c:], logits, k, v, evicted, scale=sm, q_valid=valid[:, -c:],
-                adjust=self.calib.adjust, keep_evicted=self.calib.recompute_threshold is not None)
+                q[:, :, -c:], logits[:, :, logits.shape[2] - c:], k, v, evicted, scale=sm, q_valid=valid[:, -c:],
+                adjust=self.calib.adjust, keep_evicted=self.calib.keep_evicted,
+                evicted_bits=self.calib.recompute_bits)
         else:
             store.calib = self.calib.build_state(q, k, v, evicted, scale=sm, q_valid=valid)
 
@@ -124,14 +132,17 @@ class Scored(Compressor):
         budget = self.budget(n_valid)
         if self.scorer is None:
             scores = None
+        elif self.kernel_scores == "window_logits":
+            # CaliDrop: one set of window logits, the prefill kernel's (CUDA) or computed here,
+            # gives the scores and (init_calibration) the evicted partition's statistics
+            if votes is None:
+                votes = window_logits(q, k, valid, self.logit_rows, default_scale(q, scale))
+            scores = self.scorer.from_logits(votes, valid, Hkv)
+            self._window_logits = votes
         elif votes is not None:
             scores = self.scorer.from_votes(votes, valid, Hkv)
         elif isinstance(self.scorer, KNorm):  # attention-free: the kv_stats kernel on CUDA
             scores = compress.knorm_scores(k)
-        elif self.calib is not None and isinstance(self.scorer, SnapKV):
-            out: list = []  # the window logits, reused by init_calibration
-            scores = self.scorer.scores(q, k, v, valid, default_scale(q, scale), logits_out=out)
-            self._window_logits = out[0]
         else:
             scores = self.scorer.scores(q, k, v, valid, default_scale(q, scale))
         window = self._window(n_valid)
@@ -272,7 +283,11 @@ def build_compressor(layer_policy, layer: int = 0, num_layers: int = 1) -> Compr
 
         cal = lp.calibration
         c.calib = CaliDrop(history=cal.history, threshold=cal.threshold, adjust=cal.adjust,
-                           recompute_threshold=cal.recompute.threshold if cal.recompute else None)
+                           recompute_threshold=cal.recompute.threshold if cal.recompute else None,
+                           recompute_bits=cal.recompute.bits if cal.recompute else None)
+        if hasattr(getattr(c, "scorer", None), "from_logits"):  # SnapKV, PyramidKV, TOVA
+            c.kernel_scores = "window_logits"
+            c.logit_rows = max(c.window, cal.history, 1)
     if lp.quant is not None:
         from kvfx.runtime.qstore import QuantConfig
 

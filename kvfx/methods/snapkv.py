@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvfx.methods.scoring import attention_probs, group_reduce
+from kvfx.methods.scoring import attention_probs, group_reduce, probs_from_logits
 
 
 def pool_scores(s: torch.Tensor, kind: str, kernel: int) -> torch.Tensor:
@@ -58,6 +58,18 @@ class SnapKV:
     def from_votes(self, votes, valid, kv_heads):
         """Scores from the prefill kernel's window votes (B, Hq, n)."""
         return group_reduce(pool_scores(votes, self.pool, self.kernel), kv_heads, self.group_reduce)
+
+    def from_logits(self, logits, valid, kv_heads):
+        """Scores from the masked logits (B, Hq, W, n) of the last W >= ``window`` prompt queries
+        (:func:`kvfx.methods.scoring.window_logits`, or the prefill kernel's window_logits): the
+        votes of the last ``window`` of them, exactly as :meth:`scores` computes them."""
+        n = valid.shape[1]
+        w = min(max(self.window, 1), n)
+        if logits.shape[2] < w:
+            raise ValueError(f"SnapKV.from_logits: {logits.shape[2]} logit rows, expected at least the "
+                             f"window's {w}")
+        votes = (probs_from_logits(logits[:, :, -w:]) * valid[:, None, n - w:, None]).sum(2)
+        return self.from_votes(votes, valid, kv_heads)
 
     def scores(self, q, k, v, valid, scale, logits_out: list | None = None):
         return snapkv_scores(q, k, valid, window=max(self.window, 1), scale=scale, pool=self.pool,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvfx.methods.scoring import attention_probs, group_reduce
+from kvfx.methods.scoring import attention_probs, group_reduce, probs_from_logits
 
 
 def last_query_scores(q, k, valid, *, scale: float) -> torch.Tensor:
@@ -27,6 +27,11 @@ class TOVA:
 
     def from_votes(self, votes, valid, kv_heads):
         return group_reduce(votes, kv_heads, self.group_reduce)
+
+    def from_logits(self, logits, valid, kv_heads):
+        """Scores from the masked logits (B, Hq, W, n) of the last W prompt queries: the last
+        row's attention."""
+        return group_reduce(probs_from_logits(logits[:, :, -1]), kv_heads, self.group_reduce)
 
     def scores(self, q, k, v, valid, scale):
         return group_reduce(last_query_scores(q, k, valid, scale=scale), k.shape[1], self.group_reduce)

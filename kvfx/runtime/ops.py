@@ -66,7 +66,7 @@ def site_attention(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Non
     if past_len == 0:  # a new sequence: exact attention on the prompt, then compress
         store.reset()
         out, votes = prefill_attention(q, k, v, mask, scale=scale, is_causal=is_causal,
-                                       scores=c.kernel_scores, window=c.window)
+                                       scores=c.kernel_scores, window=max(c.kernel_window, 1))
         with torch.no_grad():
             valid = key_valid(mask, B, nq, q.device)
             c.prefill(store, q, k, v, valid, scale, votes)

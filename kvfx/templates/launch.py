@@ -95,14 +95,17 @@ def prefill_attention(q, k, v, *, scale, causal=True, kv_start=None, scores="non
     h // (Hq // Hkv)); any strides; dtype fp32, fp16 or bf16 (all three equal); d in HEAD_DIMS.
     scale: logit scale (usually d ** -0.5). causal: query i sees key j iff j <= i + n_k - n_q.
     kv_start: optional (B,) integer tensor, keys j < kv_start[b] are masked (left padding).
-    scores: "none" | "window_colsum" | "colsum" | "last_row"; with P[i, j] the attention
-        probabilities, the side output is Σ_{i in the last min(window, n_q) rows} P[i, j]
-        (SnapKV votes), Σ_i P[i, j] (H2O column sums) or P[n_q - 1, j] (TOVA). Only query rows i
-        with i + n_k - n_q >= kv_start[b] vote (left-pad rows never do). window: an int >= 1,
-        read by window_colsum only (a runtime kernel argument: no recompile per window).
+    scores: "none" | "window_colsum" | "colsum" | "last_row" | "window_logits"; with P[i, j] the
+        attention probabilities, the side output is Σ_{i in the last min(window, n_q) rows} P[i, j]
+        (SnapKV votes), Σ_i P[i, j] (H2O column sums), P[n_q - 1, j] (TOVA), or the logits
+        s_ij = scale·q_i·k_j themselves of the last w = min(window, n_q) rows, -inf where not
+        visible (SnapKV/TOVA scores and CaliDrop's prompt statistics from one set of logits). Only
+        query rows i with i + n_k - n_q >= kv_start[b] vote (left-pad rows never do; their logit
+        rows are all -inf). window: an int >= 1, read by window_colsum and window_logits (a
+        runtime kernel argument: no recompile per window).
     Returns o (B, Hq, n_q, d) in q's dtype and lse (B, Hq, n_q) fp32 (natural log); rows that
     see no key have o = 0 and lse = -inf. With scores != "none", also scores (B, Hq, n_k) fp32,
-    0 at masked keys. The kernel accumulates scores with fp32 atomics: colsum (and windows wider
+    0 at masked keys (window_logits: (B, Hq, w, n_k) fp32, -inf at masked keys). The kernel accumulates scores with fp32 atomics: colsum (and windows wider
     than a query block) may differ between runs in the last bits; see the template's [Note].
 
     >>> q = torch.randn(2, 4, 10, 64); k = v = torch.randn(2, 2, 10, 64)
@@ -144,11 +147,16 @@ def prefill_attention(q, k, v, *, scale, causal=True, kv_start=None, scores="non
     def run(cfg):
         nonlocal out_scores
         score_args, window_args = (), ()
-        if scores != "none":
+        if scores == "window_logits":
+            # -inf on every launch: key blocks a program skips (causal, kv_start) stay masked.
+            out_scores = torch.full((B, Hq, min(window, n_q), n_k), float("-inf"), dtype=torch.float32,
+                                    device=q.device)
+            score_args = (out_scores, *out_scores.stride())
+        elif scores != "none":
             # Zeroed on every launch (autotuning relaunches): the kernel atomically adds into it.
             out_scores = torch.zeros((B, Hq, n_k), dtype=torch.float32, device=q.device)
             score_args = (out_scores, *out_scores.stride())
-        if scores == "window_colsum":
+        if scores in ("window_colsum", "window_logits"):
             window_args = (min(window, n_q),)
         grid = (triton.cdiv(n_q, cfg.block_m), B * Hq)
         kernel[grid](

@@ -29,7 +29,9 @@ MAX_GQA_GROUP = 64
 # The kv_stats kernel's mode is its scores field: knorm (-||k_j||_2 per token) | lagkv (LagKV
 # partition scores); those two belong to kv_stats only, and select_gather takes "none".
 STATS_SCORE_KINDS = ("knorm", "lagkv")
-SCORE_KINDS = ("none", "window_colsum", "colsum", "last_row") + STATS_SCORE_KINDS
+# window_logits (prefill only): the raw logits of the last rows (SnapKV/TOVA scores and CaliDrop's
+# prompt statistics from one set of logits).
+SCORE_KINDS = ("none", "window_colsum", "colsum", "last_row", "window_logits") + STATS_SCORE_KINDS
 DECODE_SCORE_KINDS = ("none", "last_row")
 QUANT_BITS = (0, 2, 4, 8)  # 0: the store holds full-precision K/V
 # Quantized-store kernels (KIVI + outlier tokens): quant_decode_attention reads a QuantKV store
@@ -135,8 +137,8 @@ class KernelSpec:
     causal: bottom-right aligned causal mask (prefill only; must be False for decode).
     scores: fused eviction-score side output (SCORE_KINDS). Prefill: "window_colsum" (SnapKV
         votes of the last rows; the window is a runtime argument), "colsum" (H2O column sums),
-        "last_row" (TOVA). Decode: "none" or "last_row" (the attention probabilities over the
-        store slots). kv_stats: its mode, "knorm" or "lagkv". select_gather: "none".
+        "last_row" (TOVA), "window_logits" (the logits of the last rows). Decode: "none" or
+        "last_row" (the attention probabilities over the store slots). kv_stats: its mode, "knorm" or "lagkv". select_gather: "none".
     quant_bits, calibration: slots for quantized stores and the CaliDrop partition; validated
         now, rendered by later templates (non-defaults raise NotImplementedError in `render`),
         except calibration=True for decode_attention and quant_decode_attention

@@ -70,3 +70,46 @@ def test_kernel_votes_select_what_the_reference_selects(monkeypatch, tmp_path, p
     torch.testing.assert_close(held["1"][0], held["0"][0], rtol=1e-4, atol=1e-4)
     for key in held["0"][1]:
         assert torch.equal(held["0"][1][key], held["1"][1][key]), key
+
+
+@pytest.mark.parametrize("preset, history", [("snapkv", 32), ("snapkv", 48), ("tova", 32)])
+def test_calidrop_state_comes_from_the_prefill_kernels_window_logits(monkeypatch, tmp_path, preset, history):
+    """With CaliDrop on the kernel path, the prefill kernel emits the window's logits: the scores
+    and the evicted partition's statistics both come from them (no second q·Kᵀ pass: build_state
+    never runs), the state equals the PyTorch path's, and the same tokens are kept."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set")
+    import kvfx.methods.calidrop as cd
+    import kvfx.templates.launch as launch
+    from kvfx.runtime.registry import REGISTRY
+
+    monkeypatch.setenv("KVFX_CACHE_DIR", str(tmp_path))
+    second_pass, kinds = [], []
+    real_build = cd.build_state
+    monkeypatch.setattr(cd, "build_state", lambda *a, **kw: second_pass.append(1) or real_build(*a, **kw))
+    real_prefill = launch.prefill_attention
+    monkeypatch.setattr(launch, "prefill_attention",
+                        lambda *a, **kw: kinds.append((kw.get("scores"), kw.get("window"))) or real_prefill(*a, **kw))
+    pol = {"kvfx": 1, "name": "p", "extends": preset, "budget": {"keep": 0.25, "window": 16},
+           "calibration": {"history": history}}
+    model = hf_model("llama", "sdpa")
+    ids = torch.randint(1, 90, (1, 80), generator=torch.Generator().manual_seed(2))
+    runs = {}
+    for forced in ("0", "1"):
+        monkeypatch.setenv("KVFX_FORCE_TRITON", forced)
+        torch._dynamo.reset()
+        kvfx.reset()
+        with torch.no_grad():
+            out, _ = hf_decode(torch.compile(clone_model(model), backend="kvfx",
+                                             options={"policy": pol, "inner": "eager"}), ids, 3)
+        runs[forced] = (out, {b.info.module_path: (b.store.pos[:, :, :b.store.length].sort(-1).values.clone(),
+                                                   b.store.calib) for b in REGISTRY.bindings.values()})
+    assert second_pass == []  # neither path ran a second pass over the keys
+    assert kinds and all(k == ("window_logits", max(16, history)) for k in kinds), kinds
+    torch.testing.assert_close(runs["1"][0], runs["0"][0], rtol=1e-4, atol=1e-4)
+    for key, (pos, state) in runs["0"][1].items():
+        pos_k, state_k = runs["1"][1][key]
+        assert torch.equal(pos, pos_k), key
+        assert state.q_hist.shape[2] == min(history, 80)
+        for name in ("q_hist", "o_e", "lse_e", "valid"):
+            torch.testing.assert_close(getattr(state_k, name), getattr(state, name), rtol=1e-4, atol=1e-4)

@@ -120,6 +120,40 @@ def test_prefill_kernel_scores_equal_scorer_math(scores):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@SETTINGS
+@given(prefill_score_cases())
+def test_prefill_window_logits_match_reference(c):
+    """scores="window_logits": the logits of the last min(window, n_q) rows; the same -inf pattern
+    as the reference (causal, kv_start, non-voting pad rows), finite logits within the oracle's
+    tolerance, and their row softmax sums to the kernel's own window_colsum votes."""
+    c = dict(c, scores="window_logits")
+    q, k, v = _inputs(c)
+    kv_start = torch.tensor(c["starts"], dtype=torch.int32) if c["starts"] is not None else None
+    kw = dict(scale=c["d"] ** -0.5, causal=c["causal"], kv_start=kv_start, window=c["window"])
+    with pytest.MonkeyPatch.context() as mp:
+        if BLOCKS[c["blocks"]] is not None:
+            mp.setattr(configs, "PREFILL_CONFIGS", (BLOCKS[c["blocks"]],))
+        got = launch.prefill_attention(q, k, v, scores="window_logits", **kw)
+        votes = launch.prefill_attention(q, k, v, scores="window_colsum", **kw)[2]
+    ref_lo = prefill_attention_reference(q, k, v, scores="window_logits", **kw)
+    golden = prefill_attention_reference(q.double(), k.double(), v.double(), scores="window_logits", **kw)
+    name = f"window logits {c}"
+    w = min(c["window"], c["n_q"])
+    assert got[2].shape == (c["B"], q.shape[1], w, c["n_k"]) and got[2].dtype == torch.float32, name
+    check_attention(got[:2], ref_lo[:2], golden[:2], v, name)
+    masked = golden[2] == float("-inf")
+    assert torch.equal(got[2] == float("-inf"), masked), f"{name}: -inf pattern differs"
+    assert not got[2].isnan().any(), name
+    fin = ~masked
+    if fin.any():
+        err_k = (got[2].double() - golden[2])[fin].abs().max().item()
+        err_r = (ref_lo[2].double() - golden[2])[fin].abs().max().item()
+        top = golden[2][fin].abs().max().item()
+        assert err_k <= 3 * err_r + 2e-6 * (1 + top), f"{name}: logits err {err_k:.3g} vs reference {err_r:.3g}"
+    probs = torch.nan_to_num(torch.softmax(got[2].double(), -1), nan=0.0).sum(2)
+    torch.testing.assert_close(probs, votes.double(), rtol=1e-4, atol=1e-5, msg=name)
+
+
 @st.composite
 def decode_probs_cases(draw):
     cap = draw(st.one_of(st.sampled_from([1, 16, 17, 100]), st.integers(1, 200)))
