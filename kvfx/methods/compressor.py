@@ -97,13 +97,16 @@ class Scored(Compressor):
     ``"tova"`` (current attention) or ``"knorm"`` (key norm)."""
 
     def __init__(self, name, scorer, *, keep, tokens, sink, window, max_tokens=None, decode=None,
-                 recent=None, layer=0, num_layers=1, pyramid=False, group_reduce="mean"):
+                 recent=None, layer=0, num_layers=1, pyramid=False, group_reduce="mean",
+                 roll_at_budget=False):
         self.name, self.scorer = name, scorer
         self.keep, self.tokens, self.sink, self.window = keep, tokens, sink, window
         self.max_tokens, self.decode, self.recent = max_tokens, decode, recent
         self.layer, self.num_layers, self.pyramid = layer, num_layers, pyramid
         self.group_reduce = group_reduce
         self.needs_probs = decode in ("h2o", "tova")
+        # rolling eviction at the prompt budget (H2O, TOVA, streaming with a budget)
+        self.roll_at_budget = roll_at_budget or decode in ("h2o", "tova")
         self.kernel_scores = getattr(scorer, "kernel_scores", "none")
 
     def budget(self, n_valid: torch.Tensor) -> torch.Tensor:
@@ -153,7 +156,7 @@ class Scored(Compressor):
         k_kept, v_kept, pos, count = compress.select_and_gather(prio, budget, k, v, m)
         store.write_kept(k_kept, v_kept, pos, count, m + 1)
         idx = pos.clamp(min=0)
-        cap = budget if self.decode in ("h2o", "tova") else None
+        cap = budget if self.roll_at_budget else None
         if self.max_tokens is not None:
             cap = torch.full_like(budget, self.max_tokens) if cap is None else cap.clamp(max=self.max_tokens)
         if cap is not None:
@@ -180,8 +183,8 @@ class Scored(Compressor):
                 score = store.slot_state["score"][:, :, :n]
             elif self.decode == "knorm":
                 score = compress.knorm_scores(store.k[:, :, :n])
-            else:  # oldest first
-                score = -store.pos[:, :, :n].double()
+            else:  # oldest first: the score is the position (higher = newer = keep)
+                score = store.pos[:, :, :n].double()
             pos = store.pos[:, :, :n]
             protected = (slot < self.sink) | (slot >= store.count[..., None])
             protected = protected | (pos >= store.seen + nq - store.extra["recent"][..., None])
@@ -292,7 +295,7 @@ def build_compressor(layer_policy, layer: int = 0, num_layers: int = 1) -> Compr
         from kvfx.runtime.qstore import QuantConfig
 
         rolling = isinstance(c, LagKVCompressor) or (isinstance(c, Scored) and (
-            c.decode in ("h2o", "tova") or c.max_tokens is not None))
+            c.roll_at_budget or c.max_tokens is not None))
         if rolling:
             raise NotImplementedError(
                 f"quant together with decode-time eviction ({c.name}"
@@ -311,8 +314,12 @@ def _build_evictor(lp, layer: int, num_layers: int) -> Compressor:
     if scorer == "none":
         return Compressor()
     if scorer == "streaming":
-        common.update(keep=None, tokens=bud.sink + bud.window, max_tokens=bud.sink + bud.window)
-        return Scored("streaming", None, decode="oldest", **common)
+        if bud.keep is None and bud.tokens is None:  # StreamingLLM: sink + window, rolling at it
+            common.update(keep=None, tokens=bud.sink + bud.window, max_tokens=bud.sink + bud.window)
+            return Scored("streaming", None, decode="oldest", **common)
+        # a budget (keep or tokens): the sinks and the most recent tokens up to it, rolling at it
+        # during decode (oldest first); the window stays protected as for every scorer
+        return Scored("streaming", None, decode="oldest", roll_at_budget=True, **common)
     if scorer == "knorm":
         return Scored("knorm", KNorm(), decode="knorm" if bud.max_tokens else None, **common)
     if scorer == "snapkv":

@@ -72,7 +72,9 @@ Bits = Literal[2, 4, 8]
 class Budget(_Model):
     """How much of the prompt a layer keeps. Sinks and the recent window are always kept."""
 
-    keep: Optional[float] = Field(None, gt=0, le=1, description="fraction of prompt tokens kept")
+    keep: Optional[float] = Field(None, gt=0, le=1, description="fraction of prompt tokens kept (streaming: "
+                                  "sinks + the most recent tokens up to this budget, rolling at it; without "
+                                  "keep or tokens streaming keeps sink + window)")
     tokens: Optional[int] = Field(None, gt=0, description="tokens kept (instead of keep)")
     sink: int = Field(4, ge=0, description="first tokens always kept (StreamingLLM default 4)")
     window: int = Field(32, ge=0, description="recent tokens always kept; SnapKV's observation window")
@@ -295,8 +297,11 @@ class LayerPolicy(_Model):
     def describe(self) -> str:
         """One short line, e.g. ``"streaming sink=4 window=64"``, ``"snapkv keep=0.25 ..."`` or ``"full"``."""
         b, ev, parts = self.budget, self.eviction, []
-        if ev.scorer == "streaming":
+        if ev.scorer == "streaming" and b.keep is None and b.tokens is None:
             parts.append(f"streaming sink={b.sink} window={b.window}")
+        elif ev.scorer == "streaming":  # a budget: sinks + the most recent tokens up to it
+            amount = f"keep={_g(b.keep)}" if b.keep is not None else f"tokens={b.tokens}"
+            parts.append(f"streaming {amount} sink={b.sink} window={b.window}")
         elif ev.scorer != "none":
             amount = f"keep={_g(b.keep)}" if b.keep is not None else f"tokens={b.tokens}"
             s = f"{ev.scorer} {amount}" + (" pyramid" if b.schedule == "pyramid" else "")

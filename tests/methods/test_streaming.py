@@ -11,7 +11,7 @@ POLICY = {"kvfx": 1, "name": "stream-4-64", "budget": {"sink": SINK, "window": W
           "eviction": {"scorer": "streaming"}}
 
 
-def _reference(model, ids, steps):
+def _reference(model, ids, steps, sink=SINK, window=WINDOW):
     """Eager model, full cache, with a 2-D mask that hides every evicted position."""
     from transformers import DynamicCache
 
@@ -23,8 +23,8 @@ def _reference(model, ids, steps):
     for step in range(steps - 1):
         t = n + step  # position of the new token
         mask = torch.zeros(1, t + 1, dtype=torch.long)
-        mask[:, :SINK] = 1
-        mask[:, t - WINDOW:] = 1  # the last WINDOW past tokens and the token itself
+        mask[:, :sink] = 1
+        mask[:, t - window:] = 1  # the last `window` past tokens and the token itself
         tok = logits[-1].argmax(-1, keepdim=True)
         out = model(input_ids=tok, attention_mask=mask, position_ids=torch.tensor([[t]]),
                     use_cache=True, **{kw: cache})
@@ -33,14 +33,28 @@ def _reference(model, ids, steps):
 
 
 def test_streaming_matches_kept_token_reference_and_frees_memory():
+    _check_streaming(POLICY, SINK, WINDOW)
+
+
+def test_streaming_with_a_budget_keeps_sinks_and_the_most_recent_tokens_up_to_it():
+    """budget.keep with scorer streaming: sinks + the most recent round(keep·n) − sink tokens at
+    prefill, rolling at that budget (oldest first), i.e. StreamingLLM with window = budget − sink;
+    the policy's own window (16) stays protected inside it."""
+    keep = 0.0625  # 64 of 1024 tokens: 4 sinks + 60 recent
+    pol = {"kvfx": 1, "name": "stream-keep", "budget": {"sink": SINK, "window": 16, "keep": keep},
+           "eviction": {"scorer": "streaming"}}
+    _check_streaming(pol, SINK, round(keep * PROMPT) - SINK)
+
+
+def _check_streaming(policy, sink, window):
     from transformers import DynamicCache
 
     model = hf_model("llama", "sdpa")
     ids = torch.randint(1, 90, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ref = _reference(model, ids, STEPS)
+        ref = _reference(model, ids, STEPS, sink, window)
         comp = torch.compile(clone_model(model), backend="kvfx",
-                             options={"policy": POLICY, "inner": "eager"})
+                             options={"policy": policy, "inner": "eager"})
         kw = cache_kwarg(model)
         cache = DynamicCache(config=model.config)
         out = comp(input_ids=ids, use_cache=True, **{kw: cache})
@@ -55,7 +69,7 @@ def test_streaming_matches_kept_token_reference_and_frees_memory():
     assert mem["dense_bytes"] > 0
     assert mem["held_bytes"] <= 0.1 * mem["dense_bytes"], mem
     for site in mem["sites"].values():
-        assert site["tokens_held"] == SINK + WINDOW
+        assert site["tokens_held"] == sink + window
         assert site["tokens_seen"] == PROMPT + STEPS - 1
 
 
