@@ -208,8 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--steps", type=int, default=32, help="teacher-forced decode steps measured")
     ce.add_argument("--keep", default="0.25,0.125,0.0625", help="budgets (fractions of the prompt)")
     ce.add_argument("--methods", default="snapkv,streaming")
-    ce.add_argument("--thresholds", default="0.9", help="CaliDrop cosine thresholds to compare, e.g. 0.9,0.7")
-    ce.add_argument("--adjust", default="none", help="LSE estimates to compare: none, tangent or both "
+    ce.add_argument("--thresholds", default="0.5", help="CaliDrop cosine thresholds to compare, e.g. 0.9,0.5 "
+                    "(default: the presets')")
+    ce.add_argument("--adjust", default="tangent", help="LSE estimates to compare: none, tangent or both "
                     "(none,tangent)")
     ce.add_argument("--text", default="essays", help="text source (essays, pydoc, grass)")
     ce.add_argument("--out", default="runs/calib-error")

@@ -76,18 +76,18 @@ def record_full(model, ids: torch.Tensor, steps: int) -> dict[str, SiteRecord]:
     return rec
 
 
-DEFAULT_THRESHOLD, DEFAULT_ADJUST = 0.9, "none"  # the calibration defaults of the presets
+# The calibration of the CaliDrop presets (kvfx/policy/presets/*-calidrop*.yaml, a test keeps them
+# equal), chosen with this tool: see the README's CaliDrop section.
+DEFAULT_THRESHOLD, DEFAULT_ADJUST = 0.5, "tangent"
 
 
 def variant_name(method: str, keep: float, calibrate: bool, threshold: float = DEFAULT_THRESHOLD,
                  adjust: str = DEFAULT_ADJUST) -> str:
-    """``snapkv@0.25``, ``snapkv@0.25+calidrop`` (preset calibration) or
-    ``snapkv@0.25+calidrop(t=0.8,tangent)`` (another threshold or LSE adjustment)."""
+    """``snapkv@0.25`` (no calibration) or ``snapkv@0.25+calidrop(t=0.5,tangent)`` /
+    ``snapkv@0.25+calidrop(t=0.9)`` (the threshold, and the LSE adjustment unless "none")."""
     name = f"{method}@{keep:g}"
     if not calibrate:
         return name
-    if (threshold, adjust) == (DEFAULT_THRESHOLD, DEFAULT_ADJUST):
-        return name + "+calidrop"
     return name + f"+calidrop(t={threshold:g}" + (f",{adjust})" if adjust != "none" else ")")
 
 
@@ -202,11 +202,14 @@ def run_calib_error(model_name: str = "smollm2-135m", *, length: int = 4096, ste
         "hit_rate": hit_rate,
         "seconds": time.perf_counter() - t0,
     }
+    result["thresholds"], result["adjusts"] = list(thresholds), list(adjusts)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "calib_error.json").write_text(json.dumps(result, indent=1))
         plot_calib_error(result, out / "calib_error.png")
+        if len(cal_opts) > 1:
+            plot_calib_sweep(result, out / "calib_sweep.png")
     return result
 
 
@@ -246,11 +249,12 @@ def plot_calib_error(result: dict, path) -> None:
             color = f"C{i}"
             ax.plot(result["layers"], result["variants"][name], color=color, ls="--",
                     label=f"keep {name.split('@')[1]}")
-            # the preset calibration if it was run, else the first calibrated variant
+            # the presets' calibration if it was run, else the first calibrated variant
             cals = [n for n in result["variants"] if n.startswith(name + "+")]
-            cal = name + "+calidrop" if name + "+calidrop" in cals else (cals[0] if cals else None)
+            preset = variant_name(*name.split("@")[:1], float(name.split("@")[1]), True)
+            cal = preset if preset in cals else (cals[0] if cals else None)
             if cal is not None:
-                label = "CaliDrop" if cal.endswith("+calidrop") else cal[len(name) + 1:]
+                label = cal[len(name) + 1:]
                 ax.plot(result["layers"], result["variants"][cal], color=color, ls="-",
                         label=f"keep {name.split('@')[1]} + {label}")
         ax.set_title(f"{method}: decode attention error per layer")
@@ -260,6 +264,61 @@ def plot_calib_error(result: dict, path) -> None:
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("relative L1 error vs full cache")
     fig.suptitle(f"{result['model']}, {result['length']}-token prompt, {result['steps']} decode steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _sweep_point(name: str) -> tuple[float, str] | None:
+    """(threshold, adjust) of a calibrated variant name, None for an uncalibrated one."""
+    if "+calidrop" not in name:
+        return None
+    tail = name.split("+calidrop", 1)[1]
+    if not tail:  # written before names spelled the calibration: the then default
+        return 0.9, "none"
+    parts = tail.strip("()").split(",")
+    return float(parts[0][2:]), (parts[1] if len(parts) > 1 else "none")
+
+
+def plot_calib_sweep(result: dict, path) -> None:
+    """Mean error over layers against the threshold, one line per (keep, LSE estimate), the
+    uncalibrated error as a dotted level; a panel per method, and the hit rate below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted({n.split("@")[0] for n in result["variants"]})
+    fig, axes = plt.subplots(2, len(methods), figsize=(6 * len(methods), 6.5), squeeze=False,
+                             sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    for col, method in enumerate(methods):
+        ax, hx = axes[0][col], axes[1][col]
+        bases = [n for n in result["variants"] if n.startswith(method + "@") and "+" not in n]
+        for i, base in enumerate(bases):
+            color = f"C{i}"
+            keep = base.split("@")[1]
+            ax.axhline(result["mean"][base], color=color, ls=":", lw=1)
+            for adjust, style in (("none", "--"), ("tangent", "-")):
+                pts = sorted((pt[0], result["mean"][n]) for n in result["variants"]
+                             if n.startswith(base + "+") and (pt := _sweep_point(n)) and pt[1] == adjust)
+                if pts:
+                    ax.plot(*zip(*pts), color=color, ls=style, marker="o", ms=3,
+                            label=f"keep {keep}, LSE {adjust}")
+            hits = sorted((pt[0], result["hit_rate"][n]) for n in result["hit_rate"]
+                          if n.startswith(base + "+") and (pt := _sweep_point(n)))
+            if hits and i == 0:
+                hx.plot(*zip(*sorted(set(hits))), color="k", marker="o", ms=3)
+        ax.set_title(f"{method}: mean decode attention error (dotted: no calibration)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        hx.set_xlabel("CaliDrop threshold (cosine to the nearest stored query)")
+        hx.set_ylabel("calibrated\n(head, step)")
+        hx.set_ylim(0, 1.05)
+        hx.grid(alpha=0.3)
+    axes[0][0].set_ylabel("relative L1 error vs full cache")
+    fig.suptitle(f"{result['model']}, {result['length']}-token prompt ({result.get('source', '')}), "
+                 f"{result['steps']} decode steps")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

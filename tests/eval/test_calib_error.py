@@ -35,7 +35,7 @@ def test_compression_has_error_and_variants_are_valid_policies(tmp_path):
             assert (pol.resolve(1, "m", 2).calibration is not None) == cal
             err = replay(rec, doc, 2)
             assert all(0 < e < 2 for e in err.values()), err
-            res["variants"][f"{method}@0.25" + ("+calidrop" if cal else "")] = list(err.values())
+            res["variants"][f"{method}@0.25" + ("+calidrop(t=0.5,tangent)" if cal else "")] = list(err.values())
     assert load_policy(variant_policy("streaming", 0.25, False, 200)).resolve(0, "m", 2).budget.window == 46
     plot_calib_error(res, tmp_path / "e.png")
     assert (tmp_path / "e.png").stat().st_size > 10_000
@@ -61,9 +61,18 @@ def test_variant_names_spell_non_default_calibration():
     from kvfx.eval.calib_error import variant_name
 
     assert variant_name("snapkv", 0.25, False) == "snapkv@0.25"
-    assert variant_name("snapkv", 0.25, True) == "snapkv@0.25+calidrop"
+    assert variant_name("snapkv", 0.25, True) == "snapkv@0.25+calidrop(t=0.5,tangent)"
     assert variant_name("snapkv", 0.125, True, 0.7, "tangent") == "snapkv@0.125+calidrop(t=0.7,tangent)"
-    assert variant_name("streaming", 0.25, True, 0.8) == "streaming@0.25+calidrop(t=0.8)"
+    assert variant_name("streaming", 0.25, True, 0.8, "none") == "streaming@0.25+calidrop(t=0.8)"
     doc = variant_policy("snapkv", 0.25, True, 200, threshold=0.7, adjust="tangent")
     c = load_policy(doc).resolve(0, "m", 2).calibration
     assert (c.threshold, c.adjust) == (0.7, "tangent")
+
+
+def test_default_variant_is_the_presets_calibration():
+    """calib-error's default calibration is the one the CaliDrop presets ship."""
+    from kvfx.eval.calib_error import DEFAULT_ADJUST, DEFAULT_THRESHOLD
+
+    for preset in ("snapkv-calidrop", "streaming-calidrop", "snapkv-calidrop-ott2"):
+        c = load_policy(preset).resolve(0, "m", 2).calibration
+        assert (c.threshold, c.adjust) == (DEFAULT_THRESHOLD, DEFAULT_ADJUST), preset

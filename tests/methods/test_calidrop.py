@@ -402,9 +402,9 @@ def test_low_bit_recompute_tier_bytes_and_policy_wiring():
     from kvfx.policy import load_policy
 
     pol = load_policy({"kvfx": 1, "name": "t", "extends": "snapkv-calidrop",
-                       "calibration": {"recompute": {"bits": 2, "threshold": 0.5}}})
+                       "calibration": {"recompute": {"bits": 2, "threshold": 0.3}}})
     comp = build_compressor(pol.resolve(0, "m", 1), 0, 1)
-    assert (comp.calib.recompute_bits, comp.calib.recompute_threshold) == (2, 0.5)
+    assert (comp.calib.recompute_bits, comp.calib.recompute_threshold) == (2, 0.3)
     c = dict(B=1, Hkv=2, g=2, n=1024, c=4, d=64, p_evict=1.0, seed=1)
     q_win, k, v, evicted, _ = _data(c, torch.float32)
     full = cd.build_state(q_win, k, v, evicted, scale=0.125, keep_evicted=True)

@@ -88,7 +88,7 @@ def test_calidrop_presets():
     for name in ("snapkv-calidrop", "snapkv-calidrop-ott2"):
         lp = layer(name)
         c = lp.calibration
-        assert (c.method, c.history, c.threshold, c.recompute) == ("calidrop", 32, 0.9, None)
+        assert (c.method, c.history, c.threshold, c.adjust, c.recompute) == ("calidrop", 32, 0.5, "tangent", None)
         assert lp.eviction == layer("snapkv").eviction and lp.budget == layer("snapkv").budget
     assert layer("snapkv-calidrop").quant is None
     assert layer("snapkv-calidrop-ott2").quant == layer("ott2").quant
