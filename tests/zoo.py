@@ -12,12 +12,13 @@ import torch.nn.functional as F
 VOCAB = 96
 
 
-def hf_model(family: str, attn: str = "sdpa", layers: int = 2, seed: int = 0):
+def hf_model(family: str, attn: str = "sdpa", layers: int = 2, seed: int = 0, kv_heads: int = 2,
+             heads: int = 4):
     from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig,
                               Qwen2Config)
 
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048)
     if family == "llama":
         cfg = LlamaConfig(**common)
     elif family == "qwen2":

@@ -128,8 +128,11 @@ class Scored(Compressor):
                                  torch.full_like(n_valid, self.window))
         return torch.full_like(n_valid, self.window)
 
-    def prefill(self, store, q, k, v, valid, scale=None, votes=None) -> None:
-        """``votes``: the raw scores the fused prefill kernel emitted (CUDA), if any."""
+    def prefill(self, store, q, k, v, valid, scale=None, votes=None, payload=None) -> None:
+        """``votes``: the raw scores the fused prefill kernel emitted (CUDA), if any.
+        ``payload``: (k', v') (B, H', n, ·) to gather and store instead of k, v, with H' dividing
+        the KV heads (low-rank latents: H' = 1): the scores of the H' // Hkv heads each payload
+        head stands for are reduced with ``group_reduce`` (KNorm scores the payload keys)."""
         B, Hkv = k.shape[:2]
         n_valid = valid.long().sum(-1)
         budget = self.budget(n_valid)
@@ -145,9 +148,14 @@ class Scored(Compressor):
         elif votes is not None:
             scores = self.scorer.from_votes(votes, valid, Hkv)
         elif isinstance(self.scorer, KNorm):  # attention-free: the kv_stats kernel on CUDA
-            scores = compress.knorm_scores(k)
+            scores = compress.knorm_scores(k if payload is None else payload[0])
         else:
             scores = self.scorer.scores(q, k, v, valid, default_scale(q, scale))
+        if payload is not None:
+            k, v = payload
+            Hkv = k.shape[1]
+            if scores is not None and scores.shape[1] != Hkv:
+                scores = group_reduce(scores, Hkv, self.group_reduce)
         window = self._window(n_valid)
         # Select + gather (the select_gather kernel on CUDA): count = budget <= n_valid, since
         # only pads carry -inf (a -inf score from a scorer would be dropped); pos -1 past count.
@@ -278,7 +286,7 @@ def build_compressor(layer_policy, layer: int = 0, num_layers: int = 1) -> Compr
     if lp.lowrank is not None:  # ReCalKV latents (kvfx.methods.lowrank, kvfx.runtime.lowrank)
         from kvfx.methods.lowrank import build_lowrank
 
-        return build_lowrank(lp, layer)
+        return build_lowrank(lp, layer, num_layers)
     c = _build_evictor(lp, layer, num_layers)
     c.quant = c.calib = None
     if lp.calibration is not None:

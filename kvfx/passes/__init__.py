@@ -35,15 +35,20 @@ def _check_quant_fits(compressor, info: SiteInfo, policy_name: str) -> None:
     time (not at the first generated token)."""
     from kvfx.methods.quant_pack import per_word
 
-    q, d = getattr(compressor, "quant", None), info.head_dim
-    if q is None or d is None:
+    q = getattr(compressor, "quant", None)
+    if q is None or info.head_dim is None:
         return
-    for side, group, bits in (("keys", None, q.kbits), ("values", q.vgroup, q.vbits)):
+    lowrank = getattr(compressor, "lowrank", False) and getattr(compressor, "factors", None) is not None
+    # a low-rank site quantizes its latents: r_k key channels and r_v value channels
+    dims = compressor.ranks if lowrank else (info.head_dim, info.head_dim)
+    what = "latent width" if lowrank else "head dim"
+    for side, group, bits, d in (("keys", None, q.kbits, dims[0]), ("values", q.vgroup, q.vbits, dims[1])):
         if d % per_word(bits) or (group is not None and d % group):
             raise UnsupportedPolicyError(
-                f"kvfx: policy {policy_name!r}: site {info.module_path} has head dim {d}, which "
+                f"kvfx: policy {policy_name!r}: site {info.module_path} has {side} {what} {d}, which "
                 f"quant.{side} (bits={bits}{f', group={group}' if group else ''}) cannot split into "
-                f"whole groups and 32-bit words; set quant.values.group to a divisor of {d}")
+                f"whole groups and 32-bit words; set quant.values.group to a divisor of {d}"
+                + (" (or calibrate another keep-rank)" if lowrank else ""))
 
 
 def run_passes(gm: GraphModule, policy, namespace: str = "default") -> dict:
@@ -67,7 +72,7 @@ def run_passes(gm: GraphModule, policy, namespace: str = "default") -> dict:
         key = f"{namespace}/{path}"
         info = _site_info(m, key, path, index, ks.provenance, ks.new if ks.new is not None else m.k)
         reason = check(m, ks, vs)
-        compressor = rope = None
+        compressor = lowrank = None
         if not reason:
             lp = policy.resolve(index, path, max(num_layers, index + 1))
             try:
@@ -79,10 +84,10 @@ def run_passes(gm: GraphModule, policy, namespace: str = "default") -> dict:
                     "`kvfx policy list` that only needs implemented features") from None
             _check_quant_fits(compressor, info, policy.name)
             if getattr(compressor, "lowrank", False):
-                rope, reason = check_lowrank(m, ks, vs, compressor, info, namespace, rope_owner)
+                lowrank, reason = check_lowrank(m, ks, vs, compressor, info, namespace, rope_owner)
         if not reason:
             info.policy = lp.describe()
-            plans.append(SitePlan(m, ks, vs, key, rope=rope))
+            plans.append(SitePlan(m, ks, vs, key, lowrank=lowrank))
         else:
             info.reason = reason
             compressor = None

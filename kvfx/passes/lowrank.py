@@ -7,8 +7,11 @@ A site qualifies when, in the dynamo graph,
     k     = k_pre · cos + cat(-k_pre[..., d/2:], k_pre[..., :d/2]) · sin     (HF apply_rotary_pos_emb)
 
 with cos / sin of shape (B | 1, 1, T, d), and the artifact has factors for the layer. The rewrite
-then hands ``k``, ``v``, ``cos`` and ``sin`` to ``kvfx::lowrank_attention`` (the runtime undoes
-the rotation exactly, :func:`kvfx.methods.lowrank.unrope`): k_proj and v_proj stay where they are.
+then hands the projections' inputs x and weights W_k, W_v, and ``cos`` / ``sin``, to
+``kvfx::lowrank_attention`` instead of k and v: k_proj, v_proj, their reshapes and the keys' RoPE
+leave the graph (dead code, erased), the cache receives ``kvfx::ghost_heads(x, ...)``, and the op
+computes the latent down-projection x·(Qᵀ W)ᵀ itself (exact x·Wᵀ only for the prompt's own
+attention).
 
 Left alone, with the reason in the site report: a bias on k_proj / v_proj (ReCalKV reconstructs
 x Rᵀ Lᵀ + b; the projection of the model's keys would also project b), fused QKV projections
@@ -19,6 +22,7 @@ artifact has no factors for. An artifact whose shapes do not fit the site is an 
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 from torch.fx import Node
@@ -101,22 +105,30 @@ def match_rope(k: Node) -> tuple[Node, Node, Node] | str:
     return f"the keys are not rotated as {_ROPE} (no RoPE, or another form)"
 
 
-def match_projection(x: Node, what: str) -> str:
-    """'' if x = linear(h, W, None).view/reshape(B, T, H, d).transpose(1, 2), else the reason."""
+def match_projection(x: Node, what: str) -> tuple[Node | None, str]:
+    """(the Linear node, '') if x = linear(h, W, None).view/reshape(B, T, H, d).transpose(1, 2),
+    else (None, the reason)."""
     if not (gu.is_call(x, {torch.transpose}, {"transpose"})
             and {a % 4 for a in x.args[1:3] if isinstance(a, int)} == {1, 2}):
-        return f"the {what} are not a (B, T, H, d) projection transposed to (B, H, T, d)"
+        return None, f"the {what} are not a (B, T, H, d) projection transposed to (B, H, T, d)"
     view = x.args[0]
     if not gu.is_call(view, None, {"view", "reshape"}):
-        return f"the {what} are not a reshaped Linear output"
+        return None, f"the {what} are not a reshaped Linear output"
     lin = view.args[0]
     if not (isinstance(lin, Node) and lin.op == "call_function" and lin.target in LINEAR_FNS):
-        return (f"the {what} do not come from their own Linear (fused QKV projection?); the low-rank "
-                "store needs separate k_proj / v_proj")
+        return None, (f"the {what} do not come from their own Linear (fused QKV projection?); the low-rank "
+                      "store needs separate k_proj / v_proj")
     if gu.arg(lin, 2, "bias") is not None:
-        return (f"the {what} projection has a bias; ReCalKV rebuilds x·Rᵀ·Lᵀ + b, which kvfx cannot "
-                "take from the model's keys")
-    return ""
+        return None, (f"the {what} projection has a bias; ReCalKV rebuilds x·Rᵀ·Lᵀ + b, which kvfx cannot "
+                      "take from the model's keys")
+    h, w = gu.arg(lin, 0, "input"), gu.arg(lin, 1, "weight")
+    hv, wv, ov = gu.val(h), gu.val(w), gu.val(lin)
+    if not all(isinstance(t, torch.Tensor) for t in (hv, wv, ov)) or hv.dim() != 3 or wv.dim() != 2:
+        return None, f"the {what} projection's input is not a (B, T, D) tensor with a (H·d, D) weight"
+    if not hv.dtype == wv.dtype == ov.dtype:
+        return None, (f"the {what} projection computes in {ov.dtype} from {hv.dtype} inputs and {wv.dtype} "
+                      "weights (autocast?); kvfx runs its down-projection in one dtype")
+    return lin, ""
 
 
 def rope_source(cos: Node, namespace: str, owners: dict) -> str:
@@ -132,8 +144,23 @@ def rope_source(cos: Node, namespace: str, owners: dict) -> str:
     return key
 
 
+@dataclass
+class LowRankPlan:
+    """What the rewrite of a low-rank site needs (node arguments of ``kvfx::lowrank_attention``)."""
+
+    x_k: Node
+    w_k: Node
+    x_v: Node
+    w_v: Node
+    cos: Node
+    sin: Node
+    rope_key: str
+    heads: int
+    head_dim: int
+
+
 def check_lowrank(match, ks, vs, compressor, info, namespace: str, owners: dict):
-    """((cos, sin, rope key), "") if the site can hold latents, else (None, reason). ``owners``:
+    """(:class:`LowRankPlan`, "") if the site can hold latents, else (None, reason). ``owners``:
     see :func:`rope_source`.
 
     Raises:
@@ -142,16 +169,19 @@ def check_lowrank(match, ks, vs, compressor, info, namespace: str, owners: dict)
     if compressor.factors is None:
         return None, (f"the ReCalKV artifact {compressor.artifact} has no factors for layer "
                       f"{compressor.layer}")
-    reason = match_projection(vs.new, "values")
+    lin_v, reason = match_projection(vs.new, "values")
     if reason:
         return None, reason
     found = match_rope(ks.new)
     if isinstance(found, str):
         return None, found
     k_pre, cos, sin = found
-    reason = match_projection(k_pre, "keys")
+    lin_k, reason = match_projection(k_pre, "keys")
     if reason:
         return None, reason
+    if gu.shape(vs.new)[-1] != info.head_dim:
+        return None, (f"the values have head dim {gu.shape(vs.new)[-1]} and the keys {info.head_dim}; "
+                      "the low-rank store rebuilds both with one head dim")
     if (info.kv_heads, info.head_dim) != (compressor.kv_heads, compressor.head_dim):
         from kvfx.calibrate import ArtifactError
 
@@ -160,4 +190,6 @@ def check_lowrank(match, ks, vs, compressor, info, namespace: str, owners: dict)
             f"{compressor.kv_heads} KV heads x {compressor.head_dim}, site {info.module_path} has "
             f"{info.kv_heads} x {info.head_dim}; fix: calibrate for this model with `kvfx calibrate "
             "--model <this model> --keep-rank K --out F.safetensors`")
-    return (cos, sin, rope_source(cos, namespace, owners)), ""
+    return LowRankPlan(gu.arg(lin_k, 0, "input"), gu.arg(lin_k, 1, "weight"), gu.arg(lin_v, 0, "input"),
+                       gu.arg(lin_v, 1, "weight"), cos, sin, rope_source(cos, namespace, owners),
+                       info.kv_heads, info.head_dim), ""

@@ -9,8 +9,10 @@ For a site whose K/V are ``cat([past, new])`` (see :mod:`kvfx.passes.trace_kv`):
     out = kvfx::attention(q, nk, nv, mask, n, site, scale, is_causal)    # after
     cache_k, cache_v = kvfx::ghost(nk, n, site), kvfx::ghost(nv, n, site)
 
-A low-rank site (policy ``lowrank:``) calls ``kvfx::lowrank_attention(q, nk, nv, cos, sin, mask,
-n, site, rope_key, scale, is_causal)`` instead, with its keys' RoPE cos/sin (kvfx.passes.lowrank).
+A low-rank site (policy ``lowrank:``) calls ``kvfx::lowrank_attention(q, x_k, W_k, x_v, W_v, cos,
+sin, mask, n, site, rope_key, scale, is_causal, heads, head_dim)`` instead, on the inputs of its
+k_proj / v_proj (kvfx.passes.lowrank); the cache receives ``kvfx::ghost_heads(x, n, ...)``, and
+k_proj, v_proj and the keys' RoPE become dead code and are erased.
 A check returns a reason to leave the site alone; every rewrite bumps ``stats["rewritten"]``.
 """
 
@@ -38,7 +40,7 @@ class SitePlan:
     vs: KVSource
     key: str  # registry key
     reason: str = ""
-    rope: tuple | None = None  # low-rank sites (kvfx.passes.lowrank): (cos, sin, RoPE table key)
+    lowrank: object = None  # low-rank sites: a kvfx.passes.lowrank.LowRankPlan
 
 
 def check(match: AttentionMatch, ks: KVSource, vs: KVSource) -> str:
@@ -93,20 +95,24 @@ def rewrite_site(gm: GraphModule, plan: SitePlan) -> None:
         mask = m.mask
         if m.mask_kind == "fill_true":  # masked_fill(mask, -inf): True means "masked"
             mask = g.call_function(torch.logical_not, (mask,))
-        if plan.rope is not None:  # the store holds latents (kvfx.runtime.lowrank)
-            cos, sin, rope_key = plan.rope
+        lr = plan.lowrank
+        if lr is not None:  # the store holds latents (kvfx.runtime.lowrank)
             attn = g.call_function(torch.ops.kvfx.lowrank_attention.default,
-                                   (q, ks.new, vs.new, cos, sin, mask, past_len, plan.key, rope_key,
-                                    m.scale, m.is_causal))
+                                   (q, lr.x_k, lr.w_k, lr.x_v, lr.w_v, lr.cos, lr.sin, mask, past_len,
+                                    plan.key, lr.rope_key, m.scale, m.is_causal, lr.heads, lr.head_dim))
         else:
             attn = g.call_function(torch.ops.kvfx.attention.default,
                                    (q, ks.new, vs.new, mask, past_len, plan.key, m.scale, m.is_causal))
     m.out.replace_all_uses_with(attn)
-    for src in (ks, vs):
+    for src, x in ((ks, lr.x_k if lr else None), (vs, lr.x_v if lr else None)):
         with g.inserting_after(src.cat):
-            gh = g.call_function(torch.ops.kvfx.ghost.default, (src.new, past_len, plan.key))
+            if lr is None:
+                gh = g.call_function(torch.ops.kvfx.ghost.default, (src.new, past_len, plan.key))
+            else:  # the keys / values are never computed: the shape comes from the projection input
+                gh = g.call_function(torch.ops.kvfx.ghost_heads.default,
+                                     (x, past_len, lr.heads, lr.head_dim, plan.key))
         src.cat.replace_all_uses_with(gh, delete_user_cb=lambda user: user.op == "output")
-    _erase_dead(gm, [m.out, *m.chain, ks.cat, vs.cat])
+    _erase_dead(gm, [m.out, *m.chain, ks.cat, vs.cat] + ([ks.new, vs.new] if lr else []))
     assert all(src.cat.graph is not g or not any(u.op == "output" for u in src.cat.users)
                for src in (ks, vs))
 
@@ -124,7 +130,11 @@ def _erase_dead(gm: GraphModule, candidates: list[Node]) -> None:
             continue
         inputs = list(n.all_input_nodes)
         gm.graph.erase_node(n)
-        todo.extend(i for i in inputs if gu.is_call(i, None, {"expand", "reshape", "view",
-                                                                "transpose", "contiguous"})
-                    or (i.op == "call_function" and i.target in (operator.getitem,
-                                                                 torch.transpose, *gu.CAT_FNS)))
+        todo.extend(i for i in inputs if gu.is_call(i, _PURE_FNS, _PURE_METHODS))
+
+
+# Pure producers _erase_dead follows back from a dead node: views and the arithmetic of a
+# projection + RoPE chain (never in-place variants: operator.iadd / imul are not here).
+_PURE_FNS = {operator.getitem, torch.transpose, *gu.CAT_FNS, operator.mul, torch.mul, operator.add,
+             torch.add, operator.neg, torch.neg, torch.nn.functional.linear, torch._C._nn.linear}
+_PURE_METHODS = {"expand", "reshape", "view", "transpose", "contiguous", "mul", "add", "neg"}

@@ -1,17 +1,24 @@
 """Runtime of low-rank (ReCalKV) sites: a store of per-token latents and its operator.
 
-``kvfx::lowrank_attention(q, k, v, cos, sin, mask, past_len, site, rope_key, scale, is_causal)``
-    q (B, Hq, nq, d); k, v (B, Hkv, nq, d) the *new* tokens, k after RoPE (k = rope(k_pre, cos,
-    sin)); cos, sin (B | 1, 1, nq, d) the RoPE tables of those tokens as the model applied them.
-    Prefill (past_len 0): exact attention on the prompt as the model asked, then the latents of
-    the prompt are stored. Decode: the new tokens' latents are appended, every key and value is
-    rebuilt from its latent (keys re-rotated at their own positions) and attention runs over them.
-    Rebuilding is the PyTorch path on every device (SDPA); there is no Triton kernel for it.
+``kvfx::lowrank_attention(q, x_k, w_k, x_v, w_v, cos, sin, mask, past_len, site, rope_key, scale,
+is_causal, heads, head_dim)``
+    q (B, Hq, nq, d) after RoPE; x_k, x_v (B, nq, D) the *inputs* of k_proj / v_proj for the new
+    tokens and w_k, w_v their weights (the rewrite removed k_proj, v_proj and the keys' RoPE from
+    the graph); cos, sin (B | 1, 1, nq, d) the RoPE tables of the new tokens as the model applies
+    them; heads, head_dim the KV geometry.
+    Prefill (past_len 0): the exact keys and values (x·Wᵀ, RoPE) for exact attention on the prompt
+    as the model asked, then the latents of the kept tokens are stored (the policy's evictor
+    chooses them, :class:`kvfx.methods.lowrank.LowRankCompressor`). Decode: the new tokens'
+    latents x·W_downᵀ are appended (k_proj / v_proj never run), and attention reads the latents:
+    keys rebuilt and re-rotated at their own positions, values up-projected once per query
+    (:mod:`kvfx.methods.lowrank_attention`); on CUDA the latent decode kernel does this in
+    registers (one query, no mask, no attention row needed), else the PyTorch reference.
 
 Layout:
 
     LatentStore.lat   a SiteStore with one "head": k (B, 1, cap, r_k), v (B, 1, cap, r_v) latents,
-                      pos (B, 1, cap) logical positions, count (B, 1)
+                      pos (B, 1, cap) logical positions, count (B, 1); or, with ``quant:``, a
+                      QuantStore of the same one-head geometry (latents in low bit)
     RopeTable         cos, sin (B, cap, d) by logical position, shared by every site whose RoPE
                       comes from the same place (e.g. ``model.rotary_emb``): held once, counted
                       once by :func:`kvfx.memory` (REGISTRY.shared)
@@ -25,9 +32,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvfx.methods.compressor import Compressor
-from kvfx.methods.lowrank import rope, unrope
-from kvfx.runtime.attention import KvfxStateError, key_valid, positions_mask, prefill_attention, sdpa
+from kvfx.methods.lowrank import project_kv
+from kvfx.methods.lowrank_attention import latent_attention_reference, latent_quant_attention_reference
+from kvfx.runtime.attention import KvfxStateError, _use_kernel, key_valid, positions_mask, prefill_attention
+from kvfx.runtime.qstore import QuantStore
 from kvfx.runtime.registry import REGISTRY
 from kvfx.runtime.store import SiteStore, _round_up
 
@@ -76,9 +84,10 @@ class LatentStore:
     """The store of a low-rank site: latents instead of keys and values (see the module doc).
     Exposes the dense geometry (``kv_heads``, ``head_dims``) for :func:`kvfx.memory`."""
 
-    def __init__(self, site_id: str, kv_heads: int, head_dim: int):
+    def __init__(self, site_id: str, kv_heads: int, head_dim: int, quant=None):
         self.site_id = site_id
-        self.lat = SiteStore(site_id)
+        self.cfg = quant  # the latents' quantization (a QuantConfig), or None
+        self.lat = SiteStore(site_id) if quant is None else QuantStore(site_id, quant)
         self.kv_heads, self.head_dim = kv_heads, head_dim
         self.table: RopeTable | None = None
 
@@ -118,32 +127,84 @@ def rope_table(key: str) -> RopeTable:
 
 
 @torch.library.custom_op("kvfx::lowrank_attention", mutates_args=())
-def lowrank_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                      past_len: int, site: str, rope_key: str, scale: float | None,
-                      is_causal: bool) -> Tensor:
+def lowrank_attention(q: Tensor, x_k: Tensor, w_k: Tensor, x_v: Tensor, w_v: Tensor, cos: Tensor, sin: Tensor,
+                      mask: Tensor | None, past_len: int, site: str, rope_key: str, scale: float | None,
+                      is_causal: bool, heads: int, head_dim: int) -> Tensor:
     b = REGISTRY.binding(site)
-    return lowrank_site_attention(b.compressor, b.store, rope_table(rope_key), q, k, v, cos, sin, mask,
-                                  past_len, scale, is_causal, b.info.module_path)
+    return lowrank_site_attention(b.compressor, b.store, rope_table(rope_key), q, x_k, w_k, x_v, w_v, cos,
+                                  sin, mask, past_len, scale, is_causal, b.info.module_path)
 
 
 @lowrank_attention.register_fake
-def _(q, k, v, cos, sin, mask, past_len, site, rope_key, scale, is_causal):
-    return q.new_empty(*q.shape[:-1], v.shape[-1])
+def _(q, x_k, w_k, x_v, w_v, cos, sin, mask, past_len, site, rope_key, scale, is_causal, heads, head_dim):
+    return q.new_empty(*q.shape[:-1], w_v.shape[0] // heads)
 
 
-def lowrank_site_attention(c, store: LatentStore, table: RopeTable, q, k, v, cos, sin, mask,
+def _ghost_shape(x: Tensor, past_len, heads: int, head_dim: int) -> list:
+    return [x.shape[0], heads, past_len + x.shape[1], head_dim]
+
+
+@torch.library.custom_op("kvfx::ghost_heads", mutates_args=())
+def ghost_heads(x: Tensor, past_len: int, heads: int, head_dim: int, site: str) -> Tensor:
+    """:func:`kvfx.runtime.ops.ghost` of a low-rank site, whose keys/values are never computed:
+    the (B, heads, past_len + n, head_dim) logical shape from the projection input x (B, n, D),
+    with a one-element storage (stride 0)."""
+    out = x.new_zeros(1).expand(_ghost_shape(x, past_len, heads, head_dim))
+    REGISTRY.note_ghost(site, out)
+    return out
+
+
+@ghost_heads.register_fake
+def _(x, past_len, heads, head_dim, site):
+    return x.new_empty(1).expand(_ghost_shape(x, past_len, heads, head_dim))
+
+
+def _attend(c, store: LatentStore, table: RopeTable, q, mask, is_causal: bool, past_len: int, scale):
+    """Decode attention over the latents (after the step's tokens were appended): (out, probs over
+    the store slots or None)."""
+    lat, H = store.lat, store.kv_heads
+    B, Hq, nq, d = q.shape
+    sm = scale if scale is not None else d ** -0.5
+    qk, qv = c.basis(q.device)
+    if isinstance(lat, QuantStore):
+        pos = lat.positions()[:, 0]
+        bias = None
+        if mask is not None or (is_causal and nq > 1):
+            keep = positions_mask(pos[:, None].expand(B, H, pos.shape[1]), mask, is_causal, nq, past_len, Hq // H)
+            bias = keep.float() if keep.dtype != torch.bool else torch.zeros(
+                keep.shape, device=q.device).masked_fill(~keep, float("-inf"))
+        o, _ = latent_quant_attention_reference(q, lat.view(), pos, table.cos, table.sin, qk, qv, scale=sm, bias=bias)
+        return o, None
+    n = lat.length
+    pos = lat.pos[:, 0, :n]
+    keep = None
+    if mask is not None or lat.ragged or (is_causal and nq > 1):
+        keep = positions_mask(pos[:, None].expand(B, H, n), mask, is_causal, nq, past_len, Hq // H)
+    lengths = lat.count[:, 0]
+    if keep is None and nq == 1 and not c.needs_probs and _use_kernel(q):
+        from kvfx.templates.launch_lowrank import latent_decode_attention
+
+        o, _ = latent_decode_attention(q, lat.k[:, 0], lat.v[:, 0], lengths, lat.pos[:, 0], table.cos, table.sin,
+                                       qk, qv, scale=sm)
+        return o, None
+    res = latent_attention_reference(q, lat.k[:, 0, :n], lat.v[:, 0, :n], lengths, pos, table.cos, table.sin,
+                                     qk, qv, scale=sm, bias=keep, return_probs=c.needs_probs)
+    return res[0], (res[2] if c.needs_probs else None)
+
+
+def lowrank_site_attention(c, store: LatentStore, table: RopeTable, q, x_k, w_k, x_v, w_v, cos, sin, mask,
                            past_len: int, scale, is_causal: bool, where: str = "") -> Tensor:
     """One call of a low-rank site (compressor ``c``: :class:`kvfx.methods.lowrank.LowRankCompressor`)."""
     B, Hq, nq, _ = q.shape
     if past_len == 0:
         store.reset()
         store.table = table
+        k_pre, k, v = project_kv(x_k, w_k, x_v, w_v, store.kv_heads, store.head_dim, cos, sin)
         out, _ = prefill_attention(q, k, v, mask, scale=scale, is_causal=is_causal)
         with torch.no_grad():
             table.write(cos, sin, 0, B)
-            zk, zv = c.latents(unrope(k, cos, sin), v)
-            # the full policy's prefill: every valid (non-pad) token, in order
-            Compressor.prefill(c, store.lat, q, zk, zv, key_valid(mask, B, nq, q.device))
+            zk, zv = c.latents(k_pre, v)
+            c.prefill(store.lat, q, k, v, key_valid(mask, B, nq, q.device), scale, zk, zv)
         store.seen = nq
         return out.contiguous()
     if store.seen != past_len or store.batch != B or store.table is not table:
@@ -154,21 +215,15 @@ def lowrank_site_attention(c, store: LatentStore, table: RopeTable, q, k, v, cos
             "cropping or reordering the cache; start a new sequence with an empty cache.")
     with torch.no_grad():
         table.write(cos, sin, past_len, B)
-        zk, zv = c.latents(unrope(k, cos, sin), v)
-        lat = store.lat
-        lat.append(zk, zv, torch.arange(past_len, past_len + nq, device=q.device))
-        n = lat.length
-        pos = lat.pos[:, 0, :n]
-        k_pre, v_hat = c.expand(lat.k[:, :, :n], lat.v[:, :, :n])
-        rc, rs = table.rows(pos)
-        k_hat = rope(k_pre, rc, rs).to(q.dtype)
-        keep = None
-        if mask is not None or lat.ragged or (is_causal and nq > 1):
-            H = store.kv_heads
-            keep = positions_mask(pos[:, None].expand(B, H, n), mask, is_causal, nq, past_len, Hq // H)
-        out = sdpa(q, k_hat, v_hat, keep, scale=scale)
+        zk, zv = c.project(x_k, w_k, x_v, w_v)
+        store.lat.append(zk, zv, torch.arange(past_len, past_len + nq, device=q.device))
+        out, probs = _attend(c, store, table, q, mask, is_causal, past_len, scale)
+        if isinstance(store.lat, QuantStore):
+            store.lat.flush()
+        else:
+            c.after_decode(store.lat, nq, probs)
     store.seen += nq
     return out.contiguous()
 
 
-__all__ = ["LatentStore", "RopeTable", "lowrank_attention", "lowrank_site_attention", "rope_table"]
+__all__ = ["LatentStore", "RopeTable", "ghost_heads", "lowrank_attention", "lowrank_site_attention", "rope_table"]

@@ -50,7 +50,7 @@ def make_store(key: str, compressor) -> SiteStore | QuantStore:
     if getattr(compressor, "lowrank", False):  # ReCalKV latents (kvfx.runtime.lowrank)
         from kvfx.runtime.lowrank import LatentStore
 
-        return LatentStore(key, compressor.kv_heads, compressor.head_dim)
+        return LatentStore(key, compressor.kv_heads, compressor.head_dim, compressor.quant)
     quant = getattr(compressor, "quant", None)
     return SiteStore(key) if quant is None else QuantStore(key, quant)
 

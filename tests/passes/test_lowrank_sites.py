@@ -186,14 +186,23 @@ def test_fused_qkv_left_alone_with_reason(full_rank):
     assert all("fused QKV" in s.reason for s in sites), kvfx.explain()
 
 
-def test_unsupported_combinations_and_missing_artifact(llama, full_rank, tmp_path):
+@pytest.mark.parametrize("extra, match", [
+    (dict(eviction={"scorer": "lagkv"}, budget={"keep": 0.5}), "lowrank together with eviction.scorer lagkv"),
+    (dict(extends="snapkv-calidrop"), "lowrank together with calibration"),
+    (dict(extends="h2o", quant={"keys": {"bits": 4}, "values": {"bits": 4, "group": 16}}),
+     "lowrank and quant together with decode-time eviction"),
+])
+def test_unsupported_combinations(llama, full_rank, extra, match):
     ids = _ids(9, 10)
-    pol = _policy(full_rank, eviction={"scorer": "knorm"}, budget={"keep": 0.5})
+    pol = _policy(full_rank, **extra)
     comp = torch.compile(clone_model(llama), backend="kvfx", options={"policy": pol, "inner": "eager"})
-    with pytest.raises(Exception, match="lowrank together with eviction") as e, torch.no_grad():
+    with pytest.raises(Exception, match=match) as e, torch.no_grad():
         hf_decode(comp, ids, 2)
     assert isinstance(e.value, UnsupportedPolicyError) or "UnsupportedPolicyError" in repr(e.value)
-    torch._dynamo.reset()
+
+
+def test_missing_artifact(llama, tmp_path):
+    ids = _ids(9, 10)
     missing = str(tmp_path / "nope.safetensors")
     comp = torch.compile(clone_model(llama), backend="kvfx", options={"policy": _policy(missing), "inner": "eager"})
     with pytest.raises(Exception, match="no such file") as e, torch.no_grad():
@@ -216,3 +225,123 @@ def test_no_per_step_recompiles(llama, half_rank):
     assert first <= 3, first
     assert total <= first + 1, total
     assert all(s.rewritten for s in kvfx.sites())
+
+
+def test_k_proj_and_v_proj_leave_the_graph(llama, half_rank, monkeypatch):
+    """The rewrite hands the projections' inputs and weights to the op: no Linear on a k_proj /
+    v_proj weight is left in any rewritten graph (prefill and decode), and nothing reads the keys'
+    RoPE (the op's latent down-projection replaces them)."""
+    import kvfx.backend as backend
+
+    graphs = []
+    real = backend.run_passes
+
+    def spy(gm, *a, **kw):
+        out = real(gm, *a, **kw)
+        graphs.append(gm)
+        return out
+
+    monkeypatch.setattr(backend, "run_passes", spy)
+    with torch.no_grad():
+        comp = torch.compile(clone_model(llama), backend="kvfx",
+                             options={"policy": _policy(half_rank), "inner": "eager"})
+        hf_decode(comp, _ids(12, 13), 4)
+    assert len(graphs) >= 2
+    for gm in graphs:
+        lin = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch._C._nn.linear]
+        weights = [str(n.args[1]) for n in lin]
+        assert not any("k_proj" in w or "v_proj" in w for w in weights), weights
+        assert any("q_proj" in w for w in weights)  # the other projections are still there
+        ops = [n for n in gm.graph.nodes if n.target is torch.ops.kvfx.lowrank_attention.default]
+        assert len(ops) == 2
+        for op in ops:
+            assert "k_proj" in str(op.args[2]) and "v_proj" in str(op.args[4])
+
+
+@pytest.fixture(scope="module")
+def mqa():
+    return hf_model("llama", "sdpa", layers=2, kv_heads=1)
+
+
+@pytest.fixture(scope="module")
+def mqa_full_rank(mqa, tmp_path_factory):
+    return _artifact(mqa, 1.0, tmp_path_factory.mktemp("lr") / "mqa_full.safetensors")
+
+
+@pytest.mark.parametrize("preset", ["snapkv@0.5", "knorm@0.5", "h2o@0.5", "tova@0.5", "streaming@0.25"])
+def test_full_rank_lowrank_with_eviction_equals_the_eviction(mqa, mqa_full_rank, preset):
+    """With one KV head (nothing to reduce over heads) and a full-rank artifact, lowrank + an
+    eviction policy keeps the same tokens and gives the same logits as the eviction alone:
+    prompt-time selection, rolling eviction (H2O / TOVA attention rows from the latent store,
+    streaming), all through the latents."""
+    from kvfx.eval.harness import policy_from_spec
+    from kvfx.runtime.registry import REGISTRY
+
+    base = policy_from_spec(preset)
+    doc = {"kvfx": 1, "name": "lr-ev", "extends": preset.split("@")[0],
+           "budget": {"keep": float(preset.split("@")[1])}, "lowrank": {"artifact": mqa_full_rank}}
+    ids = _ids(48, 14)
+    held, outs = {}, {}
+    for name, pol in (("plain", base), ("lowrank", doc)):
+        torch._dynamo.reset()
+        kvfx.reset()
+        with torch.no_grad():
+            comp = torch.compile(clone_model(mqa), backend="kvfx", options={"policy": pol, "inner": "eager"})
+            outs[name], _ = hf_decode(comp, ids, STEPS)
+        assert all(s.rewritten for s in kvfx.sites()), kvfx.explain()
+        held[name] = {}
+        for b in REGISTRY.bindings.values():
+            st = getattr(b.store, "lat", b.store)
+            held[name][b.info.module_path] = st.pos[0, 0, :st.length].sort().values.clone()
+    for path, pos in held["plain"].items():
+        assert torch.equal(held["lowrank"][path], pos), (path, pos.tolist(), held["lowrank"][path].tolist())
+    torch.testing.assert_close(outs["lowrank"], outs["plain"], rtol=1e-4, atol=1e-4)
+
+
+def test_lowrank_eviction_shares_one_token_set_and_frees_bytes(llama, half_rank):
+    """GQA with two KV heads: the latent is shared, so one token set per row (scores reduced over
+    the heads); latents of the kept tokens only are held."""
+    from kvfx.runtime.registry import REGISTRY
+
+    ids = _ids(512, 15)
+    doc = {"kvfx": 1, "name": "lr-snap", "extends": "snapkv", "budget": {"keep": 0.25, "window": 8},
+           "lowrank": {"artifact": half_rank}}
+    with torch.no_grad():
+        comp = torch.compile(clone_model(llama), backend="kvfx", options={"policy": doc, "inner": "eager"})
+        _, cache = hf_decode(comp, ids, 4)
+    factors = load_artifact(half_rank).factors
+    mem = kvfx.memory(cache)
+    for b in REGISTRY.bindings.values():
+        lat = b.store.lat
+        assert lat.k.shape[1] == 1 and int(lat.count[0, 0]) == 128 + 3  # round(0.25 * 512) + 3 decoded
+        f = factors[b.info.layer_index]
+        site = mem["sites"][b.info.module_path]
+        # the latent buffers of the kept tokens (with the store's decode headroom), nothing else
+        assert site["kv_bytes"] == lat.capacity * (f.k.rank + f.v.rank) * 4
+        assert lat.capacity <= 256  # far below the 512 + 3 tokens seen (decode headroom: 64 slots)
+
+
+def test_quantized_latents_error_shrinks_with_bits(llama, half_rank):
+    """quant: on the latents: the logits approach the unquantized low-rank model's as bits grow,
+    the store holds codes (fewer bytes than the fp32 latents), and nothing recompiles."""
+    import torch._dynamo.utils as dutils
+
+    ids = _ids(300, 16)
+    outs, kvb = {}, {}
+    for bits in (None, 8, 4, 2):
+        doc = {"kvfx": 1, "name": f"lr-q{bits}", "lowrank": {"artifact": half_rank}}
+        if bits:
+            doc["quant"] = {"keys": {"bits": bits, "group": 32}, "values": {"bits": bits, "group": 16},
+                            "residual": 64}
+        torch._dynamo.reset()
+        kvfx.reset()
+        dutils.counters.clear()
+        with torch.no_grad():
+            comp = torch.compile(clone_model(llama), backend="kvfx", options={"policy": doc, "inner": "eager"})
+            outs[bits], cache = hf_decode(comp, ids, 12)
+        assert dutils.counters["stats"]["unique_graphs"] <= 3
+        assert all(s.rewritten for s in kvfx.sites()), kvfx.explain()
+        kvb[bits] = kvfx.memory(cache)["store_bytes"]
+    err = {b: float((outs[b] - outs[None]).abs().max()) for b in (8, 4, 2)}
+    assert 0 < err[8] < err[4] < err[2], err
+    assert kvb[2] < kvb[4] < kvb[8] < kvb[None], kvb
