@@ -119,6 +119,23 @@ def quant_compress_warps(elements: int) -> int:
     return 4 if elements <= QUANT_COMPRESS_TILE_ELEMENTS else 8
 
 
+# Latent decode attention (ReCalKV low-rank store): a program holds the latent tiles (BLOCK_N x
+# BLOCK_RK and BLOCK_N x BLOCK_RV) and the two rebuilt key halves (BLOCK_N x d/2 each) in fp32.
+LATENT_DECODE_CONFIGS = (
+    AttnConfig(0, 64, 4, 2),
+    AttnConfig(0, 32, 4, 2),
+    AttnConfig(0, 16, 2, 1),
+)
+LATENT_TILE_ELEMENTS = 16384  # BLOCK_N * (r_k + r_v + d) fp32 registers of one step
+
+
+def prune_latent_decode(configs, *, head_dim: int, key_rank: int, value_rank: int, cap: int):
+    """Configs whose fp32 tiles fit LATENT_TILE_ELEMENTS and whose block is not larger than the store."""
+    fit = [c for c in configs if c.block_n * (key_rank + value_rank + head_dim) <= LATENT_TILE_ELEMENTS]
+    small = [c for c in fit if c.block_n <= _pow2_at_least(cap)]
+    return small or fit[-1:] or list(configs[-1:])
+
+
 def decode_num_splits(cap: int, bh: int, block_n: int) -> int:
     """Number of split-K partitions of a store of `cap` slots, for `bh` = B·Hkv programs per split."""
     want = math.ceil(TARGET_PROGRAMS / max(1, bh))

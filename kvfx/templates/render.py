@@ -81,6 +81,8 @@ def render(spec: KernelSpec) -> str:
         value_group=spec.value_group,
         outlier_pool=spec.outlier_pool,
         outlier_norm=spec.outlier_norm,
+        key_rank=spec.key_rank,
+        value_rank=spec.value_rank,
     )
     return _env().get_template(f"{spec.kind}.py.jinja").render(**context)
 

@@ -19,7 +19,11 @@ import torch
 # Attention kernels, and the store kernels: quantized decode attention and quantize+pack
 # (KIVI/OTT), select+gather (eviction), per-token K/V statistics (KNorm, LagKV).
 KINDS = ("prefill_attention", "decode_attention", "quant_decode_attention", "quant_compress",
-         "select_gather", "kv_stats")
+         "select_gather", "kv_stats", "latent_decode_attention")
+# Latent decode attention (ReCalKV low-rank store): key_rank / value_rank are the latent widths
+# (they size register blocks); every other kind keeps them 0. Its head_dim must be >= 32.
+LATENT_KINDS = ("latent_decode_attention",)
+MAX_LATENT_RANK = 1024
 DTYPES = ("fp32", "fp16", "bf16")
 HEAD_DIMS = (16, 32, 64, 128, 256)
 MAX_GQA_GROUP = 64
@@ -122,6 +126,25 @@ def _check_quant_fields(spec) -> None:
                              f"head_dim={spec.head_dim}")
 
 
+def _check_latent_fields(spec) -> None:
+    """key_rank / value_rank: in [1, MAX_LATENT_RANK] for the latent kinds, 0 elsewhere (so the URI,
+    which spells them for the latent kinds only, stays injective)."""
+    for name in ("key_rank", "value_rank"):
+        if spec.kind in LATENT_KINDS:
+            _check_int(name, getattr(spec, name), lo=1, hi=MAX_LATENT_RANK)
+        else:
+            _check_int(name, getattr(spec, name), lo=0, hi=MAX_LATENT_RANK)
+            if getattr(spec, name):
+                raise ValueError(f"KernelSpec.{name}: got {getattr(spec, name)} for {spec.kind}, expected 0 "
+                                 f"(only {', '.join(LATENT_KINDS)} reads it)")
+    if spec.kind in LATENT_KINDS:
+        if spec.head_dim < 32 or spec.causal or spec.scores != "none" or spec.calibration:
+            raise ValueError(f"KernelSpec: {spec.kind} expects head_dim >= 32 (its rebuilt key halves feed "
+                             f"tl.dot), causal=False, scores='none', calibration=False, got head_dim="
+                             f"{spec.head_dim}, causal={spec.causal}, scores={spec.scores!r}, "
+                             f"calibration={spec.calibration}")
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelSpec:
     """One kernel variant.
@@ -150,6 +173,7 @@ class KernelSpec:
         token group); 0 = that side is absent.
     outlier_pool: quant_decode_attention attends an outlier pool as one more partition.
     outlier_norm: quant_compress traces outliers by the smallest "l1"/"l2" key norm ("none": no).
+    key_rank, value_rank: latent_decode_attention's latent widths r_k, r_v (0 on every other kind).
     """
 
     kind: str
@@ -166,6 +190,8 @@ class KernelSpec:
     value_group: int = 0
     outlier_pool: bool = False
     outlier_norm: str = "none"
+    key_rank: int = 0
+    value_rank: int = 0
 
     def __post_init__(self) -> None:
         _check_enum("kind", self.kind, KINDS)
@@ -197,6 +223,7 @@ class KernelSpec:
                              f"causal=False, got gqa_group={self.gqa_group}, causal={self.causal}")
         if self.kind == "select_gather" and self.scores != "none":
             raise ValueError(f"KernelSpec.scores: got {self.scores!r} for select_gather, expected 'none'")
+        _check_latent_fields(self)
 
     @property
     def uri(self) -> str:
@@ -208,6 +235,7 @@ class KernelSpec:
             + (f"_kq_{self.key_bits}_{self.key_group}_vq_{self.value_bits}_{self.value_group}"
                f"_pool_{int(self.outlier_pool)}_onorm_{self.outlier_norm}"
                if self.kind in QUANT_KINDS else "")
+            + (f"_rk_{self.key_rank}_rv_{self.value_rank}" if self.kind in LATENT_KINDS else "")
         )
 
     @property

@@ -113,3 +113,38 @@ def test_calidrop_state_comes_from_the_prefill_kernels_window_logits(monkeypatch
         assert state.q_hist.shape[2] == min(history, 80)
         for name in ("q_hist", "o_e", "lse_e", "valid"):
             torch.testing.assert_close(getattr(state_k, name), getattr(state, name), rtol=1e-4, atol=1e-4)
+
+
+def test_lowrank_decode_runs_the_latent_kernel(monkeypatch, tmp_path):
+    """A low-rank (ReCalKV) model on the kernel path: decode attention over the latents is the
+    latent decode kernel (keys rebuilt and rotated in registers), and the logits equal the
+    PyTorch path's."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set")
+    from types import SimpleNamespace
+
+    import kvfx.templates.launch_lowrank as launch_lowrank
+    from kvfx.calibrate import calibrate, save_artifact
+
+    monkeypatch.setenv("KVFX_CACHE_DIR", str(tmp_path))
+    model = hf_model("llama", "sdpa", heads=2, kv_heads=1)  # head_dim 32, GQA 2
+    calib_ids = torch.randint(1, 90, (512,), generator=torch.Generator().manual_seed(3))
+    tok = lambda text, add_special_tokens=False: SimpleNamespace(input_ids=[int(w) for w in text.split()])  # noqa: E731
+    factors, prov = calibrate(model, tok, " ".join(map(str, calib_ids.tolist())), 0.5, tokens=512, chunk=128,
+                              progress=False)
+    path = str(save_artifact(tmp_path / "lr.safetensors", factors, prov))
+    calls = []
+    real = launch_lowrank.latent_decode_attention
+    monkeypatch.setattr(launch_lowrank, "latent_decode_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ids = torch.randint(1, 90, (1, 40), generator=torch.Generator().manual_seed(4))
+    outs = {}
+    for forced in ("0", "1"):
+        monkeypatch.setenv("KVFX_FORCE_TRITON", forced)
+        torch._dynamo.reset()
+        kvfx.reset()
+        with torch.no_grad():
+            outs[forced], _ = hf_decode(torch.compile(clone_model(model), backend="kvfx", options={
+                "policy": {"kvfx": 1, "name": "lr", "lowrank": {"artifact": path}}, "inner": "eager"}), ids, 5)
+        assert all(s.rewritten for s in kvfx.sites()), kvfx.explain()
+    assert len(calls) == 2 * 4  # 2 layers x 4 decode steps, kernel path only
+    torch.testing.assert_close(outs["1"], outs["0"], rtol=1e-4, atol=1e-4)

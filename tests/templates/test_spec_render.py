@@ -31,11 +31,16 @@ def test_uri_spells_every_field():
     base = dataclasses.replace(full, causal=False, scores="last_row")  # last_row: valid for decode too
     variants = {"kind": "decode_attention", "dtype": "fp32", "head_dim": 32, "gqa_group": 5,
                 "causal": True, "scores": "window_colsum", "quant_bits": 2, "calibration": False}
-    # The quantized-store fields only vary on the quant kinds: test_quant_kernels.py covers them.
+    # The quantized-store fields only vary on the quant kinds: test_quant_kernels.py covers them;
+    # the latent ranks only on latent_decode_attention (below).
     quant_fields = {"key_bits", "key_group", "value_bits", "value_group", "outlier_pool", "outlier_norm"}
-    assert set(variants) | quant_fields == {f.name for f in dataclasses.fields(KernelSpec)}
+    latent_fields = {"key_rank", "value_rank"}
+    assert set(variants) | quant_fields | latent_fields == {f.name for f in dataclasses.fields(KernelSpec)}
     for name, value in variants.items():
         assert dataclasses.replace(base, **{name: value}).uri != base.uri, name
+    latent = KernelSpec("latent_decode_attention", "fp16", 64, 2, key_rank=48, value_rank=32)
+    for name, value in (("key_rank", 32), ("value_rank", 48), ("head_dim", 128), ("gqa_group", 3)):
+        assert dataclasses.replace(latent, **{name: value}).uri != latent.uri, name
 
 
 @pytest.mark.parametrize(
