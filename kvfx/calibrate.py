@@ -5,6 +5,15 @@ sequences; forward hooks on every ``k_proj`` / ``v_proj`` Linear accumulate the 
 XᵀX of their inputs (an input shared by k_proj and v_proj, as in Llama, is counted once). Each
 layer is then factorized by :class:`kvfx.methods.recalkv.ReCalKV` (math in that module).
 
+Offline value calibration (OVC), sequential as in the official code: layer by layer, the model
+runs again with the k_proj / v_proj outputs of every earlier layer replaced by their low-rank
+reconstruction x·Rᵀ·Lᵀ (those layers' final factors), the Gram X'ᵀX' of layer l's v_proj inputs
+is collected on those *compressed-model* inputs, and one least-squares step refits layer l's
+value factors to them (:func:`kvfx.methods.recalkv.ovc_refine`). The whitening and the SVDs use
+the unchanged model's statistics; OVC adapts the values to the inputs the compressed model feeds
+them. (On the unchanged model's own inputs the step would return the whitened SVD unchanged: it
+is already the optimum there.) The forward of layer l's pass stops at layer l's v_proj.
+
 Artifact (safetensors, never pickle; DESIGN.md rule 8): tensors ``layers.{i}.k_proj.L`` (Hkv·d, r_k),
 ``layers.{i}.k_proj.R`` (r_k, D) and the same for ``v_proj``, float32; metadata ``format`` =
 ``kvfx.recalkv``, ``format_version`` and ``provenance`` (JSON: model, text source and hash, token
@@ -24,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -35,7 +45,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from kvfx.methods.recalkv import LayerFactors, LowRank, ReCalKV, relative_error
+from kvfx.methods.recalkv import LayerFactors, LowRank, ReCalKV, ovc_refine, reconstruct, relative_error
 
 __all__ = ["ARTIFACT_FORMAT", "ArtifactError", "Calibration", "KVProjection", "artifact_tensors",
            "calibrate", "collect_grams", "format_summary", "heldout_errors", "kv_projections",
@@ -189,6 +199,47 @@ def collect_grams(model, ids: torch.Tensor, *, chunk: int = 512, progress: bool 
     return {p.layer: (g_k[p.layer], g_k[p.layer] if shared[p.layer] else g_v[p.layer]) for p in projs}
 
 
+class _Stop(Exception):
+    """Raised by a hook to end a calibration forward once the layer of interest has run."""
+
+
+@torch.no_grad()
+def _sequential_gram(model, ids: torch.Tensor, proj: KVProjection, earlier: dict[int, LayerFactors],
+                     chunk: int) -> torch.Tensor:
+    """float64 Gram of ``proj.v_proj``'s inputs over ``ids`` when every layer in ``earlier`` has its
+    k_proj / v_proj outputs replaced by the low-rank reconstruction (the compressed model)."""
+    g = None
+    handles = []
+
+    def lowrank(f):
+        return lambda mod, args, out: reconstruct(args[0].double(), f.to(torch.float64), mod.bias).to(out.dtype)
+
+    def take(_mod, args, _out):
+        nonlocal g
+        x = args[0].reshape(-1, args[0].shape[-1]).double()
+        inc = (x.mT @ x).cpu()
+        g = inc if g is None else g + inc
+        raise _Stop
+
+    for p in kv_projections(model):
+        if p.layer in earlier:
+            f = earlier[p.layer]
+            handles += [p.k_proj.register_forward_hook(lowrank(f.k)), p.v_proj.register_forward_hook(lowrank(f.v))]
+    handles.append(proj.v_proj.register_forward_hook(take))
+    device = next(model.parameters()).device
+    try:
+        for s in range(0, int(ids.numel()), chunk):
+            seq = ids.reshape(-1)[s:s + chunk].to(device)[None]
+            try:
+                model(input_ids=seq, attention_mask=torch.ones_like(seq), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return g
+
+
 # --------------------------------------------------------------------------------------------- calibrate
 
 
@@ -235,15 +286,24 @@ def calibrate(model, tokenizer, text: str, keep_rank: float, *, tokens: int = 40
     ids = text_ids(tokenizer, text, tokens)
     grams = collect_grams(model, ids, chunk=chunk, progress=progress)
     factors, layers = {}, []
+    svd = dataclasses.replace(method, ovc=False)  # OVC runs below, on the compressed model's inputs
     for p in tqdm(projs, desc="factorize", unit="layer", disable=not progress):
         g_k, g_v = grams[p.layer]
         w_k, w_v = p.k_proj.weight.detach(), p.v_proj.weight.detach()
-        f = method.factorize(w_k, w_v, g_k, g_v, n_heads=n_kv, head_dim=d)
+        f = svd.factorize(w_k, w_v, g_k, g_v, n_heads=n_kv, head_dim=d)
+        if ovc:
+            g_seq = _sequential_gram(model, ids, p, {q.layer: factors[q.layer] for q in projs
+                                                      if q.layer < p.layer}, chunk)
+            L, R = ovc_refine(w_v, f.v.L, f.v.R, g_seq)
+            refined = LowRank(L, R, f.v.groups, f.v.ranks, f.v.head_dim)
+            seq_err = (relative_error(w_v, f.v, gram=g_seq), relative_error(w_v, refined, gram=g_seq))
+            f = LayerFactors(f.k, refined)
         layers.append({"layer": p.layer, "module": p.name,
                        "k_groups": [list(g) for g in f.k.groups], "k_ranks": list(f.k.ranks),
                        "v_groups": [list(g) for g in f.v.groups], "v_ranks": list(f.v.ranks),
                        "calib_error_k": relative_error(w_k, f.k, gram=g_k),
-                       "calib_error_v": relative_error(w_v, f.v, gram=g_v)})
+                       "calib_error_v": relative_error(w_v, f.v, gram=g_v),
+                       **({"ovc_error_v_before": seq_err[0], "ovc_error_v_after": seq_err[1]} if ovc else {})})
         factors[p.layer] = LayerFactors(f.k.to(torch.float32), f.v.to(torch.float32))
     gs, mult = method.resolved(n_kv, d)
     provenance = {
@@ -252,7 +312,8 @@ def calibrate(model, tokenizer, text: str, keep_rank: float, *, tokens: int = 40
         "text_source": text_source or "text",
         "text_sha256": hashlib.sha256(ids.numpy().astype("<i8").tobytes()).hexdigest(),
         "tokens": int(ids.numel()), "chunk": chunk,
-        "keep_rank": keep_rank, "hsr": hsr, "ovc": ovc, "group_size": gs, "rank_multiple": mult,
+        "keep_rank": keep_rank, "hsr": hsr, "ovc": ovc, "ovc_inputs": "sequential" if ovc else None,
+        "group_size": gs, "rank_multiple": mult,
         "damp": damp, "num_kv_heads": n_kv, "head_dim": d, "hidden_size": dim,
         "layers": layers,
         "kvfx_version": kvfx.__version__, "torch_version": torch.__version__.split("+")[0],

@@ -310,6 +310,31 @@ def test_calibrate_tiny_model_and_heldout(tmp_path):
     assert all(e < 1e-6 for pair in heldout_errors(model, full, ids, progress=False).values() for e in pair)
 
 
+def test_ovc_is_fitted_to_the_compressed_models_inputs():
+    """Sequential OVC (the official code's): layer 0 sees the unchanged model's inputs, where the
+    whitened SVD is already optimal, so its value factors stay (up to damping); later layers see
+    the inputs of the compressed earlier layers: their factors change, and on those inputs the
+    refined factors' error is never above the SVD's (a least-squares step)."""
+    from zoo import hf_model
+
+    model = hf_model("llama", layers=3)
+    kw = dict(tokens=600, chunk=200, progress=False)
+    with_ovc = calibrate(model, CharTokenizer(), TEXT, 0.5, ovc=True, **kw)
+    without = calibrate(model, CharTokenizer(), TEXT, 0.5, ovc=False, **kw)
+    assert with_ovc.provenance["ovc_inputs"] == "sequential" and without.provenance["ovc_inputs"] is None
+    recs = with_ovc.provenance["layers"]
+    for rec in recs:
+        assert rec["ovc_error_v_after"] <= rec["ovc_error_v_before"] + 1e-12, rec
+    w0 = (without.factors[0].v.L @ without.factors[0].v.R, with_ovc.factors[0].v.L @ with_ovc.factors[0].v.R)
+    torch.testing.assert_close(w0[1], w0[0], rtol=1e-3, atol=1e-4)
+    diff = [float((with_ovc.factors[i].v.weight() - without.factors[i].v.weight()).norm()
+                  / without.factors[i].v.weight().norm()) for i in (1, 2)]
+    assert all(d > 1e-3 for d in diff), diff
+    assert any(r["ovc_error_v_after"] < r["ovc_error_v_before"] - 1e-4 for r in recs[1:]), recs
+    for i in range(3):  # keys are never refined: the same factors
+        assert torch.equal(with_ovc.factors[i].k.L, without.factors[i].k.L)
+
+
 def test_calibrate_rejects_fused_qkv_and_short_text():
     from zoo import hf_model
 
