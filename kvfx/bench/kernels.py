@@ -10,6 +10,9 @@ Cases (each timed next to SDPA on the same q, k, v; kvfx's time ÷ SDPA's is the
     decode+quant    launch_quant.quant_decode_attention over a KIVI store of the
                     same context (K and V at ``quant_bits``, a ``group``-token
                     full-precision residual)                                      vs SDPA, 1 query, dense
+    decode+latent   launch_lowrank.latent_decode_attention over a ReCalKV latent
+                    store of the same context (keep-rank ``latent_keep``: latents
+                    of r = keep·Hkv·d per token, keys rebuilt and re-rotated)     vs SDPA, 1 query, dense
 
 On CUDA the kvfx entry points run their Triton kernels and both sides are timed with
 ``triton.testing.do_bench`` (median, L2 flushed between repetitions). ``bytes`` is every input
@@ -49,7 +52,8 @@ from kvfx.bench.measure import environment, median, ratio
 __all__ = ["CASES", "PEAK_BANDWIDTH", "Shape", "default_grid", "markdown_table", "peak_bandwidth",
            "run_kernels", "write_outputs"]
 
-CASES = ("prefill", "prefill+scores", "decode", "decode+calib", "decode+quant")
+CASES = ("prefill", "prefill+scores", "decode", "decode+calib", "decode+quant", "decode+latent")
+LATENT_KEEP = 0.5
 CPU_LABEL = "CPU reference path (kvfx ops run their PyTorch references, not Triton kernels)"
 PREFILL_MAX_CONTEXT = 32768  # CUDA default: prefill is quadratic, 128k x batch 16 would take minutes
 
@@ -153,6 +157,21 @@ def _make_case(case: str, s: Shape, device, quant_bits: int, group: int, window:
     sd_fn = lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=Hq != Hkv)
     sd_bytes = _nbytes(q, k, v)
     flops = 4.0 * B * Hq * n * d
+    if case == "decode+latent":
+        from kvfx.templates.launch_lowrank import latent_decode_attention
+
+        r = max(16, int(LATENT_KEEP * Hkv * d) // 16 * 16)
+        zk, zv = rnd(B, n, r), rnd(B, n, r)
+        qk = torch.linalg.qr(torch.randn(Hkv * d, r, generator=g, device=device))[0]
+        qv = torch.linalg.qr(torch.randn(Hkv * d, r, generator=g, device=device))[0]
+        inv = 1.0 / 10000 ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+        ang = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv
+        emb = torch.cat([ang, ang], -1)
+        cos, sin = emb.cos().to(dt).expand(B, n, d).contiguous(), emb.sin().to(dt).expand(B, n, d).contiguous()
+        pos = torch.arange(n, device=device, dtype=torch.int32).expand(B, n).contiguous()
+        lens = torch.full((B,), n, dtype=torch.int32, device=device)
+        kv_fn = lambda: latent_decode_attention(q, zk, zv, lens, pos, cos, sin, qk, qv, scale=scale)
+        return kv_fn, sd_fn, _nbytes(q, zk, zv, pos, lens, cos, sin, qk, qv), sd_bytes, flops, False
     if case == "decode+quant":
         kv = _quant_store(k, v, quant_bits, group)
         if isinstance(kv, str):
@@ -277,7 +296,7 @@ def _add_vs_decode(rows: list[dict]) -> None:
     plain = {tuple(r[f] for f in shape): r for r in rows if r["case"] == "decode" and "kvfx_ms" in r}
     for r in rows:
         ref = plain.get(tuple(r[f] for f in shape))
-        if r["case"] in ("decode+calib", "decode+quant") and "kvfx_ms" in r and ref is not None:
+        if r["case"] in ("decode+calib", "decode+quant", "decode+latent") and "kvfx_ms" in r and ref is not None:
             r["vs_decode"] = ratio(r["kvfx_ms"], ref["kvfx_ms"])
 
 
@@ -312,10 +331,11 @@ def markdown_table(result: dict) -> str:
                      f"| {_f(r['max_abs_diff'], '.1e')} |")
     lines += ["", (
         "kvfx/SDPA: kvfx time ÷ SDPA time on the same inputs (< 1: kvfx faster). GB/s: bytes of every input "
-        "read once ÷ time (decode+quant: kvfx reads the quantized store, SDPA the dense one); %peak: of the "
-        "peak bandwidth above. ÷ kvfx decode: decode+calib / decode+quant time ÷ plain kvfx decode on the "
-        "same shape. max abs diff: kvfx output vs SDPA (prefill, decode only). quant: "
-        f"{m['quant_bits']}-bit K and V, group {m['group']}; scores window {m['window']}.")]
+        "read once ÷ time (decode+quant / decode+latent: kvfx reads the quantized / latent store, SDPA the "
+        "dense one); %peak: of the peak bandwidth above. ÷ kvfx decode: decode+calib / decode+quant / "
+        "decode+latent time ÷ plain kvfx decode on the same shape. max abs diff: kvfx output vs SDPA "
+        f"(prefill, decode only). quant: {m['quant_bits']}-bit K and V, group {m['group']}; latent: keep-rank "
+        f"{LATENT_KEEP}; scores window {m['window']}.")]
     if cpu:
         lines.append(f"**{CPU_LABEL}**: these times are PyTorch reference math on CPU, not kernel speed.")
     return "\n".join(lines)
