@@ -75,7 +75,7 @@ def _report(args) -> int:
     if not load_results(Path(args.dir)):
         raise SystemExit(f"kvfx report: no results.jsonl in {args.dir}")
     table, pngs = write_report(Path(args.dir))
-    print(table)
+    print((Path(args.dir) / "pivot.md").read_text() if args.pivot else table)
     for p in pngs:
         print(f"wrote {p}")
     return 0
@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="tables from an eval directory")
     rp.add_argument("dir")
+    rp.add_argument("--pivot", action="store_true", help="print one row per policy, a column per task and "
+                    "length (also written to DIR/pivot.md) instead of the long table (DIR/report.md)")
     rp.set_defaults(func=_report)
 
     ca = sub.add_parser("calibrate", help="ReCalKV: calibrate low-rank key/value factors offline")

@@ -281,6 +281,39 @@ def markdown_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pivot_table(records: list[dict]) -> str:
+    """One row per policy (``full`` first, then in the order the records name them), one column
+    per (task, length): accuracy for passkey / needle / agreement, Δ perplexity for perplexity;
+    then held / dense bytes and kept tokens of the longest generation task (all tokens seen)."""
+    rows = summarize(records)
+    cols = sorted({(r["task"], r["length"]) for r in rows}, key=lambda c: (TASKS.index(c[0]), c[1]))
+    gen = [c for c in cols if c[0] != "perplexity"]
+    mem_col = max(gen, key=lambda c: (c[1], -TASKS.index(c[0]))) if gen else (cols[-1] if cols else None)
+    order = list(dict.fromkeys(["full"] + [r["policy"] for r in records]))
+    cell = {(r["policy"], r["task"], r["length"]): r for r in rows}
+    head = [f"{t} {n // 1024}k" if n % 1024 == 0 else f"{t} {n}" for t, n in cols]
+    head = [h.replace("perplexity", "Δppl") for h in head]
+    mem_name = f"{mem_col[0]} {mem_col[1] // 1024}k" if mem_col and mem_col[1] % 1024 == 0 else str(mem_col)
+    lines = ["| policy | " + " | ".join(head) + f" | held / dense ({mem_name}) | kept tokens |",
+             "|---|" + "---|" * (len(cols) + 2)]
+    for policy in order:
+        if not any((policy, t, n) in cell for t, n in cols):
+            continue
+        vals = []
+        for t, n in cols:
+            r = cell.get((policy, t, n))
+            if r is None:
+                vals.append("")
+            elif t == "perplexity":
+                vals.append(f"{r['delta_ppl']:+.2f}" if r["delta_ppl"] is not None else f"{r['ppl']:.2f}")
+            else:
+                vals.append(f"{r['accuracy']:.2f}")
+        m = cell.get((policy, *mem_col)) if mem_col else None
+        lines.append(f"| {policy} | " + " | ".join(vals) + " | "
+                     + (f"{m['held_over_dense']:.3f} | {m['kept_tokens']:.0f} |" if m else " | |"))
+    return "\n".join(lines)
+
+
 def write_report(out: Path) -> tuple[str, list[Path]]:
     """``kvfx report``: the Markdown table (also written to ``OUT/report.md``) and PNGs: a
     depth × length heatmap per policy for needle/passkey, accuracy vs compression per task
@@ -304,5 +337,6 @@ def write_report(out: Path) -> tuple[str, list[Path]]:
             safe = policy.replace("@", "_at_").replace("/", "_")
             pngs.append(needle_heatmap(rs, policy, out / f"{task}_heatmap_{safe}.png", task=task))
     (out / "report.md").write_text(table + "\n")
+    (out / "pivot.md").write_text(pivot_table(records) + "\n")
     write_summary(records, out / "summary.csv")
     return table, pngs
