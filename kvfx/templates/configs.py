@@ -129,6 +129,20 @@ LATENT_DECODE_CONFIGS = (
 LATENT_TILE_ELEMENTS = 16384  # BLOCK_N * (r_k + r_v + d) fp32 registers of one step
 
 
+LATENT_ROW_ELEMENTS = 8192  # BLOCK_Q * BLOCK_RV: the fp32 latent accumulator of one program (32 KiB)
+
+
+def latent_heads_per_program(kv_heads: int, gqa_group: int, block_rv: int) -> int:
+    """KV heads per latent decode program: as many as keep the accumulator (BLOCK_Q query rows x
+    BLOCK_RV latent values, fp32) within LATENT_ROW_ELEMENTS, so the latents are read
+    cdiv(Hkv, heads) times per slot instead of Hkv times; at least 1."""
+    best = 1
+    for h in range(1, kv_heads + 1):
+        if _pow2_at_least(h * gqa_group) * block_rv <= LATENT_ROW_ELEMENTS:
+            best = h
+    return best
+
+
 def prune_latent_decode(configs, *, head_dim: int, key_rank: int, value_rank: int, cap: int):
     """Configs whose fp32 tiles fit LATENT_TILE_ELEMENTS and whose block is not larger than the store."""
     fit = [c for c in configs if c.block_n * (key_rank + value_rank + head_dim) <= LATENT_TILE_ELEMENTS]

@@ -103,24 +103,27 @@ def latent_decode_attention(q, zk, zv, lengths, pos, cos, sin, qk, qv, *, scale)
     g = Hq // H
     spec = KernelSpec("latent_decode_attention", DTYPE_NAMES[q.dtype], d, g, key_rank=rk, value_rank=rv)
     module = load(spec)
-    block_g, block_rk, block_rv = _pow2(g), _pow2(rk), _pow2(rv)
+    block_rk, block_rv = _pow2(rk), _pow2(rv)
+    heads = configs.latent_heads_per_program(H, g, block_rv)
+    block_q = _pow2(heads * g)
+    programs = B * triton.cdiv(H, heads)
     lens = lengths.to(device=q.device, dtype=torch.int32)
     positions = pos.to(device=q.device, dtype=torch.int32)
     o = torch.empty_like(q)
     lse = torch.empty((B, Hq, 1), dtype=torch.float32, device=q.device)
 
     def run(cfg):
-        splits = configs.decode_num_splits(cap, B * H, cfg.block_n)
+        splits = configs.decode_num_splits(cap, programs, cfg.block_n)
         split_len = triton.cdiv(triton.cdiv(cap, splits), cfg.block_n) * cfg.block_n
         splits = triton.cdiv(cap, split_len)
         o_part = torch.empty((B, Hq, splits, block_rv), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
-        module._kvfx_latent_decode_attention_kernel[(B * H, splits)](
+        module._kvfx_latent_decode_attention_kernel[(programs, splits)](
             q, zk, zv, positions, lens, cos, sin, qk, o_part, lse_part,
             q.stride(0), q.stride(1), q.stride(3), *zk.stride(), *zv.stride(), *positions.stride(),
             lens.stride(0), *cos.stride(), *sin.stride(), *qk.stride(), *o_part.stride(), *lse_part.stride(),
             H, cap, split_len, float(scale),
-            HEAD_DIM=d, HALF=d // 2, GQA_GROUP=g, KEY_RANK=rk, VALUE_RANK=rv, BLOCK_G=block_g,
+            HEAD_DIM=d, HALF=d // 2, GQA_GROUP=g, KEY_RANK=rk, VALUE_RANK=rv, HEADS=heads, BLOCK_Q=block_q,
             BLOCK_N=cfg.block_n, BLOCK_RK=block_rk, BLOCK_RV=block_rv,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -135,7 +138,7 @@ def latent_decode_attention(q, zk, zv, lengths, pos, cos, sin, qk, qv, *, scale)
 
     candidates = configs.prune_latent_decode(configs.LATENT_DECODE_CONFIGS, head_dim=d, key_rank=block_rk,
                                              value_rank=block_rv, cap=cap)
-    key = (spec.uri, cap.bit_length(), B * H)
+    key = (spec.uri, cap.bit_length(), programs)
     with _device_ctx(q):
         cfg = configs.choose(key, candidates, lambda c: triton.testing.do_bench(lambda: run(c)))
         run(cfg)

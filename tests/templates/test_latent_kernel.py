@@ -25,7 +25,8 @@ def latent_cases(draw):
     B = draw(st.integers(1, 2))
     length = st.one_of(st.sampled_from([0, 1, cap]), st.integers(0, cap), st.integers(-2, cap + 5))
     return dict(
-        B=B, H=draw(st.integers(1, 2)), g=draw(st.sampled_from([1, 2, 3, 4])), cap=cap,
+        B=B, H=draw(st.integers(1, 3)), g=draw(st.sampled_from([1, 2, 3, 4])), cap=cap,
+        heads=draw(st.integers(1, 3)),  # KV heads per program (capped at H): 1, some, all
         lengths=draw(st.lists(length, min_size=B, max_size=B)),
         d=draw(st.sampled_from([32, 64])), rk=draw(st.sampled_from([8, 16, 24, 48, 96])),
         rv=draw(st.sampled_from([8, 16, 40, 64])), dtype=draw(st.sampled_from(sorted(DTYPES))),
@@ -66,6 +67,7 @@ def _run(c):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(configs, "MIN_TOKENS_PER_SPLIT", c["min_split"])
         mp.setattr(configs, "LATENT_DECODE_CONFIGS", (configs.AttnConfig(0, c["block"], 2, 1),))
+        mp.setattr(configs, "latent_heads_per_program", lambda kv, g, rv: min(c.get("heads", kv), kv))
         mp.setattr(launch_lowrank, "latent_attention_reference",
                    lambda *a, **kw: fell_back.append(1) or latent_attention_reference(*a, **kw))
         got = launch_lowrank.latent_decode_attention(q, zk, zv, lengths, pos, cos, sin, qk, qv, scale=scale)
@@ -89,6 +91,16 @@ def test_latent_decode_kernel_edges(lengths):
     # empty rows (o = 0, lse = -inf), one slot, several splits of 16-slot blocks, bf16
     _run(dict(B=2, H=2, g=4, cap=70, lengths=lengths, d=64, rk=96, rv=40, dtype="bf16", min_split=16,
               block=16, seed=sum(lengths)))
+
+
+def test_heads_per_program_bounds_the_accumulator():
+    """All KV heads of a program share each latent read; the accumulator stays in its budget."""
+    assert configs.latent_heads_per_program(3, 3, 128) == 3  # SmolLM2 keep 0.5: one read per slot
+    assert configs.latent_heads_per_program(8, 4, 512) == 4  # Llama-3-8B keep 0.5: 2 reads per slot
+    assert configs.latent_heads_per_program(8, 4, 4096) == 1
+    for kv, g, rv in ((3, 3, 128), (8, 4, 512), (32, 1, 64)):
+        h = configs.latent_heads_per_program(kv, g, rv)
+        assert configs._pow2_at_least(h * g) * rv <= configs.LATENT_ROW_ELEMENTS or h == 1
 
 
 def test_latent_spec_fields_are_checked():
