@@ -14,6 +14,24 @@ from zoo import clone_model, hf_decode, hf_model
 pytest.importorskip("triton")
 
 
+def _both_paths(monkeypatch, model, policy, ids, steps, collect):
+    """{"0": ..., "1": ...}: (logits, collect(bindings)) with the PyTorch path and with the kernels
+    (KVFX_FORCE_TRITON=1, interpreted), each a fresh compile of a copy of ``model``."""
+    from kvfx.runtime.registry import REGISTRY
+
+    runs = {}
+    for forced in ("0", "1"):
+        monkeypatch.setenv("KVFX_FORCE_TRITON", forced)
+        torch._dynamo.reset()
+        kvfx.reset()
+        with torch.no_grad():
+            out, _ = hf_decode(torch.compile(clone_model(model), backend="kvfx",
+                                             options={"policy": policy, "inner": "eager"}), ids, steps)
+        assert all(s.rewritten for s in kvfx.sites()), kvfx.explain()
+        runs[forced] = (out, collect(list(REGISTRY.bindings.values())))
+    return runs
+
+
 @pytest.mark.parametrize("policy", ["full", "snapkv"])
 def test_model_through_triton_kernels(monkeypatch, tmp_path, policy):
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -55,18 +73,8 @@ def test_kernel_votes_select_what_the_reference_selects(monkeypatch, tmp_path, p
     pol = {"kvfx": 1, "name": "p", "extends": preset, "budget": {"keep": 0.5}}
     model = hf_model("llama", "sdpa")
     ids = torch.randint(1, 90, (1, 64), generator=torch.Generator().manual_seed(1))
-    held = {}
-    for forced in ("0", "1"):
-        monkeypatch.setenv("KVFX_FORCE_TRITON", forced)
-        torch._dynamo.reset()
-        kvfx.reset()
-        with torch.no_grad():
-            out, _ = hf_decode(torch.compile(clone_model(model), backend="kvfx",
-                                             options={"policy": pol, "inner": "eager"}), ids, 4)
-        from kvfx.runtime.registry import REGISTRY
-
-        held[forced] = (out, {b.info.module_path: b.store.pos[:, :, :b.store.length].sort(-1).values.clone()
-                              for b in REGISTRY.bindings.values()})
+    held = _both_paths(monkeypatch, model, pol, ids, 4, lambda bs: {
+        b.info.module_path: b.store.pos[:, :, :b.store.length].sort(-1).values.clone() for b in bs})
     torch.testing.assert_close(held["1"][0], held["0"][0], rtol=1e-4, atol=1e-4)
     for key in held["0"][1]:
         assert torch.equal(held["0"][1][key], held["1"][1][key]), key
@@ -81,7 +89,6 @@ def test_calidrop_state_comes_from_the_prefill_kernels_window_logits(monkeypatch
         pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set")
     import kvfx.methods.calidrop as cd
     import kvfx.templates.launch as launch
-    from kvfx.runtime.registry import REGISTRY
 
     monkeypatch.setenv("KVFX_CACHE_DIR", str(tmp_path))
     second_pass, kinds = [], []
@@ -94,16 +101,9 @@ def test_calidrop_state_comes_from_the_prefill_kernels_window_logits(monkeypatch
            "calibration": {"history": history}}
     model = hf_model("llama", "sdpa")
     ids = torch.randint(1, 90, (1, 80), generator=torch.Generator().manual_seed(2))
-    runs = {}
-    for forced in ("0", "1"):
-        monkeypatch.setenv("KVFX_FORCE_TRITON", forced)
-        torch._dynamo.reset()
-        kvfx.reset()
-        with torch.no_grad():
-            out, _ = hf_decode(torch.compile(clone_model(model), backend="kvfx",
-                                             options={"policy": pol, "inner": "eager"}), ids, 3)
-        runs[forced] = (out, {b.info.module_path: (b.store.pos[:, :, :b.store.length].sort(-1).values.clone(),
-                                                   b.store.calib) for b in REGISTRY.bindings.values()})
+    runs = _both_paths(monkeypatch, model, pol, ids, 3, lambda bs: {
+        b.info.module_path: (b.store.pos[:, :, :b.store.length].sort(-1).values.clone(), b.store.calib)
+        for b in bs})
     assert second_pass == []  # neither path ran a second pass over the keys
     assert kinds and all(k == ("window_logits", max(16, history)) for k in kinds), kinds
     torch.testing.assert_close(runs["1"][0], runs["0"][0], rtol=1e-4, atol=1e-4)
@@ -137,14 +137,7 @@ def test_lowrank_decode_runs_the_latent_kernel(monkeypatch, tmp_path):
     real = launch_lowrank.latent_decode_attention
     monkeypatch.setattr(launch_lowrank, "latent_decode_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     ids = torch.randint(1, 90, (1, 40), generator=torch.Generator().manual_seed(4))
-    outs = {}
-    for forced in ("0", "1"):
-        monkeypatch.setenv("KVFX_FORCE_TRITON", forced)
-        torch._dynamo.reset()
-        kvfx.reset()
-        with torch.no_grad():
-            outs[forced], _ = hf_decode(torch.compile(clone_model(model), backend="kvfx", options={
-                "policy": {"kvfx": 1, "name": "lr", "lowrank": {"artifact": path}}, "inner": "eager"}), ids, 5)
-        assert all(s.rewritten for s in kvfx.sites()), kvfx.explain()
+    runs = _both_paths(monkeypatch, model, {"kvfx": 1, "name": "lr", "lowrank": {"artifact": path}}, ids, 5,
+                       lambda bs: None)
     assert len(calls) == 2 * 4  # 2 layers x 4 decode steps, kernel path only
-    torch.testing.assert_close(outs["1"], outs["0"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(runs["1"][0], runs["0"][0], rtol=1e-4, atol=1e-4)
