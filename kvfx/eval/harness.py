@@ -314,11 +314,16 @@ def pivot_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+HEATMAP_FILES_UP_TO = 16  # policies per task up to which the report writes a PNG per policy
+
+
 def write_report(out: Path) -> tuple[str, list[Path]]:
-    """``kvfx report``: the Markdown table (also written to ``OUT/report.md``) and PNGs: a
-    depth × length heatmap per policy for needle/passkey, accuracy vs compression per task
-    (for agreement: prefix agreement, and teacher-forced top-1 agreement, vs compression)."""
-    from kvfx.eval.plots import accuracy_vs_compression, needle_heatmap
+    """``kvfx report``: the Markdown table (also written to ``OUT/report.md``, and the pivot to
+    ``OUT/pivot.md``) and PNGs: for needle/passkey a depth × length heatmap per policy and
+    accuracy vs compression per task, or, with more than HEATMAP_FILES_UP_TO policies, one curve
+    per method (budgets joined) and every heatmap in one figure; for agreement prefix agreement
+    and teacher-forced top-1 agreement vs compression."""
+    from kvfx.eval.plots import accuracy_curves, accuracy_vs_compression, heatmap_grid, needle_heatmap
 
     out = Path(out)
     records = load_results(out)
@@ -332,10 +337,15 @@ def write_report(out: Path) -> tuple[str, list[Path]]:
             pngs.append(accuracy_vs_compression(rs, task, out / f"{task}_top1_vs_compression.png",
                                                 metric="top1_agreement", label="top-1 agreement (forced)"))
             continue
-        pngs.append(accuracy_vs_compression(rs, task, out / f"{task}_accuracy_vs_compression.png"))
-        for policy in sorted({r["policy"] for r in rs}):
-            safe = policy.replace("@", "_at_").replace("/", "_")
-            pngs.append(needle_heatmap(rs, policy, out / f"{task}_heatmap_{safe}.png", task=task))
+        policies = sorted({r["policy"] for r in rs})
+        if len(policies) <= HEATMAP_FILES_UP_TO:
+            pngs.append(accuracy_vs_compression(rs, task, out / f"{task}_accuracy_vs_compression.png"))
+            for policy in policies:
+                safe = policy.replace("@", "_at_").replace("/", "_")
+                pngs.append(needle_heatmap(rs, policy, out / f"{task}_heatmap_{safe}.png", task=task))
+        else:  # a large grid: one curve per method, every policy's heatmap in one figure
+            pngs.append(accuracy_curves(rs, task, out / f"{task}_accuracy_curves.png"))
+            pngs.append(heatmap_grid(rs, task, out / f"{task}_heatmaps.png"))
     (out / "report.md").write_text(table + "\n")
     (out / "pivot.md").write_text(pivot_table(records) + "\n")
     write_summary(records, out / "summary.csv")

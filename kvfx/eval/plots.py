@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-__all__ = ["accuracy_vs_compression", "needle_heatmap"]
+__all__ = ["accuracy_curves", "accuracy_vs_compression", "heatmap_grid", "needle_heatmap"]
 
 _DPI = 120
 
@@ -157,6 +157,108 @@ def accuracy_vs_compression(records: list[dict], task: str, path: str | Path, *,
                  fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), framealpha=0.9)
+    return _save(fig, path)
+
+
+def accuracy_curves(records: list[dict], task: str, path: str | Path, *, metric: str = "correct",
+                    label: str = "accuracy") -> Path:
+    """Accuracy against memory per method, one panel per context length, saved as PNG.
+
+    A method is the policy name before ``@`` (``snapkv@0.25`` and ``snapkv@0.125`` are one
+    method): its budgets are joined by a line, ordered by their held / dense bytes (log x). A
+    policy without budgets (``full``, ``kivi2``) is one marker; ``full`` a black star and a dashed
+    line. The readable form of a large grid (every preset at several budgets).
+
+    Raises:
+        ValueError: no record has this ``task``.
+    """
+    rs = [r for r in records if r.get("task") == task]
+    if not rs:
+        present = sorted({str(r.get("task")) for r in records})
+        raise ValueError(f"accuracy_curves task: got {task!r}, but there are no records for it; "
+                         f"tasks present: {present or 'none'}")
+    lengths = sorted({int(r["length"]) for r in rs})
+    methods = list(dict.fromkeys(str(r["policy"]).split("@")[0] for r in rs))
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.2 * len(lengths) + 2.4, 4.8), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(lengths), squeeze=False, sharey=True)[0]
+    shapes = "osD^vP<>Xph*"
+    for ax, n in zip(axes, lengths):
+        at_n = [r for r in rs if int(r["length"]) == n]
+        for i, m in enumerate(methods):
+            pts = []
+            for policy in sorted({str(r["policy"]) for r in at_n if str(r["policy"]).split("@")[0] == m}):
+                v = [r for r in at_n if r["policy"] == policy]
+                pts.append((_mean_ratio(v), sum(float(r.get(metric) or 0) for r in v) / len(v)))
+            pts = sorted(p for p in pts if not math.isnan(p[0]))
+            if not pts:
+                continue
+            if _is_full(m):
+                ax.scatter(*zip(*pts), s=200, marker="*", color="black", zorder=4, label=m)
+                ax.axhline(pts[0][1], color="black", lw=0.8, ls="--", zorder=1)
+                continue
+            ax.plot(*zip(*pts), marker=shapes[i % len(shapes)], ms=5, lw=1.3, color=_COLORS(i % 20),
+                    markeredgecolor="black", markeredgewidth=0.4, label=m)
+        ax.set_xscale("log")
+        from matplotlib.ticker import FuncFormatter
+
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if _leading(v) in (2, 5) else ""))
+        ax.set_ylim(-0.05, 1.08)
+        ax.set_xlabel("held / dense bytes (log scale)")
+        ax.set_title(f"{task}, {_tokens(n)} tokens", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel(label)
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), framealpha=0.9)
+    return _save(fig, path)
+
+
+def heatmap_grid(records: list[dict], task: str, path: str | Path, *, cols: int = 6) -> Path:
+    """Every policy's depth x length accuracy on ``task`` as small multiples in one PNG (the
+    per-policy :func:`needle_heatmap` without the cell labels), titled with the accuracy and
+    held / dense bytes; green = found, red = missed, grey = not run.
+
+    Raises:
+        ValueError: no record has this ``task``.
+    """
+    rs = [r for r in records if r.get("task") == task]
+    if not rs:
+        raise ValueError(f"heatmap_grid task: got {task!r}, but there are no records for it")
+    policies = list(dict.fromkeys(["full"] + [str(r["policy"]) for r in rs]))
+    policies = [p for p in policies if any(r["policy"] == p for r in rs)]
+    depths = sorted({round(float(r["depth"]), 4) for r in rs})
+    lengths = sorted({int(r["length"]) for r in rs})
+    rows = -(-len(policies) // cols)
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2.1 * cols, 1.9 * rows + 0.6), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    cmap = colormaps["RdYlGn"].with_extremes(bad="#d0d0d0")
+    for k, ax in enumerate(axes.flat):
+        if k >= len(policies):
+            ax.axis("off")
+            continue
+        policy = policies[k]
+        v = [r for r in rs if r["policy"] == policy]
+        acc = [[math.nan] * len(lengths) for _ in depths]
+        for i, d in enumerate(depths):
+            for j, n in enumerate(lengths):
+                cell = [r for r in v if round(float(r["depth"]), 4) == d and int(r["length"]) == n]
+                if cell:
+                    acc[i][j] = sum(bool(r.get("correct")) for r in cell) / len(cell)
+        ax.imshow(acc, cmap=cmap, vmin=0, vmax=1, aspect="auto")
+        total = sum(bool(r.get("correct")) for r in v) / len(v)
+        ax.set_title(f"{policy}\nacc {total:.2f}, held {_mean_ratio(v):.3f}", fontsize=7)
+        ax.set_xticks(range(len(lengths)), [_tokens(n) for n in lengths], fontsize=6)
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=5)
+    fig.suptitle(f"{task}: found (green) / missed (red) by depth (rows) and context length (columns)",
+                 fontsize=10)
     return _save(fig, path)
 
 

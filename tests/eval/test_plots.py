@@ -101,3 +101,39 @@ def test_accuracy_vs_compression_numeric_metric(tmp_path):
             for i, r in enumerate(_records(lengths=(1024,), depths=(0.5,)))]
     _assert_plot(accuracy_vs_compression(recs, "agreement", tmp_path / "agree.png",
                                          metric="prefix_agreement", label="prefix agreement"))
+
+
+def test_accuracy_curves_and_heatmap_grid(tmp_path):
+    """The large-grid figures: one curve per method over its budgets, a panel per length; every
+    policy's heatmap in one figure. Both reject a task without records by name."""
+    from kvfx.eval.plots import accuracy_curves, heatmap_grid
+
+    pols = POLICIES + [("snapkv@0.25", 0.26, 0.8), ("snapkv@0.5", 0.51, 0.9), ("streaming@0.25", 0.25, 0.4)]
+    recs = _records("passkey", pols, lengths=(2048, 4096))
+    p = accuracy_curves(recs, "passkey", tmp_path / "curves.png")
+    _assert_plot(p)
+    w, h = _png_size(p)
+    assert w > 1.5 * h  # two panels side by side
+    g = heatmap_grid(recs, "passkey", tmp_path / "grid.png", cols=3)
+    _assert_plot(g)
+    w, h = _png_size(g)
+    assert h > 0.8 * w  # 7 policies in 3 columns: 3 rows
+    for fn in (accuracy_curves, heatmap_grid):
+        with pytest.raises(ValueError, match="no records for it"):
+            fn(recs, "needle", tmp_path / "x.png")
+
+
+def test_report_switches_to_grid_figures_for_many_policies(tmp_path, monkeypatch):
+    """Up to HEATMAP_FILES_UP_TO policies: a heatmap PNG per policy; more: the grid figures."""
+    import json
+
+    from kvfx.eval import harness
+
+    recs = _records("passkey", POLICIES, lengths=(2048,))
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    _, pngs = harness.write_report(tmp_path)
+    assert {p.name for p in pngs} >= {"passkey_accuracy_vs_compression.png", "passkey_heatmap_full.png"}
+    monkeypatch.setattr(harness, "HEATMAP_FILES_UP_TO", 2)
+    _, pngs = harness.write_report(tmp_path)
+    assert sorted(p.name for p in pngs) == ["passkey_accuracy_curves.png", "passkey_heatmaps.png"]
+    assert (tmp_path / "pivot.md").read_text().startswith("| policy | passkey 2k |")
