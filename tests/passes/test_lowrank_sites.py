@@ -280,15 +280,19 @@ def test_full_rank_lowrank_with_eviction_equals_the_eviction(mqa, mqa_full_rank,
     base = policy_from_spec(preset)
     doc = {"kvfx": 1, "name": "lr-ev", "extends": preset.split("@")[0],
            "budget": {"keep": float(preset.split("@")[1])}, "lowrank": {"artifact": mqa_full_rank}}
+    import torch._dynamo.utils as dutils
+
     ids = _ids(48, 14)
     held, outs = {}, {}
     for name, pol in (("plain", base), ("lowrank", doc)):
         torch._dynamo.reset()
         kvfx.reset()
+        dutils.counters.clear()
         with torch.no_grad():
             comp = torch.compile(clone_model(mqa), backend="kvfx", options={"policy": pol, "inner": "eager"})
             outs[name], _ = hf_decode(comp, ids, STEPS)
         assert all(s.rewritten for s in kvfx.sites()), kvfx.explain()
+        assert dutils.counters["stats"]["unique_graphs"] <= 3  # no per-step recompiles
         held[name] = {}
         for b in REGISTRY.bindings.values():
             st = getattr(b.store, "lat", b.store)
