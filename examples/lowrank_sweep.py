@@ -126,7 +126,7 @@ def plot(rows, path: Path) -> None:
     for r in rows:
         if " + " in r["config"]:
             ax.scatter(r["held_bytes"] / r["dense_bytes"], r["ppl"] - base, marker="*", s=90, zorder=3)
-            ax.annotate(r["config"].split(" + ", 1)[1], (r["held_bytes"] / r["dense_bytes"], r["ppl"] - base),
+            ax.annotate("lowrank 0.5 + " + r["config"].split(" + ", 1)[1], (r["held_bytes"] / r["dense_bytes"], r["ppl"] - base),
                         fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("KV bytes held / dense (model dtype)")
     ax.set_ylabel("Δ perplexity vs full (held-out essays)")
