@@ -45,6 +45,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from kvfx.eval.text import tokenize_prefix
 from kvfx.methods.recalkv import LayerFactors, LowRank, ReCalKV, ovc_refine, reconstruct, relative_error
 
 __all__ = ["ARTIFACT_FORMAT", "ArtifactError", "Calibration", "KVProjection", "artifact_tensors",
@@ -130,13 +131,7 @@ def text_ids(tokenizer, text: str, n_tokens: int) -> torch.Tensor:
     """
     if n_tokens < 1:
         raise ValueError(f"calibration tokens: got {n_tokens}, expected >= 1")
-    chars = 6 * n_tokens + 1024
-    while True:
-        # [Note] Tokenize a prefix, not the whole text; only the word at the cut can differ.
-        ids = tokenizer(text[:chars], add_special_tokens=False).input_ids
-        if len(ids) >= n_tokens + 16 or chars >= len(text):
-            break
-        chars *= 2
+    ids = tokenize_prefix(tokenizer, text, n_tokens, add_special_tokens=False)
     if len(ids) < n_tokens:
         raise ValueError(f"calibration text: {len(ids)} tokens, fewer than the {n_tokens} asked for; "
                          "use a longer text or fewer --tokens")

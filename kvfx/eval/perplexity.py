@@ -28,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kvfx.eval.text import TEXT_SOURCES, filler_text
+from kvfx.eval.text import TEXT_SOURCES, filler_text, tokenize_prefix
 
 __all__ = ["long_text_ids", "perplexity_under_compression"]
 
@@ -127,14 +127,7 @@ def long_text_ids(tokenizer, n_tokens: int, source: str = "essays", *, start: in
         raise ValueError(f"long_text_ids start: got {start}, expected 0 <= start < {len(text)} "
                          f"(the length of source {source!r} in characters)")
     text = text[start:] if start else text
-    chars = 6 * n_tokens + 1024
-    while True:
-        # [Note] Tokenize a prefix of the text, not all of it (~1 s per 100k tokens). Keep a margin
-        # of tokens past n_tokens: only the word at the cut can tokenize differently.
-        ids = tokenizer(text[:chars], add_special_tokens=True).input_ids
-        if len(ids) >= n_tokens + 16 or chars >= len(text):
-            break
-        chars *= 2
+    ids = tokenize_prefix(tokenizer, text, n_tokens, add_special_tokens=True)
     if len(ids) < n_tokens:
         raise ValueError(
             f"long_text_ids n_tokens: got {n_tokens}, but source {source!r} has only {len(ids)} tokens"

