@@ -182,11 +182,16 @@ class Scored(Compressor):
         if self.decode == "h2o" and probs is not None:
             votes = group_reduce(probs.sum(2), store.kv_heads, self.group_reduce)
             store.slot_state["score"][:, :, :n] += votes
+        tova = None
+        if self.decode == "tova" and probs is not None:
+            # The step's attention (summed over its nq queries) ranks every eviction of the step;
+            # it follows the slots as evict() moves them (a chunk of nq > 1 tokens evicts up to nq).
+            tova = group_reduce(probs.sum(2), store.kv_heads, self.group_reduce)[..., :n].double()
         for _ in range(nq):
             n = store.length
             slot = torch.arange(n, device=store.k.device)
-            if self.decode == "tova" and probs is not None:
-                score = group_reduce(probs.sum(2), store.kv_heads, self.group_reduce)[..., :n]
+            if tova is not None:
+                score = tova[..., :n]
             elif self.decode == "h2o":
                 score = store.slot_state["score"][:, :, :n]
             elif self.decode == "knorm":
@@ -200,8 +205,11 @@ class Scored(Compressor):
             over = store.count > store.extra["cap"]
             if store.calib is not None:  # CaliDrop: the evicted token joins the stored partitions
                 _fold(store, victim[..., None], over[..., None])
+            if tova is not None:  # as evict(): the row's last valid slot moves into the victim's
+                last = (store.count - 1).clamp(min=0)
+                src = torch.where(over, last, victim)
+                tova.scatter_(2, victim[..., None], tova.gather(2, src[..., None]))
             store.evict(victim, over)
-            probs = None  # a second eviction in the same step has no fresh attention row
         store.length = min(store.length, store.host_cap)
 
 
