@@ -212,7 +212,13 @@ def accuracy_curves(records: list[dict], task: str, path: str | Path, *, metric:
         ax.set_title(f"{task}, {_tokens(n)} tokens", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel(label)
-    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), framealpha=0.9)
+    # One legend for every panel: a method may have points at one length only.
+    handles = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    axes[-1].legend(handles.values(), handles.keys(), fontsize=7, loc="center left",
+                    bbox_to_anchor=(1.01, 0.5), framealpha=0.9)
     return _save(fig, path)
 
 

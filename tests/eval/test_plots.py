@@ -137,3 +137,25 @@ def test_report_switches_to_grid_figures_for_many_policies(tmp_path, monkeypatch
     _, pngs = harness.write_report(tmp_path)
     assert sorted(p.name for p in pngs) == ["passkey_accuracy_curves.png", "passkey_heatmaps.png"]
     assert (tmp_path / "pivot.md").read_text().startswith("| policy | passkey 2k |")
+
+
+def test_accuracy_curves_legend_names_methods_of_every_panel(tmp_path, monkeypatch):
+    """A method with points at one length only still gets a legend entry (the legend used to be
+    the last panel's alone)."""
+    import matplotlib.axes
+
+    from kvfx.eval.plots import accuracy_curves
+
+    recs = _records("needle", POLICIES + [("snapkv@0.25", 0.26, 0.8)], lengths=(2048, 4096))
+    recs = [r for r in recs if r["length"] == 2048 or r["policy"] in ("full", "snapkv@0.25")]
+    seen = []
+    real = matplotlib.axes.Axes.legend
+
+    def spy(self, *args, **kwargs):
+        seen.append([str(x) for x in args[1]] if len(args) > 1 else None)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "legend", spy)
+    _assert_plot(accuracy_curves(recs, "needle", tmp_path / "curves.png"))
+    methods = {p.split("@")[0] for p, _, _ in POLICIES}
+    assert len(seen) == 1 and methods <= set(seen[0]), seen
