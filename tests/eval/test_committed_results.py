@@ -1,0 +1,44 @@
+"""The README's SmolLM2 results section matches the committed results it says it was generated
+from (results/smollm2-grid), and that grid is complete for every policy examples/smollm2_grid.sh
+runs. Reads JSONL only; no model."""
+
+import collections
+import re
+from pathlib import Path
+
+import pytest
+
+from kvfx.eval.harness import load_results, pivot_table
+
+ROOT = Path(__file__).resolve().parents[2]
+GRID = ROOT / "results" / "smollm2-grid"
+
+
+@pytest.fixture(scope="module")
+def records():
+    if not (GRID / "results.jsonl").exists():
+        pytest.skip("no committed results/smollm2-grid in this checkout")
+    return load_results(GRID)
+
+
+def test_readme_table_is_the_committed_pivot(records):
+    table = pivot_table(records)
+    assert (GRID / "pivot.md").read_text().strip() == table, "rerun `kvfx report results/smollm2-grid --pivot`"
+    assert table in (ROOT / "README.md").read_text(), "paste results/smollm2-grid/pivot.md into the README"
+
+
+def test_readme_sample_count(records):
+    m = re.search(r"(\d+)\s+samples, every cell complete", (ROOT / "README.md").read_text())
+    assert m and int(m.group(1)) == len(records)
+
+
+def test_grid_complete_for_every_policy_of_the_script(records):
+    script = (ROOT / "examples" / "smollm2_grid.sh").read_text()
+    policies = re.search(r'^P="([^"]+)"', script, re.M).group(1).split()
+    count = collections.Counter((r["task"], r["policy"], r["length"]) for r in records)
+    expected = {("passkey", 2048): 10, ("passkey", 4096): 10, ("needle", 2048): 5, ("needle", 4096): 5,
+                ("perplexity", 4096): 1}
+    missing = [(p, t, n, count[(t, p, n)], k) for p in policies for (t, n), k in expected.items()
+               if count[(t, p, n)] != k]
+    assert not missing, f"(policy, task, length, samples, expected): {missing}"
+    assert {r["policy"] for r in records} == set(policies)
