@@ -17,14 +17,18 @@ QUERY_BLOCK = 256
 
 
 def column_sums(q, k, valid, *, scale: float, block: int = QUERY_BLOCK) -> torch.Tensor:
-    """Σ_i softmax_causal(q_i Kᵀ)_j over all valid queries: (B, Hq, n) fp32."""
+    """Σ_i softmax_causal(q_i Kᵀ)_j over all valid queries: (B, Hq, n) fp32.
+
+    A block of query rows ending at ``end`` sees only keys ``< end`` (causal), so it reads
+    ``k[:, :, :end]`` alone: half the work of masking the whole row."""
     B, Hq, n, _ = q.shape
     total = q.new_zeros(B, Hq, n, dtype=torch.float32)
     for start in range(0, n, block):
-        q_pos = torch.arange(start, min(start + block, n), device=q.device)
-        p = attention_probs(q[:, :, start:start + block], k, valid, q_pos, scale)
-        p = p * valid[:, None, start:start + block, None]  # pad queries do not vote
-        total += p.sum(2)
+        end = min(start + block, n)
+        q_pos = torch.arange(start, end, device=q.device)
+        p = attention_probs(q[:, :, start:end], k[:, :, :end], valid[:, :end], q_pos, scale)
+        p = p * valid[:, None, start:end, None]  # pad queries do not vote
+        total[..., :end] += p.sum(2)
     return total
 
 
