@@ -185,7 +185,7 @@ class Scored(Compressor):
         tova = None
         if self.decode == "tova" and probs is not None:
             # The step's attention (summed over its nq queries) ranks every eviction of the step;
-            # it follows the slots as evict() moves them (a chunk of nq > 1 tokens evicts up to nq).
+            # evict() moves it with the slots (a chunk of nq > 1 tokens evicts up to nq).
             tova = group_reduce(probs.sum(2), store.kv_heads, self.group_reduce)[..., :n].double()
         for _ in range(nq):
             n = store.length
@@ -205,11 +205,7 @@ class Scored(Compressor):
             over = store.count > store.extra["cap"]
             if store.calib is not None:  # CaliDrop: the evicted token joins the stored partitions
                 _fold(store, victim[..., None], over[..., None])
-            if tova is not None:  # as evict(): the row's last valid slot moves into the victim's
-                last = (store.count - 1).clamp(min=0)
-                src = torch.where(over, last, victim)
-                tova.scatter_(2, victim[..., None], tova.gather(2, src[..., None]))
-            store.evict(victim, over)
+            store.evict(victim, over, carry=() if tova is None else (tova,))
         store.length = min(store.length, store.host_cap)
 
 

@@ -132,15 +132,17 @@ class SiteStore:
         t[:, :, :values.shape[2]] = values
         self.slot_state[name] = t
 
-    def evict(self, victim: torch.Tensor, over: torch.Tensor) -> None:
+    def evict(self, victim: torch.Tensor, over: torch.Tensor, carry: tuple = ()) -> None:
         """Rows where ``over`` (B, Hkv) drop slot ``victim`` (B, Hkv): the row's last valid
-        slot moves into it, so valid slots stay compact. Device-only, no host sync."""
+        slot moves into it, so valid slots stay compact. Device-only, no host sync. ``carry``:
+        more (B, Hkv, >= count) per-slot tensors, moved like ``slot_state`` (a caller's
+        step-local scores)."""
         last = (self.count - 1).clamp(min=0)
         src = torch.where(over, last, victim)  # rows not over copy the victim onto itself
         for buf in (self.k, self.v):
             idx = src[:, :, None, None].expand(*src.shape, 1, buf.shape[-1])
             buf.scatter_(2, victim[:, :, None, None].expand_as(idx), buf.gather(2, idx))
-        for buf in (self.pos, *self.slot_state.values()):
+        for buf in (self.pos, *self.slot_state.values(), *carry):
             buf.scatter_(2, victim[..., None], buf.gather(2, src[..., None]))
         kept = self.pos.gather(2, last[..., None])
         self.pos.scatter_(2, last[..., None], kept.masked_fill(over[..., None], -1))

@@ -34,7 +34,7 @@ def test_readme_sample_count(records):
 
 def test_grid_complete_for_every_policy_of_the_script(records):
     script = (ROOT / "examples" / "smollm2_grid.sh").read_text()
-    policies = re.search(r'^P="([^"]+)"', script, re.M).group(1).split()
+    policies = re.search(r'^P="([^"]+)"', script, re.MULTILINE).group(1).split()
     count = collections.Counter((r["task"], r["policy"], r["length"]) for r in records)
     expected = {("passkey", 2048): 10, ("passkey", 4096): 10, ("needle", 2048): 5, ("needle", 4096): 5,
                 ("perplexity", 4096): 1}
