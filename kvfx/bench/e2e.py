@@ -74,7 +74,7 @@ class Setup:
     policy: str | None
     policy_hash: str | None
     fn: object
-    options: dict | None = None  # the kvfx options object: it names the config's site namespace
+    options: dict | None = None  # the kvfx options (None for the eager and baseline rows)
 
 
 def baseline_name(backend: str) -> str:
@@ -103,7 +103,8 @@ def make_setups(model, policies, *, inner: str = "inductor", dynamic: bool | Non
     for spec in dict.fromkeys(specs):
         policy = policy_from_spec(spec)
         options = {"policy": policy, "inner": inner}
-        fn = torch.compile(model, backend="kvfx", dynamic=dynamic, options=options)
+        # each policy its own recompile budget (kvfx.compile does the same for model.compile)
+        fn = torch.compile(model, backend="kvfx", dynamic=dynamic, options=options, isolate_recompiles=True)
         setups.append(Setup(f"kvfx:{spec}", "kvfx", spec, policy.hash, fn, options))
     return setups
 
@@ -188,11 +189,10 @@ def _site_summary(s: Setup) -> dict:
     alone (a config that rewrote nothing measures the uncompressed model)."""
     if s.options is None:
         return {}
-    import kvfx
-    from kvfx.backend import _namespace
+    from kvfx.runtime.state import sessions
 
-    ns = _namespace(s.options) + "/"
-    sites = [x for x in kvfx.sites() if x.key.startswith(ns)]
+    model = getattr(s.fn, "_orig_mod", s.fn)
+    sites = [x for ss in sessions(model) if ss.policy.hash == s.policy_hash for x in ss.sites()]
     reasons: dict[str, int] = {}
     for x in sites:
         if not x.rewritten:
@@ -200,20 +200,11 @@ def _site_summary(s: Setup) -> dict:
     return {"sites": len(sites), "rewritten": sum(x.rewritten for x in sites), "left_alone": reasons}
 
 
-def _release_stores() -> None:
-    """Free every kvfx store (each prefill starts a new sequence and reallocates its own)."""
-    from kvfx.runtime.registry import REGISTRY
-
-    for b in REGISTRY.bindings.values():
-        b.store.reset()
-
-
 def _sequence(s: Setup, model, ids, n, warmup, steps, kw, first_kw, greedy, probe, device) -> dict:
     """One prefill of n tokens and warmup + steps decode steps; times, memory, KV bytes."""
     import kvfx
 
-    _release_stores()
-    probe.reset()
+    probe.reset()  # (the previous sequence's kvfx stores went with its cache)
     cache = _new_cache(model)
     out, prefill_s = timed(partial(s.fn, input_ids=ids[:, :n], use_cache=True, **{kw: cache}, **first_kw),
                            device)

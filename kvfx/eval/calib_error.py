@@ -41,7 +41,6 @@ class SiteRecord:
 def record_full(model, ids: torch.Tensor, steps: int) -> dict[str, SiteRecord]:
     """Run ``model`` (compiled with kvfx ``full``) on ``ids[:, :-steps]`` and teacher-force the
     last ``steps`` tokens one at a time, recording every site's calls."""
-    import kvfx.runtime.ops as ops
     from kvfx.eval.perplexity import _new_cache, _returned_cache
 
     rec: dict[str, SiteRecord] = {}
@@ -59,17 +58,16 @@ def record_full(model, ids: torch.Tensor, steps: int) -> dict[str, SiteRecord]:
     inner = getattr(model, "_orig_mod", model)
     kw = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
     n = ids.shape[1] - steps
-    ops.TAP = tap
-    try:
-        with torch.no_grad():
+    from kvfx.runtime.state import tapping
+
+    with tapping(model, tap), torch.no_grad():
+        if True:
             cache = _new_cache(inner)
             out = model(ids[:, :n], **{kw: cache}, use_cache=True)
             cache = _returned_cache(out, cache)
             for t in range(n, n + steps):
                 out = model(ids[:, t:t + 1], **{kw: cache}, use_cache=True)
                 cache = _returned_cache(out, cache)
-    finally:
-        ops.TAP = None
     if not rec:
         raise RuntimeError("calib_error: no kvfx attention site was called; compile the model with "
                            "backend='kvfx' and the full policy first")
@@ -131,8 +129,7 @@ def replay(rec: dict[str, SiteRecord], policy, num_layers: int, hits: dict | Non
     (query head, decode step) pairs whose nearest stored query passed the threshold."""
     from kvfx.methods.compressor import build_compressor
     from kvfx.policy import load_policy
-    from kvfx.runtime.ops import site_attention
-    from kvfx.runtime.registry import make_store
+    from kvfx.runtime.ops import make_store, site_attention
 
     pol = load_policy(policy)
     errors = {}

@@ -1,10 +1,13 @@
 """FX passes over dynamo graphs: find attention, trace K/V provenance, rewrite, report.
 
-``run_passes(gm, policy, namespace)`` runs them in order and registers every site it saw in
-:data:`kvfx.runtime.registry.REGISTRY`.
+``run_passes(gm, policy)`` runs them in order and returns the graph's
+:class:`kvfx.runtime.state.Program`: every site it saw, and the configuration of each rewritten one
+(the operators find it by the site's index in the program).
 """
 
 from __future__ import annotations
+
+import itertools
 
 from torch.fx import GraphModule
 
@@ -13,7 +16,10 @@ from kvfx.passes.find_attention import AttentionMatch, find_attention
 from kvfx.passes.lowrank import check_lowrank
 from kvfx.passes.rewrite import SitePlan, check, rewrite_site
 from kvfx.passes.trace_kv import trace_kv_source
-from kvfx.runtime.registry import REGISTRY, SiteInfo
+from kvfx.runtime.state import Program, SiteInfo, SiteProgram
+
+
+_graph_ids = itertools.count()
 
 
 class UnsupportedPolicyError(NotImplementedError):
@@ -51,17 +57,19 @@ def _check_quant_fits(compressor, info: SiteInfo, policy_name: str) -> None:
                 + (" (or calibrate another keep-rank)" if lowrank else ""))
 
 
-def run_passes(gm: GraphModule, policy, namespace: str = "default") -> dict:
+def run_passes(gm: GraphModule, policy) -> Program:
     """Rewrite every cached attention site of ``gm`` in place according to ``policy``.
 
-    Returns stats ``{"found": n, "rewritten": n, "left_alone": n}``. Raises
+    Returns the graph's :class:`Program` (``program.infos``: every site found; ``program.sites``:
+    the rewritten ones). Raises
     :class:`UnsupportedPolicyError` before touching the graph if the policy asks a site for
     something not implemented.
     """
     from kvfx.methods.compressor import build_compressor
 
     matches = find_attention(gm.graph)
-    plans, infos, rope_owner = [], [], {}
+    plans, infos, sites, rope_owner = [], [], [], {}
+    namespace = f"g{next(_graph_ids)}"
     num_layers = len(matches)
     for order, m in enumerate(matches):
         users = {m.out, *m.chain}
@@ -84,22 +92,26 @@ def run_passes(gm: GraphModule, policy, namespace: str = "default") -> dict:
                     "`kvfx policy list` that only needs implemented features") from None
             _check_quant_fits(compressor, info, policy.name)
             if getattr(compressor, "lowrank", False):
-                lowrank, reason = check_lowrank(m, ks, vs, compressor, info, namespace, rope_owner)
+                lowrank, reason = check_lowrank(m, ks, vs, compressor, info, rope_owner)
         if not reason:
             info.policy = lp.describe()
-            plans.append(SitePlan(m, ks, vs, key, lowrank=lowrank))
+            info.rewritten = True
+            plans.append(SitePlan(m, ks, vs, len(plans), lowrank=lowrank))
+            sites.append(SiteProgram(info, compressor, lowrank is not None))
         else:
             info.reason = reason
             compressor = None
-        infos.append((info, compressor))
+        infos.append(info)
     for plan in plans:
         rewrite_site(gm, plan)
     gm.graph.lint()
     gm.recompile()
-    for info, compressor in infos:
-        info.rewritten = compressor is not None
-        REGISTRY.add_site(info, compressor)
-    return {"found": len(matches), "rewritten": len(plans), "left_alone": len(matches) - len(plans)}
+    why = ""
+    if not matches:
+        from kvfx.passes.diagnose import why_no_attention
+
+        why = why_no_attention(gm.graph)
+    return Program(policy, infos, sites, why_none=why)
 
 
 __all__ = ["run_passes", "UnsupportedPolicyError", "find_attention", "trace_kv_source"]

@@ -131,14 +131,14 @@ def match_projection(x: Node, what: str) -> tuple[Node | None, str]:
     return lin, ""
 
 
-def rope_source(cos: Node, namespace: str, owners: dict) -> str:
+def rope_source(cos: Node, owners: dict) -> str:
     """A key for the RoPE table shared by the sites rotated by the same cos/sin: the module that
     made them (e.g. ``model.rotary_emb``), stable across prefill and decode graphs. ``owners``
     ({key: root node}, one per graph) keeps two different cos tensors of a graph apart."""
     root = cos
     while gu.is_call(root, None, _PASS_THROUGH) and isinstance(root.args[0], Node):
         root = root.args[0]
-    key = f"{namespace}/rope:{gu.module_path(root) or root.name}"
+    key = f"rope:{gu.module_path(root) or root.name}"
     if owners.setdefault(key, root) is not root:
         key = f"{key}#{root.name}"
     return key
@@ -159,7 +159,7 @@ class LowRankPlan:
     head_dim: int
 
 
-def check_lowrank(match, ks, vs, compressor, info, namespace: str, owners: dict):
+def check_lowrank(match, ks, vs, compressor, info, owners: dict):
     """(:class:`LowRankPlan`, "") if the site can hold latents, else (None, reason). ``owners``:
     see :func:`rope_source`.
 
@@ -191,5 +191,5 @@ def check_lowrank(match, ks, vs, compressor, info, namespace: str, owners: dict)
             f"{info.kv_heads} x {info.head_dim}; fix: calibrate for this model with `kvfx calibrate "
             "--model <this model> --keep-rank K --out F.safetensors`")
     return LowRankPlan(gu.arg(lin_k, 0, "input"), gu.arg(lin_k, 1, "weight"), gu.arg(lin_v, 0, "input"),
-                       gu.arg(lin_v, 1, "weight"), cos, sin, rope_source(cos, namespace, owners),
+                       gu.arg(lin_v, 1, "weight"), cos, sin, rope_source(cos, owners),
                        info.kv_heads, info.head_dim), ""

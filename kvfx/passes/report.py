@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvfx.runtime.registry import SiteInfo
+from kvfx.runtime.state import SiteInfo
 
 COLUMNS = ("layer", "site", "pattern", "kv_source", "heads", "head_dim", "status", "detail")
 

@@ -5,13 +5,14 @@ For a site whose K/V are ``cat([past, new])`` (see :mod:`kvfx.passes.trace_kv`):
     out = attention(q, repeat(cat(pk, nk)), repeat(cat(pv, nv)), mask)     # before
     cache_k, cache_v = cat(pk, nk), cat(pv, nv)
 
-    n   = pk.size(-2)                       (0 on the first call)
-    out = kvfx::attention(q, nk, nv, mask, n, site, scale, is_causal)    # after
-    cache_k, cache_v = kvfx::ghost(nk, n, site), kvfx::ghost(nv, n, site)
+    out, gk, gv = kvfx::attention(q, nk, nv, mask, pk, pv, site, scale, is_causal)   # after
+    cache_k, cache_v = gk, gv
 
-A low-rank site (policy ``lowrank:``) calls ``kvfx::lowrank_attention(q, x_k, W_k, x_v, W_v, cos,
-sin, mask, n, site, rope_key, scale, is_causal, heads, head_dim)`` instead, on the inputs of its
-k_proj / v_proj (kvfx.passes.lowrank); the cache receives ``kvfx::ghost_heads(x, n, ...)``, and
+``pk`` / ``pv`` (the model's cache entries: empty, or kvfx's ghosts from the previous step) are
+how the operator finds the sequence's store; ``site`` is the site's index in the graph's
+:class:`kvfx.runtime.state.Program`. A low-rank site (policy ``lowrank:``) calls
+``kvfx::lowrank_attention(q, x_k, W_k, x_v, W_v, cos, sin, mask, pk, pv, site, rope_key, scale,
+is_causal, heads, head_dim)`` instead, on the inputs of its k_proj / v_proj (kvfx.passes.lowrank);
 k_proj, v_proj and the keys' RoPE become dead code and are erased.
 A check returns a reason to leave the site alone; every rewrite bumps ``stats["rewritten"]``.
 """
@@ -24,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-import kvfx.runtime.lowrank  # (registers torch.ops.kvfx.lowrank_attention)
-import kvfx.runtime.ops  # noqa: F401  (registers torch.ops.kvfx.*)
+import kvfx.runtime.lowrank  # noqa: F401  (registers torch.ops.kvfx.lowrank_attention)
+import kvfx.runtime.ops  # noqa: F401  (registers torch.ops.kvfx.attention)
 from kvfx.passes import graph_utils as gu
 from kvfx.passes.find_attention import AttentionMatch
 from kvfx.passes.trace_kv import KVSource
@@ -38,7 +39,7 @@ class SitePlan:
     match: AttentionMatch
     ks: KVSource
     vs: KVSource
-    key: str  # registry key
+    index: int  # the site's index in the graph's program (the operators' ``site`` argument)
     reason: str = ""
     lowrank: object = None  # low-rank sites: a kvfx.passes.lowrank.LowRankPlan
 
@@ -83,10 +84,6 @@ def check(match: AttentionMatch, ks: KVSource, vs: KVSource) -> str:
 def rewrite_site(gm: GraphModule, plan: SitePlan) -> None:
     """Apply the rewrite of one checked site in place."""
     g, m, ks, vs = gm.graph, plan.match, plan.ks, plan.vs
-    order = {n: i for i, n in enumerate(g.nodes)}
-    first_cat = min(ks.cat, vs.cat, key=order.__getitem__)
-    with g.inserting_before(first_cat):
-        past_len = 0 if ks.past_is_empty else g.call_method("size", (ks.past, -2))
     with g.inserting_before(m.out):
         q = m.q
         if m.scale_node is not None:  # fold a tensor scale into the queries
@@ -97,20 +94,16 @@ def rewrite_site(gm: GraphModule, plan: SitePlan) -> None:
             mask = g.call_function(torch.logical_not, (mask,))
         lr = plan.lowrank
         if lr is not None:  # the store holds latents (kvfx.runtime.lowrank)
-            attn = g.call_function(torch.ops.kvfx.lowrank_attention.default,
-                                   (q, lr.x_k, lr.w_k, lr.x_v, lr.w_v, lr.cos, lr.sin, mask, past_len,
-                                    plan.key, lr.rope_key, m.scale, m.is_causal, lr.heads, lr.head_dim))
+            res = g.call_function(torch.ops.kvfx.lowrank_attention.default,
+                                  (q, lr.x_k, lr.w_k, lr.x_v, lr.w_v, lr.cos, lr.sin, mask, ks.past, vs.past,
+                                   plan.index, lr.rope_key, m.scale, m.is_causal, lr.heads, lr.head_dim))
         else:
-            attn = g.call_function(torch.ops.kvfx.attention.default,
-                                   (q, ks.new, vs.new, mask, past_len, plan.key, m.scale, m.is_causal))
+            res = g.call_function(torch.ops.kvfx.attention.default,
+                                  (q, ks.new, vs.new, mask, ks.past, vs.past, plan.index, m.scale, m.is_causal))
+        attn = g.call_function(operator.getitem, (res, 0))
+        ghosts = [g.call_function(operator.getitem, (res, i)) for i in (1, 2)]
     m.out.replace_all_uses_with(attn)
-    for src, x in ((ks, lr.x_k if lr else None), (vs, lr.x_v if lr else None)):
-        with g.inserting_after(src.cat):
-            if lr is None:
-                gh = g.call_function(torch.ops.kvfx.ghost.default, (src.new, past_len, plan.key))
-            else:  # the keys / values are never computed: the shape comes from the projection input
-                gh = g.call_function(torch.ops.kvfx.ghost_heads.default,
-                                     (x, past_len, lr.heads, lr.head_dim, plan.key))
+    for src, gh in zip((ks, vs), ghosts):  # the cache receives the ghosts instead of cat(past, new)
         src.cat.replace_all_uses_with(gh, delete_user_cb=lambda user: user.op == "output")
     _erase_dead(gm, [m.out, *m.chain, ks.cat, vs.cat] + ([ks.new, vs.new] if lr else []))
     assert all(src.cat.graph is not g or not any(u.op == "output" for u in src.cat.users)

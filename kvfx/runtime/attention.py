@@ -17,11 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kvfx.runtime.state import KvfxStateError
 from kvfx.runtime.store import SiteStore
-
-
-class KvfxStateError(RuntimeError):
-    """The model's cache and the kvfx store disagree (cropped or reordered cache)."""
 
 
 def _mask4(mask: torch.Tensor, B: int, nq: int, L: int) -> torch.Tensor:

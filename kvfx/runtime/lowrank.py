@@ -1,11 +1,12 @@
 """Runtime of low-rank (ReCalKV) sites: a store of per-token latents and its operator.
 
-``kvfx::lowrank_attention(q, x_k, w_k, x_v, w_v, cos, sin, mask, past_len, site, rope_key, scale,
-is_causal, heads, head_dim)``
+``kvfx::lowrank_attention(q, x_k, w_k, x_v, w_v, cos, sin, mask, past_k, past_v, site, rope_key, scale,
+is_causal, heads, head_dim) -> (out, ghost_k, ghost_v)``
     q (B, Hq, nq, d) after RoPE; x_k, x_v (B, nq, D) the *inputs* of k_proj / v_proj for the new
     tokens and w_k, w_v their weights (the rewrite removed k_proj, v_proj and the keys' RoPE from
     the graph); cos, sin (B | 1, 1, nq, d) the RoPE tables of the new tokens as the model applies
-    them; heads, head_dim the KV geometry.
+    them; heads, head_dim the KV geometry; past_k / past_v and site as for ``kvfx::attention``
+    (:mod:`kvfx.runtime.ops`): the ghosts it returns have the (B, heads, T, head_dim) logical shape.
     Prefill (past_len 0): the exact keys and values (x·Wᵀ, RoPE) for exact attention on the prompt
     as the model asked, then the latents of the kept tokens are stored (the policy's evictor
     chooses them, :class:`kvfx.methods.lowrank.LowRankCompressor`). Decode: the new tokens'
@@ -19,9 +20,9 @@ Layout:
     LatentStore.lat   a SiteStore with one "head": k (B, 1, cap, r_k), v (B, 1, cap, r_v) latents,
                       pos (B, 1, cap) logical positions, count (B, 1); or, with ``quant:``, a
                       QuantStore of the same one-head geometry (latents in low bit)
-    RopeTable         cos, sin (B, cap, d) by logical position, shared by every site whose RoPE
-                      comes from the same place (e.g. ``model.rotary_emb``): held once, counted
-                      once by :func:`kvfx.memory` (REGISTRY.shared)
+    RopeTable         cos, sin (B, cap, d) by logical position, shared by every site of a sequence
+                      whose RoPE comes from the same place (e.g. ``model.rotary_emb``): held once
+                      per sequence (``Sequence.shared``), counted once by :func:`kvfx.memory`
 
 Every site writes the rows of the positions it sees (all sites sharing a table write equal rows),
 so a site only ever reads rows written during its own sequence.
@@ -34,9 +35,9 @@ from torch import Tensor
 
 from kvfx.methods.lowrank import project_kv
 from kvfx.methods.lowrank_attention import latent_attention_reference, latent_quant_attention_reference
-from kvfx.runtime.attention import KvfxStateError, _use_kernel, key_valid, positions_mask, prefill_attention
+from kvfx.runtime.attention import _use_kernel, key_valid, positions_mask, prefill_attention
 from kvfx.runtime.qstore import QuantStore
-from kvfx.runtime.registry import REGISTRY
+from kvfx.runtime.state import KvfxStateError, current, find_store, ghost_fake, make_ghost, past_length
 from kvfx.runtime.store import SiteStore, _round_up
 
 _GROW = 64
@@ -119,44 +120,36 @@ class LatentStore:
         return self.lat.tokens_held()
 
 
-def rope_table(key: str) -> RopeTable:
-    t = REGISTRY.shared.get(key)
-    if t is None:
-        t = REGISTRY.shared[key] = RopeTable(key)
-    return t
+def _ghost_shape(x: Tensor, past: Tensor | None, heads: int, head_dim: int) -> list:
+    return [x.shape[0], heads, past_length(past) + x.shape[1], head_dim]
 
 
 @torch.library.custom_op("kvfx::lowrank_attention", mutates_args=())
 def lowrank_attention(q: Tensor, x_k: Tensor, w_k: Tensor, x_v: Tensor, w_v: Tensor, cos: Tensor, sin: Tensor,
-                      mask: Tensor | None, past_len: int, site: str, rope_key: str, scale: float | None,
-                      is_causal: bool, heads: int, head_dim: int) -> Tensor:
-    b = REGISTRY.binding(site)
-    return lowrank_site_attention(b.compressor, b.store, rope_table(rope_key), q, x_k, w_k, x_v, w_v, cos,
-                                  sin, mask, past_len, scale, is_causal, b.info.module_path)
+                      mask: Tensor | None, past_k: Tensor | None, past_v: Tensor | None, site: int, rope_key: str,
+                      scale: float | None, is_causal: bool, heads: int,
+                      head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    from kvfx.runtime.ops import _new_store
+
+    ctx = current()
+    sp = ctx.program.sites[site]
+    seq, store, past_len = find_store(ctx, sp, past_k, past_v, q.shape[0], _new_store)
+    table = seq.shared.get(rope_key)
+    if table is None:
+        table = seq.shared[rope_key] = RopeTable(rope_key)
+    out = lowrank_site_attention(sp.compressor, store, table, q, x_k, w_k, x_v, w_v, cos, sin, mask,
+                                 past_len, scale, is_causal, sp.info.module_path)
+    h = seq.handle(sp.info.module_path)
+    shape = _ghost_shape(x_k, past_k, heads, head_dim)
+    gk, gv = make_ghost(x_k, shape, h), make_ghost(x_v, shape, h)
+    seq.note_ghosts(gk, gv)
+    return out, gk, gv
 
 
 @lowrank_attention.register_fake
-def _(q, x_k, w_k, x_v, w_v, cos, sin, mask, past_len, site, rope_key, scale, is_causal, heads, head_dim):
-    return q.new_empty(*q.shape[:-1], w_v.shape[0] // heads)
-
-
-def _ghost_shape(x: Tensor, past_len, heads: int, head_dim: int) -> list:
-    return [x.shape[0], heads, past_len + x.shape[1], head_dim]
-
-
-@torch.library.custom_op("kvfx::ghost_heads", mutates_args=())
-def ghost_heads(x: Tensor, past_len: int, heads: int, head_dim: int, site: str) -> Tensor:
-    """:func:`kvfx.runtime.ops.ghost` of a low-rank site, whose keys/values are never computed:
-    the (B, heads, past_len + n, head_dim) logical shape from the projection input x (B, n, D),
-    with a one-element storage (stride 0)."""
-    out = x.new_zeros(1).expand(_ghost_shape(x, past_len, heads, head_dim))
-    REGISTRY.note_ghost(site, out)
-    return out
-
-
-@ghost_heads.register_fake
-def _(x, past_len, heads, head_dim, site):
-    return x.new_empty(1).expand(_ghost_shape(x, past_len, heads, head_dim))
+def _(q, x_k, w_k, x_v, w_v, cos, sin, mask, past_k, past_v, site, rope_key, scale, is_causal, heads, head_dim):
+    shape = _ghost_shape(x_k, past_k, heads, head_dim)
+    return (q.new_empty(*q.shape[:-1], w_v.shape[0] // heads), ghost_fake(x_k, shape), ghost_fake(x_v, shape))
 
 
 def _attend(c, store: LatentStore, table: RopeTable, q, mask, is_causal: bool, past_len: int, scale):
@@ -226,4 +219,4 @@ def lowrank_site_attention(c, store: LatentStore, table: RopeTable, q, x_k, w_k,
     return out.contiguous()
 
 
-__all__ = ["LatentStore", "RopeTable", "ghost_heads", "lowrank_attention", "lowrank_site_attention", "rope_table"]
+__all__ = ["LatentStore", "RopeTable", "lowrank_attention", "lowrank_site_attention"]

@@ -1,14 +1,15 @@
 """The kvfx custom operators the rewrite pass inserts into graphs.
 
-``kvfx::attention(q, k_new, v_new, mask, past_len, site, scale, is_causal)``
+``kvfx::attention(q, k_new, v_new, mask, past_k, past_v, site, scale, is_causal) -> (out, ghost_k, ghost_v)``
     Attention of the site's queries over its compressed store plus the new tokens, and the
-    store update (prefill compression or decode append/evict). Opaque to dynamo and inductor:
-    its state lives in the store, so nothing in it can cause a recompile.
-
-``kvfx::ghost(new, past_len, site)``
-    What the model's own cache receives instead of ``cat(past, new)``: a tensor of the
-    logical shape (so the model's length and mask bookkeeping stay right) whose storage is a
-    single element (stride 0). The full-precision history is no longer held by the model.
+    store update (prefill compression or decode append/evict). ``past_k`` / ``past_v`` are what
+    the model's cache held for the site (an empty tensor, None, or the ghosts this operator
+    returned on the previous step): the store is found through them (:mod:`kvfx.runtime.state`),
+    never through a constant of the graph. ``site`` is the site's index in the graph's program.
+    Returns the attention output and the new ghosts, which the model's cache receives instead
+    of ``cat(past, new)``: tensors of the logical shape (so the model's length and mask
+    bookkeeping stay right) holding one element (stride 0). The full-precision history is no
+    longer held by the model. Opaque to dynamo and inductor: nothing in it can recompile.
 """
 
 from __future__ import annotations
@@ -16,45 +17,57 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvfx.runtime.attention import (KvfxStateError, calibrated_decode, decode_attention, key_valid,
-                                    prefill_attention)
+from kvfx.runtime.attention import calibrated_decode, decode_attention, key_valid, prefill_attention
 from kvfx.runtime.qstore import QuantStore
-from kvfx.runtime.registry import REGISTRY
+from kvfx.runtime.state import (KvfxStateError, current, find_store, ghost_fake, make_ghost,
+                                past_length)
+from kvfx.runtime.store import SiteStore
 
 
-def _ghost_shape(new: Tensor, past_len) -> list:
+def make_store(key: str, compressor) -> object:
+    """The store a compressor writes: latents (``lowrank:``), quantized (``quant:``) or dense."""
+    if getattr(compressor, "lowrank", False):  # ReCalKV latents (kvfx.runtime.lowrank)
+        from kvfx.runtime.lowrank import LatentStore
+
+        return LatentStore(key, compressor.kv_heads, compressor.head_dim, compressor.quant)
+    quant = getattr(compressor, "quant", None)
+    return SiteStore(key) if quant is None else QuantStore(key, quant)
+
+
+def _new_store(sp) -> object:
+    return make_store(sp.info.module_path, sp.compressor)
+
+
+def _ghost_shape(new: Tensor, past: Tensor | None) -> list:
     shape = list(new.shape)
-    shape[-2] = past_len + new.shape[-2]
+    shape[-2] = past_length(past) + new.shape[-2]
     return shape
 
 
-@torch.library.custom_op("kvfx::ghost", mutates_args=())
-def ghost(new: Tensor, past_len: int, site: str) -> Tensor:
-    out = new.new_zeros(1).expand(_ghost_shape(new, past_len))
-    REGISTRY.note_ghost(site, out)
-    return out
-
-
-@ghost.register_fake
-def _(new, past_len, site):
-    return new.new_empty(1).expand(_ghost_shape(new, past_len))
-
-
 @torch.library.custom_op("kvfx::attention", mutates_args=())
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_len: int, site: str,
-              scale: float | None, is_causal: bool) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_k: Tensor | None,
+              past_v: Tensor | None, site: int, scale: float | None,
+              is_causal: bool) -> tuple[Tensor, Tensor, Tensor]:
     """q (B, Hq, nq, d), k/v (B, Hkv, nq, d) the *new* tokens only; mask over the logical keys
-    (past_len + nq columns). Returns (B, Hq, nq, dv)."""
-    b = REGISTRY.binding(site)
-    out = site_attention(b.compressor, b.store, q, k, v, mask, past_len, scale, is_causal,
-                         b.info.module_path)
-    if TAP is not None:
-        TAP(b.info, q, k, v, mask, past_len, scale, is_causal, out)
-    return out
+    (past_len + nq columns). Returns (out (B, Hq, nq, dv), ghost_k, ghost_v)."""
+    ctx = current()
+    sp = ctx.program.sites[site]
+    seq, store, past_len = find_store(ctx, sp, past_k, past_v, q.shape[0], _new_store)
+    out = site_attention(sp.compressor, store, q, k, v, mask, past_len, scale, is_causal,
+                         sp.info.module_path)
+    if ctx.tap is not None:
+        ctx.tap(sp.info, q, k, v, mask, past_len, scale, is_causal, out)
+    h = seq.handle(sp.info.module_path)
+    gk = make_ghost(k, _ghost_shape(k, past_k), h)
+    gv = make_ghost(v, _ghost_shape(v, past_v), h)
+    seq.note_ghosts(gk, gv)
+    return out, gk, gv
 
 
-TAP = None  # a callable(info, q, k, v, mask, past_len, scale, is_causal, out) that sees every call
-            # (kvfx.eval.calib_error records a full-cache run with it); None in normal use
+@attention.register_fake
+def _(q, k, v, mask, past_k, past_v, site, scale, is_causal):
+    return (q.new_empty(*q.shape[:-1], v.shape[-1]), ghost_fake(k, _ghost_shape(k, past_k)),
+            ghost_fake(v, _ghost_shape(v, past_v)))
 
 
 def site_attention(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_len: int,
@@ -99,9 +112,4 @@ def site_attention(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Non
     return out.contiguous()
 
 
-@attention.register_fake
-def _(q, k, v, mask, past_len, site, scale, is_causal):
-    return q.new_empty(*q.shape[:-1], v.shape[-1])
-
-
-__all__ = ["attention", "ghost", "site_attention", "KvfxStateError"]
+__all__ = ["attention", "make_store", "site_attention", "KvfxStateError"]
