@@ -19,6 +19,7 @@ no process-wide torch setting.
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -43,6 +44,29 @@ def _options(options) -> tuple[object, str]:
     return options.get("policy", "full"), inner
 
 
+def _freeze_options(options: dict) -> dict:
+    """[Note] torch.compile keeps the caller's options dict (no copy) in the backend wrapper that
+    dynamo's BACKEND_MATCH guard compares by value, so a dict mutated after compiling would make
+    dynamo reuse this graph for a later compile with the new options (running the old policy).
+    The wrapper (our caller) is given a copy: later mutations then neither reach it nor match it.
+    If the wrapper cannot be found, the caller's dict is returned and a mutation is refused at run
+    time (:meth:`kvfx.runtime.state.Program.wrap`)."""
+    import sys
+
+    frozen = copy.deepcopy(options)
+    f = sys._getframe(1)
+    for _ in range(4):
+        f = f.f_back
+        if f is None:
+            break
+        w = f.f_locals.get("self")
+        kw = getattr(w, "kwargs", None)
+        if type(w).__name__ == "_TorchCompileWrapper" and isinstance(kw, dict) and kw.get("options") is options:
+            kw["options"] = frozen
+            return frozen
+    return options
+
+
 def _check_dynamic() -> None:
     """[Note] static shapes would recompile every decode step (the cache grows), so they are
     refused. This only reads dynamo's configuration; kvfx never changes it."""
@@ -58,6 +82,8 @@ def kvfx_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
     policy, inner = _options(options)
     _check_dynamic()
     program = run_passes(gm, load_policy(policy))
+    if isinstance(options, dict):
+        program.options, program.options_at_compile = _freeze_options(options), copy.deepcopy(options)
     program.params = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
     program.anchor = program.params[0] if program.params else None
     log.info("kvfx: graph with %d attention sites, %d rewritten", len(program.infos), len(program.sites))
@@ -76,11 +102,30 @@ def kvfx_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
 
 def compile(model: torch.nn.Module, policy="full", *, inner: str = "inductor", **compile_kwargs):
     """Compile ``model`` in place with kvfx and ``policy`` (what ``model.compile(backend="kvfx",
-    options={"policy": policy})`` does), with its own dynamo recompile budget
-    (``isolate_recompiles=True``): in transformers 5 every model shares one forward code object,
-    so without it each policy compiled in a process spends the budget of all of them, and dynamo
-    falls back to eager (no compression) after a few. ``compile_kwargs`` go to ``torch.compile``.
-    Returns ``model``."""
+    options={"policy": policy})`` does), with two protections scoped to this model's calls:
+
+    * its own dynamo recompile budget (``isolate_recompiles=True``): in transformers 5 every model
+      shares one forward code object, so otherwise each policy compiled in a process spends the
+      budget of all of them, and after a few dynamo runs the model eagerly (uncompressed);
+    * reaching that budget raises instead of falling back to eager (dynamo's
+      ``fail_on_recompile_limit_hit``, set only while this model runs; other compiled code keeps
+      its fallback).
+
+    ``compile_kwargs`` go to ``torch.compile``. Returns ``model``."""
     compile_kwargs.setdefault("isolate_recompiles", True)
     model.compile(backend="kvfx", options={"policy": policy, "inner": inner}, **compile_kwargs)
+    compiled = model._compiled_call_impl
+
+    def call(*args, **kwargs):
+        try:
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                return compiled(*args, **kwargs)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+            raise RuntimeError(
+                "kvfx: dynamo reached its recompile limit for this model, and running it eagerly would "
+                "leave its cache uncompressed (or read kvfx's cache entries as data); pass a higher "
+                "recompile_limit= to kvfx.compile, or find what recompiles with "
+                "TORCH_LOGS=recompiles") from e
+
+    model._compiled_call_impl = call
     return model

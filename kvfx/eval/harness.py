@@ -21,15 +21,6 @@ def policy_from_spec(spec: str):
     """``snapkv@0.125`` -> the snapkv preset with keep 0.125; anything else -> load_policy."""
     from kvfx.policy import load_policy
 
-    if "@" in spec:
-        name, keep = spec.split("@", 1)
-        try:
-            keep_f = float(keep)
-        except ValueError:
-            raise ValueError(f"policy spec {spec!r}: {keep!r} after '@' is not a number; "
-                             "write NAME@KEEP, e.g. snapkv@0.125") from None
-        return load_policy({"kvfx": 1, "name": f"{name}-keep{keep}", "extends": name,
-                            "budget": {"keep": keep_f}})
     return load_policy(spec)
 
 

@@ -264,7 +264,8 @@ def _preset(name: str) -> Policy:
 
 
 def load_policy(spec: Union[str, os.PathLike, dict, Policy]) -> Policy:
-    """Load a policy from a preset name, a ``.yaml``/``.yml`` path, a dict, or return a Policy as is.
+    """Load a policy from a preset name, ``NAME@KEEP`` (the preset with ``budget.keep: KEEP``), a
+    ``.yaml``/``.yml`` path, a dict, or return a Policy as is.
 
     Raises :class:`PolicyError` with a one-line ``FILE:LINE:COL key.path: got V, expected W`` message.
 
@@ -275,6 +276,15 @@ def load_policy(spec: Union[str, os.PathLike, dict, Policy]) -> Policy:
     """
     if isinstance(spec, Policy):
         return spec
+    if isinstance(spec, str) and "@" in spec and not os.path.exists(spec):  # NAME@KEEP
+        name, keep = spec.split("@", 1)
+        try:
+            keep_f = float(keep)
+        except ValueError:
+            raise PolicyError(f"policy: got {spec!r}, expected NAME@KEEP with a number after '@' "
+                              "(e.g. snapkv@0.125)", path="policy") from None
+        return load_policy({"kvfx": 1, "name": f"{name}-keep{keep}", "extends": name,
+                            "budget": {"keep": keep_f}})
     if isinstance(spec, str) and is_preset_name(spec):
         return _preset(spec)
     doc, label, source = read_document(spec)

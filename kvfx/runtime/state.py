@@ -90,6 +90,8 @@ class Program:
         self.anchor: int | None = None  # index of a model parameter among the graph's inputs
         self.params: list[int] = []  # indices of every model parameter among them
         self._fallback_session: Session | None = None
+        self.options: dict | None = None  # the backend's options dict (torch.compile keeps it) ...
+        self.options_at_compile: dict | None = None  # ... and a copy of it as compiled
         _PROGRAMS.add(self)
 
     def session_for(self, args) -> "Session":
@@ -116,11 +118,17 @@ class Program:
         """The compiled graph, run with this program and its caller's session as the kvfx context.
         Keeps the inner compiler's calling convention (inductor's boxed calls)."""
         program = self
-        if not self.sites:
-            return compiled
         boxed = getattr(compiled, "_boxed_call", False)
 
         def run(*args):
+            if program.options is not None and program.options != program.options_at_compile:
+                raise KvfxStateError(
+                    "kvfx: the options dict given to torch.compile / model.compile was changed after "
+                    f"compiling (policy {program.options_at_compile.get('policy')!r} -> "
+                    f"{program.options.get('policy')!r}); torch.compile keeps that dict, so dynamo "
+                    "would run graphs compiled for the old options: pass a new dict to each compile")
+            if not program.sites:
+                return compiled(*args)
             seq_args = args[0] if len(args) == 1 and isinstance(args[0], list) else args
             prev = getattr(_TLS, "ctx", None)
             ctx = _TLS.ctx = _Context(program, program.session_for(seq_args))
@@ -490,13 +498,12 @@ class tapping:
 
 
 def reset() -> None:
-    """Forget the site reports of every compiled model. Live sequences are not affected (their
-    state belongs to their caches and is freed with them); compiled models keep working and
-    report again from their next call."""
-    _BY_PARAM.clear()
+    """Forget the site reports of every compiled model (they fill again from the models' next
+    calls). Live sequences and compiled models are not affected: their state belongs to their
+    caches and models."""
     for s in list(_SESSIONS):
         s.programs = []
-    _SESSIONS.clear()
+    _PROGRAMS.clear()
 
 
 # Weak indexes of live objects (they own nothing: each entry dies with its object).
