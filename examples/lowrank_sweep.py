@@ -9,7 +9,7 @@ Artifacts: ``kvfx.calibrate.calibrate`` on the first 4096 tokens of the essays (
 Perplexity (held out): essays from character 300000 on, a PREFIX-token prompt compressed as a
 prompt, then TOKENS teacher-forced tokens in chunks of 16 (each chunk's latents are appended and
 attended as in decoding). Passkey: grass filler at 2k and 4k tokens, DEPTHS depths, seed 0.
-Bytes: ``kvfx.memory()`` at the end of the perplexity run. Every configuration runs in one
+Bytes: ``kvfx.memory(cache)`` of the perplexity run's cache, at its end. Every configuration runs in one
 process against ``full``; the table goes to OUT/table.md, the records to OUT/results.jsonl and a
 plot of Δ perplexity against bytes held to OUT/lowrank_ppl_vs_bytes.png.
 """
@@ -75,9 +75,9 @@ def main() -> None:
         torch._dynamo.reset()
         kvfx.reset()
         model.compile(backend="kvfx", options={"policy": policy, "inner": "eager"})
-        ppl = perplexity_under_compression(model, ids, prefix=args.prefix, chunk=16)
-        mem = kvfx.memory()
-        sites = kvfx.sites()
+        ppl = perplexity_under_compression(model, ids, prefix=args.prefix, chunk=16, keep_cache=True)
+        mem = kvfx.memory(ppl.pop("cache"))  # the run's compressed state lives with its cache
+        sites = kvfx.sites(model)
         pk = passkey_sweep(model, tok, lengths=(2048, 4096), depths=depths, progress=False)
         row = {"config": label, "artifact": str(path) if path else None, "ppl": ppl["ppl"],
                "held_bytes": mem["held_bytes"], "dense_bytes": mem["dense_bytes"],

@@ -545,3 +545,20 @@ def format_summary(prov: dict, heldout: Optional[dict[int, tuple[float, float]]]
         mean += [f"{sum(ek) / n:.4f}", f"{sum(ev) / n:.4f}"]
     rows.append(" | ".join(mean))
     return "\n".join([head, ""] + ["| " + r + " |" for r in rows])
+
+
+_FACTORS: dict[tuple, dict[int, LayerFactors]] = {}
+
+
+def load_factors(path: str) -> dict[int, LayerFactors]:
+    """The factors of a ReCalKV artifact, loaded once per (file, size, mtime).
+
+    Raises:
+        ArtifactError: missing or invalid file (the message names the fix).
+    """
+    p = Path(os.path.expanduser(path)).resolve()
+    st = p.stat() if p.is_file() else None
+    key = (str(p), st.st_size if st else None, st.st_mtime_ns if st else None)
+    if key not in _FACTORS:
+        _FACTORS[key] = load_artifact(p).factors
+    return _FACTORS[key]

@@ -39,7 +39,7 @@ def run_policy(model, tok, sample, policy: str, *, inner: str, max_new_tokens: i
     cache = getattr(out, "cache", None) if "cache" in out else out.get("past_key_values")
     mem = kvfx.memory(cache)
     answer = tok.decode(out.sequences[0, sample.input_ids.shape[1]:], skip_special_tokens=True)
-    sites = kvfx.sites()
+    sites = kvfx.sites(model)
     return DemoRow(policy, answer.strip(), score_passkey(answer, sample.passkey), mem["held_bytes"],
                    mem["dense_bytes"], seconds, sum(s.rewritten for s in sites), len(sites))
 

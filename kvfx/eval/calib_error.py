@@ -127,14 +127,18 @@ def replay(rec: dict[str, SiteRecord], policy, num_layers: int, hits: dict | Non
     """Relative L1 error per site of ``policy`` (anything ``load_policy`` takes) replayed on the
     recorded calls. ``hits``: a dict that receives, per site with calibration, the fraction of
     (query head, decode step) pairs whose nearest stored query passed the threshold."""
-    from kvfx.methods.compressor import build_compressor
+    from kvfx.runtime.compressor import build_compressor
     from kvfx.policy import load_policy
     from kvfx.runtime.ops import make_store, site_attention
 
     pol = load_policy(policy)
     errors = {}
     for path, r in rec.items():
-        c = build_compressor(pol.resolve(r.layer, path, num_layers), r.layer, num_layers)
+        lp = pol.resolve(r.layer, path, num_layers)
+        if lp.lowrank is not None:
+            raise ValueError(f"calib_error: policy {pol.name!r} has lowrank:; the recorded calls hold keys "
+                             "and values, not the projection inputs a low-rank site stores")
+        c = build_compressor(lp, r.layer, num_layers)
         if c.calib is not None:
             c.calib = _CountingCaliDrop(c.calib)
         store = make_store(path, c)

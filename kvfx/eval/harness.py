@@ -159,9 +159,9 @@ def _perplexity_sample(model, tok, n, seed, chunk) -> dict:
     from kvfx.eval.perplexity import long_text_ids, perplexity_under_compression
 
     ids = long_text_ids(tok, n)
-    r = perplexity_under_compression(model, ids, prefix=n // 2, chunk=chunk)
+    r = perplexity_under_compression(model, ids, prefix=n // 2, chunk=chunk, keep_cache=True)
     return {"n_tokens": n, "prefix": n // 2, "ppl": r["ppl"], "nll_sum": r["nll_sum"],
-            "tokens": r["tokens"], "seconds": round(r["seconds"], 3), **_memory_fields(None)}
+            "tokens": r["tokens"], "seconds": round(r["seconds"], 3), **_memory_fields(r["cache"])}
 
 
 def _agreement_references(model, tok, model_name, todo, refs, out, inner, max_new_tokens):

@@ -33,7 +33,8 @@ from kvfx.eval.text import TEXT_SOURCES, filler_text, tokenize_prefix
 __all__ = ["long_text_ids", "perplexity_under_compression"]
 
 
-def perplexity_under_compression(model, input_ids: torch.Tensor, *, prefix: int, chunk: int = 1) -> dict:
+def perplexity_under_compression(model, input_ids: torch.Tensor, *, prefix: int, chunk: int = 1,
+                                  keep_cache: bool = False) -> dict:
     """Teacher-forced NLL of ``input_ids[:, prefix:]`` with the cache built (and compressed) on the prefix.
 
     Args:
@@ -43,11 +44,14 @@ def perplexity_under_compression(model, input_ids: torch.Tensor, *, prefix: int,
         prefix: tokens in the single first forward, ``1 <= prefix < N``. The logits of its last
             position score token ``prefix``; every later token is scored from the cache.
         chunk: tokens per teacher-forced step after the prefix (``1`` = decode-like).
+        keep_cache: also return the model's cache (``"cache"``) at the end of the run: kvfx's
+            compressed state lives as long as that cache object, so ``kvfx.memory(r["cache"])``
+            measures it; without it the state is freed when the run returns.
 
     Returns:
-        ``{"nll_sum", "tokens", "ppl", "seconds"}``: summed NLL in nats over ``tokens = N - prefix``
-        scored tokens, ``ppl = exp(nll_sum / tokens)``, and the wall time of all forwards
-        (synchronized on CUDA).
+        ``{"nll_sum", "tokens", "ppl", "seconds"}`` (and ``"cache"`` with ``keep_cache``): summed
+        NLL in nats over ``tokens = N - prefix`` scored tokens, ``ppl = exp(nll_sum / tokens)``,
+        and the wall time of all forwards (synchronized on CUDA).
 
     Raises:
         ValueError: bad ``input_ids`` shape, ``prefix`` or ``chunk`` (the message names the value).
@@ -96,7 +100,10 @@ def perplexity_under_compression(model, input_ids: torch.Tensor, *, prefix: int,
         torch.cuda.synchronize(ids.device)
     seconds = time.perf_counter() - t0
     tokens = n - prefix
-    return {"nll_sum": nll_sum, "tokens": tokens, "ppl": math.exp(nll_sum / tokens), "seconds": seconds}
+    r = {"nll_sum": nll_sum, "tokens": tokens, "ppl": math.exp(nll_sum / tokens), "seconds": seconds}
+    if keep_cache:
+        r["cache"] = cache
+    return r
 
 
 def long_text_ids(tokenizer, n_tokens: int, source: str = "essays", *, start: int = 0) -> torch.Tensor:

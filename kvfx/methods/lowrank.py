@@ -6,7 +6,7 @@ W (m, D), an artifact's factors W ≈ L R with L (m, r), R (r, D) (:mod:`kvfx.me
 The cache stores, per token, a latent of width r instead of the m key (and m value) numbers and
 rebuilds the keys as latent·basisᵀ, then applies RoPE at the token's position. The rewritten
 graph no longer runs k_proj / v_proj at decode: the latent of a new token is x·W_downᵀ with the
-down-projection W_down = Qᵀ W (r × D, :meth:`LowRankCompressor.down`); the prompt's exact keys
+down-projection W_down = Qᵀ W (r × D, :meth:`kvfx.runtime.lowrank.LowRankCompressor.down`); the prompt's exact keys
 (for the prompt's own attention, as every kvfx policy keeps it exact) are x·Wᵀ inside the op.
 
 [Note] Which latent. ReCalKV builds R = pinv(L)·W (the whitened SVD: R = Σ^{1/2} V_rᵀ S⁻¹ =
@@ -33,7 +33,7 @@ Composition (DERIVED where no paper says how):
 
 Example::
 
-    c = LowRankCompressor(factors[3], layer=3, artifact="f.safetensors")
+    c = LowRankCompressor(factors[3], layer=3, artifact="f.safetensors")   # kvfx.runtime.lowrank
     zk, zv = c.latents(k_pre, v)                       # (B, 1, n, r_k), (B, 1, n, r_v)
     k_pre_hat, v_hat = c.expand(zk, zv)                # (B, Hkv, n, d) each
     k_hat = rope(k_pre_hat, cos, sin)
@@ -41,16 +41,11 @@ Example::
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 
-from kvfx.methods.compressor import Compressor
-from kvfx.methods.recalkv import LayerFactors, LowRank
+from kvfx.methods.recalkv import LowRank
 
-__all__ = ["LowRankCompressor", "build_lowrank", "latent_basis", "load_factors", "project_kv", "rope",
-           "rotate_half", "unrope"]
+__all__ = ["latent_basis", "project_kv", "rope", "rotate_half", "unrope"]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -83,25 +78,6 @@ def latent_basis(f: LowRank) -> torch.Tensor:
     return q.to(torch.float32)
 
 
-_FACTORS: dict[tuple, dict[int, LayerFactors]] = {}
-
-
-def load_factors(path: str) -> dict[int, LayerFactors]:
-    """The factors of a ReCalKV artifact, loaded once per (file, size, mtime).
-
-    Raises:
-        kvfx.calibrate.ArtifactError: missing or invalid file (the message names the fix).
-    """
-    from kvfx.calibrate import load_artifact
-
-    p = Path(os.path.expanduser(path)).resolve()
-    st = p.stat() if p.is_file() else None
-    key = (str(p), st.st_size if st else None, st.st_mtime_ns if st else None)
-    if key not in _FACTORS:
-        _FACTORS[key] = load_artifact(p).factors
-    return _FACTORS[key]
-
-
 def project_kv(x_k: torch.Tensor, w_k: torch.Tensor, x_v: torch.Tensor, w_v: torch.Tensor, heads: int,
                head_dim: int, cos: torch.Tensor, sin: torch.Tensor):
     """The exact keys and values of a Llama-style attention block, as the model computes them:
@@ -112,120 +88,3 @@ def project_kv(x_k: torch.Tensor, w_k: torch.Tensor, x_v: torch.Tensor, w_v: tor
     k_pre = heads_of(torch.nn.functional.linear(x_k, w_k), head_dim)
     v = heads_of(torch.nn.functional.linear(x_v, w_v), w_v.shape[0] // heads)
     return k_pre, rope(k_pre, cos, sin), v
-
-
-class LowRankCompressor:
-    """Keep tokens as latents of width r_k (keys) + r_v (values) instead of 2·Hkv·d, chosen by
-    ``inner`` (the layer's evictor: keep everything, or a scorer with its budget).
-
-    ``factors`` None: the artifact has no factors for this layer (the pass leaves the site alone).
-    ``quant``: a :class:`kvfx.runtime.qstore.QuantConfig` for the latents, or None.
-    """
-
-    name = "lowrank"
-    lowrank = True  # the passes rewrite such sites onto kvfx::lowrank_attention
-    calib = None  # CaliDrop is refused with lowrank (build_lowrank)
-
-    def __init__(self, factors: LayerFactors | None, *, layer: int, artifact: str, inner: Compressor | None = None,
-                 quant=None):
-        self.factors, self.layer, self.artifact = factors, layer, artifact
-        self.inner = inner if inner is not None else Compressor()
-        self.quant = quant
-        self._basis: dict = {}
-        self._down: dict = {}
-        if factors is not None:
-            self.kv_heads = factors.k.L.shape[0] // factors.k.head_dim
-            self.head_dim = factors.k.head_dim
-            self.ranks = (factors.k.rank, factors.v.rank)
-
-    @property
-    def needs_probs(self) -> bool:
-        return self.inner.needs_probs
-
-    def describe_inner(self) -> str:
-        return self.inner.name
-
-    def basis(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Q_k (m, r_k), Q_v (m, r_v)) float32 on ``device``."""
-        key = str(device)
-        if key not in self._basis:
-            self._basis[key] = (latent_basis(self.factors.k).to(device),
-                                latent_basis(self.factors.v).to(device))
-        return self._basis[key]
-
-    def down(self, w_k: torch.Tensor, w_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The down-projections Q_kᵀ W_k (r_k, D) and Q_vᵀ W_v (r_v, D) in the weights' dtype,
-        computed once per weight tensor (keyed by its storage, version, dtype and device, so an
-        in-place update of the model's weights is picked up)."""
-        key = tuple((w.data_ptr(), w._version, w.dtype, str(w.device)) for w in (w_k, w_v))
-        if self._down.get("key") != key:
-            qk, qv = self.basis(w_k.device)
-            self._down = {"key": key,
-                          "w": ((qk.mT @ w_k.float()).to(w_k.dtype), (qv.mT @ w_v.float()).to(w_v.dtype))}
-        return self._down["w"]
-
-    def project(self, x_k, w_k, x_v, w_v) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents of new tokens from the projections' inputs x (B, n, D): (B, 1, n, r_k),
-        (B, 1, n, r_v): x·W_downᵀ, k_proj / v_proj are never run."""
-        dk, dv = self.down(w_k, w_v)
-        return (torch.nn.functional.linear(x_k, dk)[:, None],
-                torch.nn.functional.linear(x_v, dv)[:, None])
-
-    def latents(self, k_pre: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pre-RoPE keys and values (B, Hkv, n, d) -> latents (B, 1, n, r_k), (B, 1, n, r_v), in v's
-        dtype (one latent row per token, shared by all heads)."""
-        qk, qv = self.basis(v.device)
-        B, H, n, d = v.shape
-        flat = lambda t: t.transpose(1, 2).reshape(B, n, H * d).float()  # noqa: E731  (row h·d + j)
-        return (flat(k_pre) @ qk).to(v.dtype)[:, None], (flat(v) @ qv).to(v.dtype)[:, None]
-
-    def expand(self, zk: torch.Tensor, zv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents (B, 1, n, r) -> pre-RoPE keys and values (B, Hkv, n, d) in the latents' dtype."""
-        qk, qv = self.basis(zk.device)
-        B, _, n, _ = zk.shape
-        H, d = self.kv_heads, self.head_dim
-        heads = lambda z, q: (z[:, 0].float() @ q.mT).to(z.dtype).view(B, n, H, d).transpose(1, 2)  # noqa: E731
-        return heads(zk, qk), heads(zv, qv)
-
-    # ---- what the site keeps: the inner evictor, on latents -----------------------------------
-    def prefill(self, lat_store, q, k, v, valid, scale, zk, zv) -> None:
-        """Write the kept prompt tokens' latents: ``inner`` scores the exact keys (q, k, v:
-        (B, H, n, d)), its selection gathers the latents zk, zv (B, 1, n, r)."""
-        if type(self.inner) is Compressor:
-            Compressor.prefill(self.inner, lat_store, q, zk, zv, valid)
-        else:
-            self.inner.prefill(lat_store, q, k, v, valid, scale, None, payload=(zk, zv))
-
-    def after_decode(self, lat_store, nq: int, probs=None) -> None:
-        self.inner.after_decode(lat_store, nq, probs)
-
-
-def build_lowrank(lp, layer: int, num_layers: int = 1) -> LowRankCompressor:
-    """The compressor of a layer policy with ``lowrank:``; raises ``NotImplementedError`` for
-    combinations this build cannot run and ``ArtifactError`` for a bad artifact."""
-    from kvfx.methods.compressor import LagKVCompressor, _build_evictor
-
-    if lp.calibration is not None:
-        raise NotImplementedError("lowrank together with calibration (CaliDrop folds each evicted "
-                                  "token's exact key into its statistics; a low-rank store holds latents)")
-    if not lp.lowrank.artifact:
-        from kvfx.calibrate import ArtifactError
-
-        raise ArtifactError("policy lowrank.artifact: got null, expected the .safetensors file written "
-                            "by `kvfx calibrate --keep-rank K --out F.safetensors`")
-    inner = _build_evictor(lp, layer, num_layers)
-    if isinstance(inner, LagKVCompressor):
-        raise NotImplementedError("lowrank together with eviction.scorer lagkv (LagKV keeps a separate "
-                                  "set of tokens per KV head; a low-rank latent is shared by all heads)")
-    quant = None
-    if lp.quant is not None:
-        from kvfx.runtime.qstore import QuantConfig
-
-        if getattr(inner, "roll_at_budget", False) or getattr(inner, "max_tokens", None) is not None:
-            raise NotImplementedError(
-                f"lowrank and quant together with decode-time eviction ({inner.name}); quantized latents "
-                "combine with prompt-time eviction (snapkv, pyramidkv, knorm without max_tokens)")
-        quant = QuantConfig.from_policy(lp.quant)
-    factors = load_factors(lp.lowrank.artifact)
-    return LowRankCompressor(factors.get(layer), layer=layer, artifact=lp.lowrank.artifact, inner=inner,
-                             quant=quant)

@@ -97,6 +97,10 @@ def latent_attention_reference(q, zk, zv, lengths, pos, cos, sin, qk, qv, *, sca
     return out + (p,) if return_probs else out
 
 
+def _row(t: torch.Tensor, b: int) -> torch.Tensor:
+    return t[b:b + 1] if t.shape[0] > 1 else t
+
+
 def latent_quant_attention_reference(q, kv, pos, cos, sin, qk, qv, *, scale: float,
                                      bias: Optional[torch.Tensor] = None, chunk: int = 1024):
     """Attention of q (B, Hq, nq, d) over a *quantized* latent store: ``kv`` the
@@ -105,12 +109,21 @@ def latent_quant_attention_reference(q, kv, pos, cos, sin, qk, qv, *, scale: flo
     slots and outlier-pool entries (:meth:`kvfx.runtime.qstore.QuantStore.positions`, -1: none).
     Latents are dequantized ``chunk`` slots at a time (never the whole store), rebuilt and rotated
     as in :func:`latent_attention_reference`. bias: optional additive fp32 mask broadcastable to
-    (B, Hq, nq, n + C). Returns (o (B, Hq, nq, d) in q's dtype, lse (B, Hq, nq) fp32)."""
-    from kvfx.methods.quant_attention import _chunks, dequant_keys, dequant_values
+    (B, Hq, nq, n + C). With per-row counts (``kv.rows``), each row reads its own slots (see
+    :mod:`kvfx.methods.quant_attention`). Returns (o (B, Hq, nq, d) in q's dtype, lse (B, Hq, nq)
+    fp32)."""
+    from kvfx.methods.quant_attention import _chunks, dequant_keys, dequant_values, row_columns, row_views
     from kvfx.methods.quant_pack import per_word
 
     cd = _cd(q)
     B, Hq, nq, d = q.shape
+    if kv.rows is not None:  # per-row counts (left-padded batch): each row over its own slots
+        n_all = kv.n + kv.pool_size
+        outs = [latent_quant_attention_reference(
+            q[b:b + 1], one, row_columns(pos, b, one.n, kv.n, (B, n_all)), _row(cos, b), _row(sin, b), qk, qv,
+            scale=scale, bias=row_columns(bias, b, one.n, kv.n, (B, Hq, nq, n_all)), chunk=chunk)
+            for b, one in row_views(kv)]
+        return torch.cat([o for o, _ in outs]), torch.cat([lse for _, lse in outs])
     heads = qk.shape[0] // d
     g = Hq // heads
     n, nk, nv, C = kv.n, kv.nk, kv.nv, kv.pool_size

@@ -370,3 +370,37 @@ def quantize_keys_with_outliers(k: torch.Tensor, bits: int, group: int, n_out: i
     keys = torch.gather(kg, 3, safe.unsqueeze(-1).expand(B, H, nG, n_out, d))
     keys = torch.where(hit.unsqueeze(-1), keys, torch.zeros((), dtype=k.dtype, device=k.device))
     return qk, idx, keys
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What a policy's ``quant:`` section asks of a site."""
+
+    kbits: int = 2
+    kgroup: int = 32
+    vbits: int = 2
+    vgroup: int = 32
+    residual: int = 128
+    per_group: int = 0  # outliers traced per key group (0: no outlier tracing)
+    pool: int = 0  # outlier pool capacity per head
+    norm: str = "l1"
+
+    @classmethod
+    def from_policy(cls, q) -> "QuantConfig":
+        """From a validated :class:`kvfx.policy.schema.Quant`; raises NotImplementedError for
+        layouts this build does not store."""
+        if q.keys.axis != "channel":
+            raise NotImplementedError("quant.keys.axis=token (kvfx stores keys per channel, as KIVI)")
+        if q.values.axis != "token":
+            raise NotImplementedError("quant.values.axis=channel (kvfx stores values per token, as KIVI)")
+        if q.keys.group % per_word(q.keys.bits):
+            raise NotImplementedError(f"quant.keys.group={q.keys.group} with bits={q.keys.bits} (a key "
+                                      f"group must fill whole 32-bit words: a multiple of "
+                                      f"{per_word(q.keys.bits)})")
+        o = q.outliers
+        return cls(q.keys.bits, q.keys.group, q.values.bits, q.values.group, q.residual,
+                   o.per_group if o else 0, o.pool if o else 0, o.norm if o else "l1")
+
+    def describe(self) -> str:
+        s = f"K{self.kbits}/G{self.kgroup} V{self.vbits}/G{self.vgroup} R{self.residual}"
+        return s + (f" outliers {self.per_group}/group pool {self.pool}" if self.per_group else "")

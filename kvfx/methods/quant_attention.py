@@ -18,6 +18,14 @@ KIVI's flush rules keep nk a multiple of ``kgroup`` (keys are quantized R at a t
 nv <= nk <= n (values are quantized one slot at a time once more than R are held), but the
 reference only needs 0 <= nk, nv <= n.
 
+Per-row counts (``rows``, (B, 3) int32, or None): the rows of a left-padded batch hold different
+numbers of tokens, each left-aligned in its own slots, and count their KIVI flushes in their own
+tokens. Row b then reads exactly as a store of its own with (n, nk, nv) = rows[b]: slots
+[0, rows[b, 0]) with the layout above (``rk[b, :, i]`` is slot rows[b, 1] + i, ``rv[b, :, i]``
+slot rows[b, 2] + i); its slots past rows[b, 0] are hidden. ``n``, ``nk``, ``nv`` are then
+extents: n >= every row's n (the slot axis that ``bias`` and positions cover), nk and nv >= every
+row's (the quantized capacity in use), and every row has nk_b <= n_b, nv_b <= n_b.
+
 Attention of q (B, Hq, nq, d) (query head h reads KV head h // g) is one softmax over the union
 [slots 0..n) ∪ [pool entries]: logits s = scale · q·k̂ (+ ``bias``), where k̂ is the dequantized
 key (x̂ = code·scale + min, in fp32) for s < nk and the stored key otherwise; the output is
@@ -28,6 +36,7 @@ dequantized copy of the whole cache either.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -61,10 +70,30 @@ class QuantKV:
     n: int
     nk: int
     nv: int
+    rows: Optional[torch.Tensor] = None  # (B, 3) int32 per-row (n, nk, nv), or None (all rows: n, nk, nv)
 
     @property
     def pool_size(self) -> int:
         return 0 if self.pool_k is None else self.pool_k.shape[2]
+
+
+def row_views(kv: QuantKV):
+    """For a store with per-row counts: (b, the QuantKV of row b alone) per batch row, each a
+    view (no copy) with that row's (n, nk, nv) and no per-row counts."""
+    for b, (n, nk, nv) in enumerate(kv.rows.tolist()):
+        one = {f: getattr(kv, f)[b:b + 1] for f in ("kcodes", "kscale", "kmin", "vcodes", "vscale", "vmin",
+                                                    "rk", "rv", "ok", "pool_k", "pool_v", "pool_ok")
+               if getattr(kv, f) is not None}
+        yield b, dataclasses.replace(kv, **one, n=n, nk=nk, nv=nv, rows=None)
+
+
+def row_columns(x: Optional[torch.Tensor], b: int, n_b: int, n: int, shape) -> Optional[torch.Tensor]:
+    """Row b of x (broadcastable to ``shape`` = (B, ..., n + C), over [slots | pool]) restricted
+    to that row's slots [0, n_b) and the pool."""
+    if x is None:
+        return None
+    x = x.expand(shape)[b:b + 1]
+    return torch.cat([x[..., :n_b], x[..., n:]], dim=-1)
 
 
 def dequant_keys(kv: QuantKV, s0: int, s1: int) -> torch.Tensor:
@@ -116,6 +145,12 @@ def quant_attention_reference(q: torch.Tensor, kv: QuantKV, *, scale: float,
     o = 0 and lse = -inf.
     """
     B, Hq, nq, d = q.shape
+    if kv.rows is not None:  # each row over its own slots and counts (see the module docstring)
+        shape = (B, Hq, nq, kv.n + kv.pool_size)
+        outs = [quant_attention_reference(
+            q[b:b + 1], one, scale=scale, bias=row_columns(bias, b, one.n, kv.n, shape), chunk=chunk,
+            calib=None if calib is None else tuple(t[b:b + 1] for t in calib)) for b, one in row_views(kv)]
+        return torch.cat([o for o, _ in outs]), torch.cat([lse for _, lse in outs])
     H = kv.kcodes.shape[1]
     g = Hq // H
     n, nk, nv, C = kv.n, kv.nk, kv.nv, kv.pool_size

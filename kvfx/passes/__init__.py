@@ -57,6 +57,18 @@ def _check_quant_fits(compressor, info: SiteInfo, policy_name: str) -> None:
                 + (" (or calibrate another keep-rank)" if lowrank else ""))
 
 
+def _factors(lp):
+    """A ``lowrank:`` layer policy's ReCalKV factors (loaded once per file), else None."""
+    if lp.lowrank is None:
+        return None
+    from kvfx.calibrate import ArtifactError, load_factors
+
+    if not lp.lowrank.artifact:
+        raise ArtifactError("policy lowrank.artifact: got null, expected the .safetensors file written "
+                            "by `kvfx calibrate --keep-rank K --out F.safetensors`")
+    return load_factors(lp.lowrank.artifact)
+
+
 def run_passes(gm: GraphModule, policy) -> Program:
     """Rewrite every cached attention site of ``gm`` in place according to ``policy``.
 
@@ -65,7 +77,7 @@ def run_passes(gm: GraphModule, policy) -> Program:
     :class:`UnsupportedPolicyError` before touching the graph if the policy asks a site for
     something not implemented.
     """
-    from kvfx.methods.compressor import build_compressor
+    from kvfx.runtime.compressor import build_compressor
 
     matches = find_attention(gm.graph)
     plans, infos, sites, rope_owner = [], [], [], {}
@@ -84,7 +96,7 @@ def run_passes(gm: GraphModule, policy) -> Program:
         if not reason:
             lp = policy.resolve(index, path, max(num_layers, index + 1))
             try:
-                compressor = build_compressor(lp, index, max(num_layers, index + 1))
+                compressor = build_compressor(lp, index, max(num_layers, index + 1), _factors(lp))
             except NotImplementedError as e:
                 raise UnsupportedPolicyError(
                     f"kvfx: policy {policy.name!r} asks site {path} (layer {index}) for {e}, "

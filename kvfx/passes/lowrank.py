@@ -9,7 +9,7 @@ A site qualifies when, in the dynamo graph,
 with cos / sin of shape (B | 1, 1, T, d), and the artifact has factors for the layer. The rewrite
 then hands the projections' inputs x and weights W_k, W_v, and ``cos`` / ``sin``, to
 ``kvfx::lowrank_attention`` instead of k and v: k_proj, v_proj, their reshapes and the keys' RoPE
-leave the graph (dead code, erased), the cache receives ``kvfx::ghost_heads(x, ...)``, and the op
+leave the graph (dead code, erased), the cache receives the ghosts ``kvfx::lowrank_attention`` returns, and the op
 computes the latent down-projection x·(Qᵀ W)ᵀ itself (exact x·Wᵀ only for the prompt's own
 attention).
 

@@ -33,9 +33,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvfx.methods.lowrank import project_kv
+from kvfx.methods.lowrank import latent_basis, project_kv
 from kvfx.methods.lowrank_attention import latent_attention_reference, latent_quant_attention_reference
+from kvfx.methods.recalkv import LayerFactors
 from kvfx.runtime.attention import _use_kernel, key_valid, positions_mask, prefill_attention
+from kvfx.runtime.compressor import Compressor
 from kvfx.runtime.qstore import QuantStore
 from kvfx.runtime.state import KvfxStateError, current, find_store, ghost_fake, make_ghost, past_length
 from kvfx.runtime.store import SiteStore, _round_up
@@ -90,6 +92,8 @@ class LatentStore:
         self.cfg = quant  # the latents' quantization (a QuantConfig), or None
         self.lat = SiteStore(site_id) if quant is None else QuantStore(site_id, quant)
         self.kv_heads, self.head_dim = kv_heads, head_dim
+        # what the latent store inherits from its inner store (no CaliDrop: it needs exact keys)
+        self.CAPS = frozenset({"latent"}) | (self.lat.CAPS - {"calibration"})
         self.table: RopeTable | None = None
 
     def reset(self) -> None:
@@ -104,6 +108,18 @@ class LatentStore:
 
     def head_dims(self) -> tuple[int, int]:
         return self.head_dim, self.head_dim
+
+    def append(self, zk: Tensor, zv: Tensor, positions: Tensor) -> None:
+        self.lat.append(zk, zv, positions)
+
+    def attend_step(self, c, q, mask, is_causal: bool, past_len: int, scale):
+        return _attend(c, self, self.table, q, mask, is_causal, past_len, scale)
+
+    def finish_step(self, c, nq: int, probs) -> None:
+        if "quantized" in self.lat.CAPS:
+            self.lat.flush()
+        else:
+            c.after_decode(self.lat, nq, probs)
 
     def held_bytes(self) -> int:
         """Latents, positions and counters (the shared RoPE table is counted once, elsewhere)."""
@@ -159,7 +175,7 @@ def _attend(c, store: LatentStore, table: RopeTable, q, mask, is_causal: bool, p
     B, Hq, nq, d = q.shape
     sm = scale if scale is not None else d ** -0.5
     qk, qv = c.basis(q.device)
-    if isinstance(lat, QuantStore):
+    if "quantized" in lat.CAPS:
         pos = lat.positions()[:, 0]
         bias = None
         if mask is not None or (is_causal and nq > 1):
@@ -206,17 +222,128 @@ def lowrank_site_attention(c, store: LatentStore, table: RopeTable, q, x_k, w_k,
             f"kvfx low-rank store has {store.seen} for batch {store.batch}"
             + ("" if store.table is table else " and another RoPE table") + ". kvfx does not support "
             "cropping or reordering the cache; start a new sequence with an empty cache.")
+    from kvfx.runtime.ops import decode_step
+
     with torch.no_grad():
         table.write(cos, sin, past_len, B)
-        zk, zv = c.project(x_k, w_k, x_v, w_v)
-        store.lat.append(zk, zv, torch.arange(past_len, past_len + nq, device=q.device))
-        out, probs = _attend(c, store, table, q, mask, is_causal, past_len, scale)
-        if isinstance(store.lat, QuantStore):
-            store.lat.flush()
+        zk, zv = c.project(x_k, w_k, x_v, w_v)  # the step's latents: what the store appends
+    return decode_step(c, store, q, zk, zv, mask, past_len, scale, is_causal)
+
+
+class LowRankCompressor:
+    """Keep tokens as latents of width r_k (keys) + r_v (values) instead of 2·Hkv·d, chosen by
+    ``inner`` (the layer's evictor: keep everything, or a scorer with its budget).
+
+    ``factors`` None: the artifact has no factors for this layer (the pass leaves the site alone).
+    ``quant``: a :class:`kvfx.runtime.qstore.QuantConfig` for the latents, or None.
+    """
+
+    name = "lowrank"
+    lowrank = True  # the passes rewrite such sites onto kvfx::lowrank_attention
+    calib = None  # CaliDrop is refused with lowrank (build_lowrank)
+
+    def __init__(self, factors: LayerFactors | None, *, layer: int, artifact: str, inner: Compressor | None = None,
+                 quant=None):
+        self.factors, self.layer, self.artifact = factors, layer, artifact
+        self.inner = inner if inner is not None else Compressor()
+        self.quant = quant
+        self._basis: dict = {}
+        self._down: dict = {}
+        if factors is not None:
+            self.kv_heads = factors.k.L.shape[0] // factors.k.head_dim
+            self.head_dim = factors.k.head_dim
+            self.ranks = (factors.k.rank, factors.v.rank)
+
+    @property
+    def needs_probs(self) -> bool:
+        return self.inner.needs_probs
+
+    def describe_inner(self) -> str:
+        return self.inner.name
+
+    def basis(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q_k (m, r_k), Q_v (m, r_v)) float32 on ``device``."""
+        key = str(device)
+        if key not in self._basis:
+            self._basis[key] = (latent_basis(self.factors.k).to(device),
+                                latent_basis(self.factors.v).to(device))
+        return self._basis[key]
+
+    def down(self, w_k: torch.Tensor, w_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The down-projections Q_kᵀ W_k (r_k, D) and Q_vᵀ W_v (r_v, D) in the weights' dtype,
+        computed once per weight tensor (keyed by its storage, version, dtype and device, so an
+        in-place update of the model's weights is picked up)."""
+        key = tuple((w.data_ptr(), w._version, w.dtype, str(w.device)) for w in (w_k, w_v))
+        if self._down.get("key") != key:
+            qk, qv = self.basis(w_k.device)
+            self._down = {"key": key,
+                          "w": ((qk.mT @ w_k.float()).to(w_k.dtype), (qv.mT @ w_v.float()).to(w_v.dtype))}
+        return self._down["w"]
+
+    def project(self, x_k, w_k, x_v, w_v) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents of new tokens from the projections' inputs x (B, n, D): (B, 1, n, r_k),
+        (B, 1, n, r_v): x·W_downᵀ, k_proj / v_proj are never run."""
+        dk, dv = self.down(w_k, w_v)
+        return (torch.nn.functional.linear(x_k, dk)[:, None],
+                torch.nn.functional.linear(x_v, dv)[:, None])
+
+    def latents(self, k_pre: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-RoPE keys and values (B, Hkv, n, d) -> latents (B, 1, n, r_k), (B, 1, n, r_v), in v's
+        dtype (one latent row per token, shared by all heads)."""
+        qk, qv = self.basis(v.device)
+        B, H, n, d = v.shape
+        flat = lambda t: t.transpose(1, 2).reshape(B, n, H * d).float()  # noqa: E731  (row h·d + j)
+        return (flat(k_pre) @ qk).to(v.dtype)[:, None], (flat(v) @ qv).to(v.dtype)[:, None]
+
+    def expand(self, zk: torch.Tensor, zv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents (B, 1, n, r) -> pre-RoPE keys and values (B, Hkv, n, d) in the latents' dtype."""
+        qk, qv = self.basis(zk.device)
+        B, _, n, _ = zk.shape
+        H, d = self.kv_heads, self.head_dim
+        heads = lambda z, q: (z[:, 0].float() @ q.mT).to(z.dtype).view(B, n, H, d).transpose(1, 2)  # noqa: E731
+        return heads(zk, qk), heads(zv, qv)
+
+    # ---- what the site keeps: the inner evictor, on latents -----------------------------------
+    def prefill(self, lat_store, q, k, v, valid, scale, zk, zv) -> None:
+        """Write the kept prompt tokens' latents: ``inner`` scores the exact keys (q, k, v:
+        (B, H, n, d)), its selection gathers the latents zk, zv (B, 1, n, r)."""
+        if type(self.inner) is Compressor:
+            Compressor.prefill(self.inner, lat_store, q, zk, zv, valid)
         else:
-            c.after_decode(store.lat, nq, probs)
-    store.seen += nq
-    return out.contiguous()
+            self.inner.prefill(lat_store, q, k, v, valid, scale, None, payload=(zk, zv))
+
+    def after_decode(self, lat_store, nq: int, probs=None) -> None:
+        self.inner.after_decode(lat_store, nq, probs)
 
 
-__all__ = ["LatentStore", "RopeTable", "lowrank_attention", "lowrank_site_attention"]
+def build_lowrank(lp, layer: int, num_layers: int = 1, factors: dict | None = None) -> LowRankCompressor:
+    """The compressor of a layer policy with ``lowrank:``, with the artifact's ``factors`` (loaded
+    by the caller: :func:`kvfx.calibrate.load_factors`); raises ``NotImplementedError`` for
+    combinations this build cannot run."""
+    from kvfx.runtime.compressor import LagKVCompressor, _build_evictor
+
+    if lp.calibration is not None:
+        raise NotImplementedError("lowrank together with calibration (CaliDrop folds each evicted "
+                                  "token's exact key into its statistics; a low-rank store holds latents)")
+    if factors is None:
+        raise ValueError("lowrank: the artifact's factors were not given; load them with "
+                         "kvfx.calibrate.load_factors(lp.lowrank.artifact)")
+    inner = _build_evictor(lp, layer, num_layers)
+    if isinstance(inner, LagKVCompressor):
+        raise NotImplementedError("lowrank together with eviction.scorer lagkv (LagKV keeps a separate "
+                                  "set of tokens per KV head; a low-rank latent is shared by all heads)")
+    quant = None
+    if lp.quant is not None:
+        from kvfx.methods.quant import QuantConfig
+
+        if getattr(inner, "roll_at_budget", False) or getattr(inner, "max_tokens", None) is not None:
+            raise NotImplementedError(
+                f"lowrank and quant together with decode-time eviction ({inner.name}); quantized latents "
+                "combine with prompt-time eviction (snapkv, pyramidkv, knorm without max_tokens)")
+        quant = QuantConfig.from_policy(lp.quant)
+    return LowRankCompressor(factors.get(layer), layer=layer, artifact=lp.lowrank.artifact, inner=inner,
+                             quant=quant)
+
+
+__all__ = ["LatentStore", "LowRankCompressor", "RopeTable", "build_lowrank", "lowrank_attention",
+           "lowrank_site_attention"]

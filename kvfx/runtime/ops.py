@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvfx.runtime.attention import calibrated_decode, decode_attention, key_valid, prefill_attention
+from kvfx.runtime.attention import key_valid, prefill_attention
 from kvfx.runtime.qstore import QuantStore
 from kvfx.runtime.state import (KvfxStateError, current, find_store, ghost_fake, make_ghost,
                                 past_length)
@@ -70,11 +70,38 @@ def _(q, k, v, mask, past_k, past_v, site, scale, is_causal):
             ghost_fake(v, _ghost_shape(v, past_v)))
 
 
+def check_continues(store, past_len: int, B: int, where: str) -> None:
+    """The model's cache reports ``past_len`` tokens for batch ``B``: exactly what the store saw."""
+    if store.seen != past_len or store.batch != B:
+        raise KvfxStateError(
+            f"kvfx: site {where}: the model's cache reports {past_len} past tokens "
+            f"for batch {B}, the kvfx store has {store.seen} for batch {store.batch}. kvfx does "
+            "not support cropping or reordering the cache (assisted decoding, beam search, "
+            "contrastive search); start a new sequence with an empty cache.")
+
+
+def decode_step(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_len: int,
+                scale: float | None, is_causal: bool) -> Tensor:
+    """The decode half of the lifecycle, the same for every representation (the
+    :class:`kvfx.runtime.store.KVStore` protocol): append the step's tokens (``k``/``v``: what the
+    store holds per token: keys and values, or latents), attend over the store (the store's own
+    read: dense, quantized or latent, calibrated when ``c.calib``), then finish the step (flush the
+    quantized residual, or let the compressor evict)."""
+    nq = q.shape[2]
+    with torch.no_grad():
+        store.append(k, v, torch.arange(past_len, past_len + nq, device=q.device))
+        out, probs = store.attend_step(c, q, mask, is_causal, past_len, scale)
+        store.finish_step(c, nq, probs)
+    store.seen += nq
+    return out.contiguous()
+
+
 def site_attention(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_len: int,
                    scale: float | None, is_causal: bool, where: str = "") -> Tensor:
     """One call of a site: its compressor ``c`` and store. Prefill (``past_len == 0``): exact
-    attention on the prompt, then compression (and CaliDrop's state). Decode: append, attend
-    (calibrated, quantized or plain), then flush or evict. Also used to replay recorded calls."""
+    attention on the prompt, then compression (and CaliDrop's state). Decode: :func:`decode_step`.
+    Also used to replay recorded calls. (Low-rank sites: :func:`kvfx.runtime.lowrank.lowrank_site_attention`,
+    which differs only in what it projects before the same steps.)"""
     B, _, nq, _ = q.shape
     if past_len == 0:  # a new sequence: exact attention on the prompt, then compress
         store.reset()
@@ -86,30 +113,8 @@ def site_attention(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Non
             c.init_calibration(store, q, k, v, valid, scale)  # CaliDrop's state, if any
         store.seen = nq
         return out.contiguous()  # the layout the fake implementation promises
-    if store.seen != past_len or store.batch != B:
-        raise KvfxStateError(
-            f"kvfx: site {where}: the model's cache reports {past_len} past tokens "
-            f"for batch {B}, the kvfx store has {store.seen} for batch {store.batch}. kvfx does "
-            "not support cropping or reordering the cache (assisted decoding, beam search, "
-            "contrastive search); start a new sequence with an empty cache.")
-    positions = torch.arange(past_len, past_len + nq, device=q.device)
-    with torch.no_grad():
-        store.append(k, v, positions)
-        if c.calib is not None:
-            out, probs = calibrated_decode(store, q, mask, is_causal, past_len, scale,
-                                           c.needs_probs, c.calib)
-            if isinstance(store, QuantStore):
-                store.flush()
-            else:
-                c.after_decode(store, nq, probs)
-        elif isinstance(store, QuantStore):  # no decode-time eviction on quantized stores
-            out = store.attend(q, mask, is_causal, past_len, scale)
-            store.flush()
-        else:
-            out, probs = decode_attention(store, q, mask, is_causal, past_len, scale, c.needs_probs)
-            c.after_decode(store, nq, probs)
-    store.seen += nq
-    return out.contiguous()
+    check_continues(store, past_len, B, where)
+    return decode_step(c, store, q, k, v, mask, past_len, scale, is_causal)
 
 
-__all__ = ["attention", "make_store", "site_attention", "KvfxStateError"]
+__all__ = ["attention", "decode_step", "make_store", "site_attention", "KvfxStateError"]

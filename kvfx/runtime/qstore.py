@@ -1,32 +1,40 @@
 """The quantized KV store of a site (KIVI low-bit codes, full-precision residual, outlier pool).
 
 A site whose policy has ``quant:`` keeps its tokens in a :class:`QuantStore` instead of a
-:class:`kvfx.runtime.store.SiteStore`. The slot axis is shared by every row and head (a decode
-step appends at slot ``n`` everywhere); what each slot holds is described in
+:class:`kvfx.runtime.store.SiteStore`. Each batch row b holds its own tokens left-aligned in
+slots [0, n_b) of a slot axis shared by its heads (pads never take a slot: DESIGN rule 6), and
+its own KIVI counts; what each slot of a row holds is described in
 :mod:`kvfx.methods.quant_attention` (the attention reference and the kernel's contract):
 
-    slots [0, nk)   keys quantized per channel in groups of G slots (packed codes, half stats)
-    slots [nk, n)   keys in full precision (``rk``), fewer than R + the step's new tokens
-    slots [0, nv)   values quantized per slot in groups of G channels
-    slots [nv, n)   values in full precision (``rv``), at most R after a flush
-    pool            outlier tokens (OTT): full-precision key and value, at most C per head
+    slots [0, nk_b)    keys quantized per channel in groups of G slots (packed codes, half stats)
+    slots [nk_b, n_b)  keys in full precision (``rk[b, :, i]`` is slot nk_b + i)
+    slots [0, nv_b)    values quantized per slot in groups of G channels
+    slots [nv_b, n_b)  values in full precision (``rv[b, :, i]`` is slot nv_b + i)
+    pool               outlier tokens (OTT): full-precision key and value, at most C per head
 
-Flush rules (KIVI, ALGORITHMS.md): at prefill nk = R·⌊n/R⌋ and nv = max(0, n − R); during
-decode, keys flush R at a time whenever R full-precision keys are held, values one slot at a
-time once more than R are held. With outlier tracing, every key flush (R slots = R/G groups)
-takes the ``per_group`` smallest-norm valid keys of each group out of the group before its range
-is computed and offers them, with their values, to the pool; the pool keeps the C smallest
-norms per head. A slot in the pool is hidden from the quantized part (``ok`` False); a token
-that leaves the pool (or is not admitted) falls back to its quantized slot, whose codes hold its
-own key clamped into the group's range ([Note] the OTT paper fills the slot with the group mean
-and masks it; we keep the clamped code so a token the pool cannot hold still takes part in
-attention, an approximation rather than a deletion).
+Flush rules (KIVI, ALGORITHMS.md), counted in each row's own tokens: at prefill
+nk_b = R·⌊n_b/R⌋ and nv_b = max(0, n_b − R); during decode a step appends at slot n_b of every
+row, keys flush R at a time whenever R full-precision keys are held, values one slot at a time
+once more than R are held. So a row of a left-padded batch holds exactly what it holds when it
+runs alone. The host keeps the per-row counts (``row_n``, ``row_nk``, ``row_nv``); ``n``,
+``nk``, ``nv`` are their maxima (the extents of the slot axis). When every row agrees (no
+padding) the store works on all rows at once and its view carries no per-row counts; otherwise
+quantization runs row by row and the view carries them (``QuantKV.rows``).
+
+With outlier tracing, every key flush (R slots = R/G groups) takes the ``per_group``
+smallest-norm valid keys of each group out of the group before its range is computed and offers
+them, with their values, to the pool; the pool keeps the C smallest norms per head (and row). A
+slot in the pool is hidden from the quantized part (``ok`` False); a token that leaves the pool
+(or is not admitted) falls back to its quantized slot, whose codes hold its own key clamped into
+the group's range ([Note] the OTT paper fills the slot with the group mean and masks it; we keep
+the clamped code so a token the pool cannot hold still takes part in attention, an approximation
+rather than a deletion).
 
 Positions: ``pos`` (B, H, cap) int32 logical positions of the slots (-1: empty or pad), needed
 to apply the model's mask once eviction or padding has made slots differ from positions. When
 the kept slots are exactly positions 0..n−1 in every row (no eviction, no padding), ``pos`` is
 None and slot s is position s: the identity layout costs no bytes per token. Likewise ``ok``
-is None until some slot must be hidden.
+is None until some slot must be hidden (slots past n_b of a shorter row are hidden).
 
 Bytes: every tensor above is counted by :meth:`held_bytes`; nothing is derived from a formula.
 """
@@ -34,49 +42,14 @@ Bytes: every tensor above is counted by :meth:`held_bytes`; nothing is derived f
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-from kvfx.methods.quant import quantize_keys, quantize_keys_with_outliers, quantize_values, token_norms
+from kvfx.methods.quant import QuantConfig, quantize_keys, quantize_keys_with_outliers, quantize_values, token_norms
 from kvfx.methods.quant_attention import QuantKV, quant_attention_reference
 from kvfx.methods.quant_pack import OutlierPool, per_word
 
 _GROW_MIN = 64
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    """What a policy's ``quant:`` section asks of a site."""
-
-    kbits: int = 2
-    kgroup: int = 32
-    vbits: int = 2
-    vgroup: int = 32
-    residual: int = 128
-    per_group: int = 0  # outliers traced per key group (0: no outlier tracing)
-    pool: int = 0  # outlier pool capacity per head
-    norm: str = "l1"
-
-    @classmethod
-    def from_policy(cls, q) -> "QuantConfig":
-        """From a validated :class:`kvfx.policy.schema.Quant`; raises NotImplementedError for
-        layouts this build does not store."""
-        if q.keys.axis != "channel":
-            raise NotImplementedError("quant.keys.axis=token (kvfx stores keys per channel, as KIVI)")
-        if q.values.axis != "token":
-            raise NotImplementedError("quant.values.axis=channel (kvfx stores values per token, as KIVI)")
-        if q.keys.group % per_word(q.keys.bits):
-            raise NotImplementedError(f"quant.keys.group={q.keys.group} with bits={q.keys.bits} (a key "
-                                      f"group must fill whole 32-bit words: a multiple of "
-                                      f"{per_word(q.keys.bits)})")
-        o = q.outliers
-        return cls(q.keys.bits, q.keys.group, q.values.bits, q.values.group, q.residual,
-                   o.per_group if o else 0, o.pool if o else 0, o.norm if o else "l1")
-
-    def describe(self) -> str:
-        s = f"K{self.kbits}/G{self.kgroup} V{self.vbits}/G{self.vgroup} R{self.residual}"
-        return s + (f" outliers {self.per_group}/group pool {self.pool}" if self.per_group else "")
 
 
 def _round_up(n: int, q: int) -> int:
@@ -84,7 +57,9 @@ def _round_up(n: int, q: int) -> int:
 
 
 class QuantStore:
-    """Quantized storage for one site (see the module docstring)."""
+    """Quantized storage for one site (see the module docstring); a :class:`kvfx.runtime.store.KVStore`."""
+
+    CAPS = frozenset({"quantized", "calibration"})
 
     def __init__(self, site_id: str, cfg: QuantConfig):
         self.site_id, self.cfg = site_id, cfg
@@ -98,7 +73,13 @@ class QuantStore:
         self.rk = self.rv = None
         self.pos = self.ok = self.count = None
         self.pool: OutlierPool | None = None
-        self.n = self.nk = self.nv = self.seen = 0
+        # per-row KIVI counts on the host (see the module docstring): slots held, quantized keys,
+        # quantized values of each batch row
+        self.row_n: list[int] = []
+        self.row_nk: list[int] = []
+        self.row_nv: list[int] = []
+        self._rows_dev = None  # (key, (B, 3) int32 tensor) cache of view().rows
+        self.seen = 0
         self.cap = 0
         self.batch = self.kv_heads = 0
         self.dtype = None
@@ -108,6 +89,36 @@ class QuantStore:
         self.ragged = False
         self.calib = None  # CaliDrop state of the sequence
         self.calib_scale = 1.0
+
+    @property
+    def n(self) -> int:
+        """Slots in use: the largest row's count (the extent of the slot axis)."""
+        return max(self.row_n, default=0)
+
+    @property
+    def nk(self) -> int:
+        """The most quantized keys of a row."""
+        return max(self.row_nk, default=0)
+
+    @property
+    def nv(self) -> int:
+        """The most quantized values of a row."""
+        return max(self.row_nv, default=0)
+
+    @property
+    def uniform(self) -> bool:
+        """Every row holds the same counts (no padding): one vectorized path for all rows."""
+        return len(set(self.row_n)) <= 1 and len(set(self.row_nk)) <= 1 and len(set(self.row_nv)) <= 1
+
+    def _row_sets(self) -> list:
+        """(rows, n, nk, nv): all rows at once (``slice(None)``) when their counts agree, else
+        one entry per row (``slice(b, b + 1)``)."""
+        if not self.row_n:
+            return []
+        if self.uniform:
+            return [(slice(None), self.row_n[0], self.row_nk[0], self.row_nv[0])]
+        return [(slice(b, b + 1), n, nk, nv)
+                for b, (n, nk, nv) in enumerate(zip(self.row_n, self.row_nk, self.row_nv))]
 
     @property
     def empty(self) -> bool:
@@ -178,7 +189,8 @@ class QuantStore:
     def write_kept(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, count: torch.Tensor,
                    capacity: int) -> None:
         """The prompt's kept tokens (k/v (B, H, m, d), pos (B, H, m) logical positions with -1
-        for unused slots, count (B, H)), quantized by the prefill flush rules."""
+        for unused slots, count (B, H) with the kept tokens of a row in its first count slots),
+        quantized by the prefill flush rules counted in each row's own tokens."""
         c = self.cfg
         self.reset()
         B, H, m, d = k.shape
@@ -187,6 +199,9 @@ class QuantStore:
             raise ValueError(f"kvfx: quant.values.group={c.vgroup} does not divide this site's value "
                              f"head dim {dv} (or it is not a multiple of {per_word(c.vbits)}); "
                              "pick a group that divides the head dim")
+        if H and not bool((count == count[:, :1]).all()):
+            raise NotImplementedError("kvfx: a quantized store keeps one token count per batch row; "
+                                      "this compressor kept different counts per KV head")
         self.batch, self.kv_heads, self.dtype = B, H, k.dtype
         identity = bool((pos == torch.arange(m, device=k.device)).all())
         valid = pos >= 0
@@ -201,22 +216,25 @@ class QuantStore:
         if self.ok is not None:
             self.ok[:, :, :m] = valid
         self.count = count.clone()
-        self.n = m
         R = c.residual
-        self._flush_keys(k[:, :, :m // R * R], v[:, :, :m // R * R], 0,
-                         None if identity else valid[:, :, :m // R * R])
-        self.nk = m // R * R
-        rk = self._residual("rk", k, m - self.nk, 0)
-        rk[:, :, :m - self.nk] = k[:, :, self.nk:]
-        self.nv = max(0, m - R)
-        if self.nv:
-            self._write_values(v[:, :, :self.nv], 0)
-        rv = self._residual("rv", v, m - self.nv, 0)
-        rv[:, :, :m - self.nv] = v[:, :, self.nv:]
+        self.row_n = [min(int(x), m) for x in (count[:, 0].tolist() if H else [m] * B)]
+        self.row_nk = [n // R * R for n in self.row_n]
+        self.row_nv = [max(0, n - R) for n in self.row_n]
+        sets = self._row_sets()
+        for rows, n, nk, nv in sets:
+            self._flush_keys(k[rows, :, :nk], v[rows, :, :nk], 0,
+                             None if identity else valid[rows, :, :nk], rows)
+            if nv:
+                self._write_values(v[rows, :, :nv], 0, rows)
+        rk = self._residual("rk", k, max(n - nk for _, n, nk, _ in sets), 0)
+        rv = self._residual("rv", v, max(n - nv for _, n, _, nv in sets), 0)
+        for rows, n, nk, nv in sets:
+            rk[rows, :, :n - nk] = k[rows, :, nk:n]
+            rv[rows, :, :n - nv] = v[rows, :, nv:n]
 
-    def _flush_keys(self, k: torch.Tensor, v: torch.Tensor, start: int, valid) -> None:
-        """Quantize keys of slots [start, start + T) (T a multiple of the group); ``v`` holds
-        their values in full precision (for the outlier pool)."""
+    def _flush_keys(self, k: torch.Tensor, v: torch.Tensor, start: int, valid, rows=slice(None)) -> None:
+        """Quantize keys of slots [start, start + T) of batch ``rows`` (T a multiple of the
+        group); ``v`` holds their values in full precision (for the outlier pool)."""
         c = self.cfg
         T = k.shape[2]
         if T == 0:
@@ -226,19 +244,27 @@ class QuantStore:
         if c.per_group:
             qk, idx, keys = quantize_keys_with_outliers(k, c.kbits, G, c.per_group, c.norm, valid,
                                                         stat_dtype=sd, excluded="clamp")
-            self.ok[:, :, start:start + T] &= ~qk.masked
-            self._offer_outliers(idx, keys, v, start)
+            self.ok[rows, :, start:start + T] &= ~qk.masked
+            self._offer_outliers(idx, keys, v, start, rows)
         else:
             qk = quantize_keys(k, c.kbits, G, valid=valid, stat_dtype=sd, excluded="clamp")
-        self.kcodes[:, :, start // pw:(start + T) // pw] = qk.codes
-        self.kscale[:, :, start // G:(start + T) // G] = qk.scale
-        self.kmin[:, :, start // G:(start + T) // G] = qk.min
+        self.kcodes[rows, :, start // pw:(start + T) // pw] = qk.codes
+        self.kscale[rows, :, start // G:(start + T) // G] = qk.scale
+        self.kmin[rows, :, start // G:(start + T) // G] = qk.min
 
-    def _offer_outliers(self, idx: torch.Tensor, keys: torch.Tensor, v: torch.Tensor, start: int) -> None:
-        """idx (B, H, groups, n_out) indices into the flushed chunk (-1: none), keys their
-        full-precision keys, v the chunk's values."""
+    def _offer_outliers(self, idx: torch.Tensor, keys: torch.Tensor, v: torch.Tensor, start: int,
+                        rows=slice(None)) -> None:
+        """idx (b, H, groups, n_out) indices into the flushed chunk of batch ``rows`` (-1: none),
+        keys their full-precision keys, v the chunk's values."""
         c = self.cfg
-        B, H = idx.shape[:2]
+        B, H = self.batch, self.kv_heads
+        if idx.shape[0] != B:  # one row flushes: the other rows offer nothing (their pool is unchanged)
+            def full(t, fill):
+                out = t.new_full((B, *t.shape[1:]), fill)
+                out[rows] = t
+                return out
+
+            idx, keys, v = full(idx, -1), full(keys, 0), full(v, 0)
         if self.pool is None:
             self.pool = OutlierPool(B, H, c.pool, keys.shape[-1], v.shape[-1], dtype=keys.dtype,
                                     device=keys.device)
@@ -248,52 +274,62 @@ class QuantStore:
         vals = v.gather(2, safe[..., None].expand(*safe.shape, v.shape[-1]))
         slots = torch.where(idx >= 0, safe + start, -1)
         ev = self.pool.add(keys, vals, slots, token_norms(keys, c.norm))
-        back = ev.pos.long()  # tokens the pool does not hold return to their quantized slot
-        hit = back >= 0
-        cur = self.ok.gather(2, back.clamp(min=0))
-        self.ok.scatter_(2, back.clamp(min=0), cur | hit)
+        # tokens the pool does not hold return to their quantized slot. [Note] index_put_ on the
+        # returned entries only: a scatter of every entry (the empty ones aimed at slot 0) would
+        # race with a returned token of slot 0.
+        back = ev.pos.long()
+        b, h, i = (back >= 0).nonzero(as_tuple=True)
+        self.ok.index_put_((b, h, back[b, h, i]), torch.ones_like(b, dtype=torch.bool))
 
-    def _write_values(self, v: torch.Tensor, start: int) -> None:
+    def _write_values(self, v: torch.Tensor, start: int, rows=slice(None)) -> None:
         c = self.cfg
         qv = quantize_values(v, c.vbits, c.vgroup, stat_dtype=self.vscale.dtype)
         T = v.shape[2]
-        self.vcodes[:, :, start:start + T] = qv.codes
-        self.vscale[:, :, start:start + T] = qv.scale
-        self.vmin[:, :, start:start + T] = qv.min
+        self.vcodes[rows, :, start:start + T] = qv.codes
+        self.vscale[rows, :, start:start + T] = qv.scale
+        self.vmin[rows, :, start:start + T] = qv.min
 
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        """q new tokens (B, H, q, d) at slots [n, n + q) of every row."""
+        """q new tokens (B, H, q, d) at slots [n_b, n_b + q) of every row b (its own count)."""
         q = k.shape[2]
-        n = self.n
-        self._ensure(n + q, k, v)
-        if self.pos is not None:
-            self.pos[:, :, n:n + q] = positions.to(torch.int32)
-        if self.ok is not None:
-            self.ok[:, :, n:n + q] = True
-        rk = self._residual("rk", k, n + q - self.nk, n - self.nk)
-        rk[:, :, n - self.nk:n + q - self.nk] = k
-        rv = self._residual("rv", v, n + q - self.nv, n - self.nv)
-        rv[:, :, n - self.nv:n + q - self.nv] = v
-        self.n += q
+        sets = self._row_sets()
+        self._ensure(self.n + q, k, v)
+        rk = self._residual("rk", k, max(n + q - nk for _, n, nk, _ in sets),
+                            max(n - nk for _, n, nk, _ in sets))
+        rv = self._residual("rv", v, max(n + q - nv for _, n, _, nv in sets),
+                            max(n - nv for _, n, _, nv in sets))
+        for rows, n, nk, nv in sets:
+            if self.pos is not None:
+                self.pos[rows, :, n:n + q] = positions.to(torch.int32)
+            if self.ok is not None:
+                self.ok[rows, :, n:n + q] = True
+            rk[rows, :, n - nk:n + q - nk] = k[rows]
+            rv[rows, :, n - nv:n + q - nv] = v[rows]
+        self.row_n = [n + q for n in self.row_n]
         self.count += q
 
     def flush(self) -> None:
-        """Apply KIVI's decode flush rules (keys R at a time, then values past R)."""
+        """Apply KIVI's decode flush rules to every row (keys R at a time, then values past R)."""
         R = self.cfg.residual
-        while self.n - self.nk >= R:
-            off = self.nk - self.nv  # values of the flushed slots are still in rv (nv <= nk)
-            valid = None if self.pos is None else self.pos[:, :, self.nk:self.nk + R] >= 0
-            self._flush_keys(self.rk[:, :, :R], self.rv[:, :, off:off + R], self.nk, valid)
-            rest = self.n - self.nk - R
-            self.rk[:, :, :rest] = self.rk[:, :, R:R + rest].clone()
-            self.nk += R
-            self._residual("rk", self.rk, rest, rest)  # shrink to what is left
-        t = self.n - self.nv - R
-        if t > 0:
-            self._write_values(self.rv[:, :, :t], self.nv)
-            rest = self.n - self.nv - t
-            self.rv[:, :, :rest] = self.rv[:, :, t:t + rest].clone()
-            self.nv += t
+        for rows, n, nk, nv in self._row_sets():
+            while n - nk >= R:
+                off = nk - nv  # values of the flushed slots are still in rv (nv <= nk)
+                valid = None if self.pos is None else self.pos[rows, :, nk:nk + R] >= 0
+                self._flush_keys(self.rk[rows, :, :R], self.rv[rows, :, off:off + R], nk, valid, rows)
+                rest = n - nk - R
+                self.rk[rows, :, :rest] = self.rk[rows, :, R:R + rest].clone()
+                nk += R
+            t = n - nv - R
+            if t > 0:
+                self._write_values(self.rv[rows, :, :t], nv, rows)
+                rest = n - nv - t
+                self.rv[rows, :, :rest] = self.rv[rows, :, t:t + rest].clone()
+                nv += t
+            for b in range(self.batch)[rows]:
+                self.row_nk[b], self.row_nv[b] = nk, nv
+        held = max((n - nk for n, nk in zip(self.row_n, self.row_nk)), default=0)
+        if self.rk is not None:
+            self._residual("rk", self.rk, held, held)  # shrink to what is left
 
     # ---- reads -----------------------------------------------------------------------------
     def view(self) -> QuantKV:
@@ -302,7 +338,16 @@ class QuantStore:
                        self.rk, self.rv, self.ok,
                        p.keys if p is not None else None, p.values if p is not None else None,
                        p.occupied if p is not None else None,
-                       c.kbits, c.kgroup, c.vbits, c.vgroup, self.n, self.nk, self.nv)
+                       c.kbits, c.kgroup, c.vbits, c.vgroup, self.n, self.nk, self.nv,
+                       rows=None if self.uniform else self._rows_tensor())
+
+    def _rows_tensor(self) -> torch.Tensor:
+        """(B, 3) int32 per-row (n_b, nk_b, nv_b) on the store's device (rebuilt when they change)."""
+        key = (tuple(self.row_n), tuple(self.row_nk), tuple(self.row_nv))
+        if self._rows_dev is None or self._rows_dev[0] != key:
+            t = torch.tensor(list(zip(*key)), dtype=torch.int32).to(self.kcodes.device)
+            self._rows_dev = (key, t)
+        return self._rows_dev[1]
 
     def positions(self) -> torch.Tensor:
         """(B, H, n + C) logical positions of [slots | pool entries] (-1: none)."""
@@ -345,9 +390,20 @@ class QuantStore:
         return (o, lse.reshape(o.shape[:-1])) if return_lse else o
 
     # ---- accounting ------------------------------------------------------------------------
+    def attend_step(self, c, q, mask, is_causal: bool, past_len: int, scale):
+        """A decode step's read (:func:`kvfx.runtime.ops.decode_step`): (out, None)."""
+        if c.calib is not None:
+            from kvfx.runtime.attention import calibrated_decode
+
+            return calibrated_decode(self, q, mask, is_causal, past_len, scale, c.needs_probs, c.calib)
+        return self.attend(q, mask, is_causal, past_len, scale), None
+
+    def finish_step(self, c, nq: int, probs) -> None:
+        self.flush()  # no "evict" capability: the residual is flushed into codes instead
+
     def _tensors(self) -> list:
         ts = [self.kcodes, self.kscale, self.kmin, self.vcodes, self.vscale, self.vmin, self.rk, self.rv,
-              self.pos, self.ok, self.count]
+              self.pos, self.ok, self.count, self._rows_dev[1] if self._rows_dev is not None else None]
         if self.pool is not None:
             p = self.pool
             ts += [p.keys, p.values, p.pos, p.norms]

@@ -34,7 +34,7 @@ from __future__ import annotations
 import itertools
 import threading
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -127,9 +127,10 @@ class Program:
                     f"compiling (policy {program.options_at_compile.get('policy')!r} -> "
                     f"{program.options.get('policy')!r}); torch.compile keeps that dict, so dynamo "
                     "would run graphs compiled for the old options: pass a new dict to each compile")
-            if not program.sites:
-                return compiled(*args)
             seq_args = args[0] if len(args) == 1 and isinstance(args[0], list) else args
+            if not program.sites:  # nothing to run, but the model's report lists the sites left alone
+                program.session_for(seq_args)
+                return compiled(*args)
             prev = getattr(_TLS, "ctx", None)
             ctx = _TLS.ctx = _Context(program, program.session_for(seq_args))
             if len(_TAPS) and program.anchor is not None and program.anchor < len(seq_args):
@@ -253,8 +254,11 @@ def handle_of(t: torch.Tensor | None) -> SiteHandle | None:
     return getattr(t.untyped_storage(), _ATTR, None)
 
 
-def past_length(past: torch.Tensor | None) -> int:
-    return 0 if past is None or past.dim() != 4 else int(past.shape[-2])
+def past_length(past: torch.Tensor | None):
+    """Tokens in a cache entry (0 for None or the empty 1-D placeholder). Never ``int()``: under
+    the fake implementations this is a symbolic size, and specializing it would recompile the
+    graph at every decode step."""
+    return 0 if past is None or past.dim() != 4 else past.shape[-2]
 
 
 def find_store(ctx: _Context, sp: SiteProgram, past_k, past_v, B: int, make_store):
@@ -340,9 +344,12 @@ def sites(model=None) -> list[SiteInfo]:
     every live compiled model (module paths then prefixed by the session label when several
     models are live, so two models' sites never mix)."""
     ss = sessions(model)
-    if model is None and not ss:  # compiled, but no call yet: the graphs' own sites
-        return sorted((i for p in programs() for i in p.infos), key=lambda s: (s.layer_index, s.key))
+    if model is None and not any(s.programs for s in ss):  # compiled, no call yet: the graphs' sites
+        merged = Session.__new__(Session)
+        merged.programs = programs()
+        return merged.sites()
     out = []
+    ss = [s for s in ss if s.programs]
     for s in ss:
         for info in s.sites():
             if len(ss) > 1:

@@ -15,6 +15,8 @@ numbers reach dynamo's guards: growing it never recompiles a graph.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 _GROW_QUANTUM = 16  # capacities are multiples of this
@@ -25,8 +27,55 @@ def _round_up(n: int, q: int) -> int:
     return -(-n // q) * q
 
 
+CAPABILITIES = {
+    "evict": "slots can be dropped during decode (rolling caps: H2O, TOVA, streaming, max_tokens, LagKV)",
+    "probs": "decode attention can return its probabilities over the slots (H2O, TOVA scores)",
+    "calibration": "holds CaliDrop's state and exact evicted keys can be folded into it",
+    "quantized": "tokens are held as low-bit codes (KIVI), read through the quantized attention",
+    "latent": "tokens are held as low-rank latents (ReCalKV), read through the latent attention",
+}
+
+
+class KVStore(Protocol):
+    """The protocol every cache representation implements (one site, one sequence).
+
+    Lifecycle (:func:`kvfx.runtime.ops.site_attention`, :func:`kvfx.runtime.lowrank.lowrank_site_attention`):
+    ``reset()`` for a new sequence; the compressor's ``prefill`` writes the kept prompt tokens with
+    ``write_kept(k, v, pos, count, capacity)``; each decode step ``append(k, v, positions)``, attends
+    with ``attend_step`` (dense, quantized or latent read; calibrated when the policy has CaliDrop),
+    then ``finish_step`` (quantized: flush the residual; dense: the compressor's ``after_decode``,
+    eviction through ``evict``): :func:`kvfx.runtime.ops.decode_step`.
+    ``CAPS`` declares which :data:`CAPABILITIES` the representation has; a policy that needs one its
+    store lacks is refused when it is resolved (:func:`kvfx.runtime.compressor.check_capabilities`).
+    Accounting (``kvfx.memory``) reads the attributes and byte counters below; every byte comes from
+    a tensor the store holds."""
+
+    CAPS: frozenset
+    seen: int  # logical tokens of the sequence processed (host)
+    batch: int
+    kv_heads: int
+    dtype: torch.dtype | None
+
+    def reset(self) -> None: ...
+    @property
+    def empty(self) -> bool: ...
+    @property
+    def capacity(self) -> int: ...
+    def head_dims(self) -> tuple[int, int]: ...
+    def write_kept(self, k, v, pos, count, capacity: int) -> None: ...
+    def append(self, k, v, positions) -> None: ...
+    def attend_step(self, c, q, mask, is_causal: bool, past_len: int, scale): ...
+    def finish_step(self, c, nq: int, probs) -> None: ...
+    def held_bytes(self) -> int: ...
+    def kv_bytes(self) -> int: ...
+    def calib_bytes(self) -> int: ...
+    def tokens_held(self) -> int: ...
+
+
 class SiteStore:
     """Fixed-capacity key/value storage for one site, with byte accounting."""
+
+    CAPS = frozenset({"evict", "probs", "calibration"})
 
     def __init__(self, site_id: str):
         self.site_id = site_id
@@ -147,6 +196,19 @@ class SiteStore:
         kept = self.pos.gather(2, last[..., None])
         self.pos.scatter_(2, last[..., None], kept.masked_fill(over[..., None], -1))
         self.count -= over.long()
+
+    # ---- a decode step (kvfx.runtime.ops.decode_step) ---------------------------------------
+    def attend_step(self, c, q, mask, is_causal: bool, past_len: int, scale):
+        """Attention of q over the slots (calibrated with CaliDrop's state when ``c.calib``):
+        (out, probabilities over the slots when ``c.needs_probs``, else None)."""
+        from kvfx.runtime.attention import calibrated_decode, decode_attention
+
+        if c.calib is not None:
+            return calibrated_decode(self, q, mask, is_causal, past_len, scale, c.needs_probs, c.calib)
+        return decode_attention(self, q, mask, is_causal, past_len, scale, c.needs_probs)
+
+    def finish_step(self, c, nq: int, probs) -> None:
+        c.after_decode(self, nq, probs)  # rolling eviction, if the policy has a cap
 
     # ---- accounting ------------------------------------------------------------------------
     def held_bytes(self) -> int:

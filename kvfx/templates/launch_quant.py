@@ -131,14 +131,14 @@ def _check_quant_kv(op, q, kv):
                          f"quantized key capacity {capk}")
     if nv > kv.vcodes.shape[2]:
         raise ValueError(f"{op}: kv.nv={nv} exceeds the quantized value capacity {kv.vcodes.shape[2]}")
-    for name, t, need in (("kv.rk", kv.rk, n - nk), ("kv.rv", kv.rv, n - nv)):
-        if t.shape[2] < need:
-            raise ValueError(f"{op}: {name} holds {t.shape[2]} slots, expected at least "
-                             f"n - n{name[-1]} = {need}")
+    if kv.rows is None:  # (with per-row counts, _check_rows checks them per row)
+        _check_residual(op, kv, n - nk, n - nv)
     if kv.ok is not None:
         _expect(op, "kv.ok", kv.ok, (B, H, None), (torch.bool,), "torch.bool")
         if kv.ok.shape[2] < n:
             raise ValueError(f"{op}: kv.ok covers {kv.ok.shape[2]} slots, expected at least n = {n}")
+    if kv.rows is not None:
+        _check_rows(op, kv, B, q.device)
     pool = (kv.pool_k, kv.pool_v, kv.pool_ok)
     if any(t is None for t in pool) and not all(t is None for t in pool):
         raise ValueError(f"{op}: kv.pool_k, kv.pool_v and kv.pool_ok must be all tensors or all None")
@@ -153,6 +153,28 @@ def _check_quant_kv(op, q, kv):
     return B, Hq, H, d, dv
 
 
+def _check_residual(op, kv, need_k, need_v, what=""):
+    for name, t, need in (("kv.rk", kv.rk, need_k), ("kv.rv", kv.rv, need_v)):
+        if t.shape[2] < need:
+            raise ValueError(f"{op}: {name} holds {t.shape[2]} slots, expected at least "
+                             f"n - n{name[-1]} = {need}{what}")
+
+
+def _check_rows(op, kv, B, device):
+    """Per-row counts (kv.rows, see kvfx.methods.quant_attention): shape, dtype, and every row's
+    (n, nk, nv) within the store (a host read of B * 3 integers)."""
+    _expect(op, "kv.rows", kv.rows, (B, 3), (torch.int32,), "torch.int32")
+    if kv.rows.device != device:
+        raise ValueError(f"{op}: every tensor of kv must be on q's device {device}")
+    for b, (n, nk, nv) in enumerate(kv.rows.tolist()):
+        if not (0 <= nk <= n <= kv.n and 0 <= nv <= n and nk <= kv.nk and nv <= kv.nv):
+            raise ValueError(f"{op}: kv.rows[{b}] = (n={n}, nk={nk}, nv={nv}), expected 0 <= nk <= n <= "
+                             f"kv.n = {kv.n}, nv <= n, nk <= kv.nk = {kv.nk}, nv <= kv.nv = {kv.nv}")
+        if nk % kv.kgroup:
+            raise ValueError(f"{op}: kv.rows[{b}] has nk={nk}, not a multiple of kv.kgroup={kv.kgroup}")
+        _check_residual(op, kv, n - nk, n - nv, f" (row {b})")
+
+
 def _strides(t, n):
     return tuple(t.stride()) if t is not None else (0,) * n
 
@@ -163,7 +185,9 @@ def quant_decode_attention(q, kv: QuantKV, *, scale, calib=None):
     q: (B, Hq, 1, d) fp32/fp16/bf16, d in HEAD_DIMS; kv: a QuantKV (layout in
     kvfx.methods.quant_attention) with Hkv heads, Hq a multiple of Hkv (query head h reads KV head
     h // (Hq // Hkv)), kgroup a power of two multiple of 32 // kbits, vgroup a power of two, the
-    value dim in HEAD_DIMS, nk a multiple of kgroup. scale: the logit scale (usually d ** -0.5).
+    value dim in HEAD_DIMS, nk a multiple of kgroup; kv.rows (optional, (B, 3) int32): each row's
+    own (n, nk, nv) (a left-padded batch), each nk a multiple of kgroup. scale: the logit scale
+    (usually d ** -0.5).
     Returns o (B, Hq, 1, dv) in q's dtype and lse (B, Hq, 1) fp32, those of
     `quant_attention_reference`; a head that sees no slot gets o = 0, lse = -inf.
     calib: optional CaliDrop partition (o_e, lse_e, use) per query head: o_e (B, Hq, dv) and
@@ -229,15 +253,16 @@ def quant_decode_attention(q, kv: QuantKV, *, scale, calib=None):
         lse_part = torch.empty((B, Hq, parts), dtype=torch.float32, device=q.device)
         module._kvfx_quant_decode_attention_kernel[(B * H, parts)](
             q, kv.kcodes, kv.kscale, kv.kmin, kv.vcodes, kv.vscale, kv.vmin, kv.rk, kv.rv,
-            ok if ok is not None else q, *pool_args, o_part, lse_part,
+            ok if ok is not None else q, kv.rows if kv.rows is not None else q, *pool_args, o_part, lse_part,
             q.stride(0), q.stride(1), q.stride(3),
             *kv.kcodes.stride(), *kv.kscale.stride(), *kv.kmin.stride(),
             *kv.vcodes.stride(), *kv.vscale.stride(), *kv.vmin.stride(), *kv.rk.stride(), *kv.rv.stride(),
-            *_strides(ok, 3), *pool_strides, *o_part.stride(), *lse_part.stride(),
+            *_strides(ok, 3), *_strides(kv.rows, 2), *pool_strides, *o_part.stride(), *lse_part.stride(),
             H, n, nk, nv, *pool_size, slot_splits, split_len, float(scale),
             HEAD_DIM=d, HEAD_DIM_V=dv, GQA_GROUP=g, BLOCK_G=block_g, BLOCK_N=cfg.block_n,
             KBITS=kv.kbits, PWK=per_word(kv.kbits), KGROUP=kv.kgroup,
             VBITS=kv.vbits, PWV=per_word(kv.vbits), VGROUP=kv.vgroup, HAS_OK=ok is not None,
+            HAS_ROWS=kv.rows is not None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         module._kvfx_quant_decode_attention_reduce_kernel[(B * Hq,)](

@@ -63,12 +63,12 @@ def test_compressed_is_finite_deterministic_and_compressed(model, chunk):
     comp = torch.compile(clone_model(model), backend="kvfx",
                          options={"policy": policy_from_spec("snapkv@0.25"), "inner": "eager"})
     a = perplexity_under_compression(comp, ids, prefix=PREFIX, chunk=chunk)
-    b = perplexity_under_compression(comp, ids, prefix=PREFIX, chunk=chunk)
+    b = perplexity_under_compression(comp, ids, prefix=PREFIX, chunk=chunk, keep_cache=True)
     assert math.isfinite(a["nll_sum"]) and math.isfinite(a["ppl"]) and a["ppl"] > 1
     assert a["nll_sum"] == b["nll_sum"] and a["tokens"] == b["tokens"] == N - PREFIX
     # The prefix was really compressed: every site holds fewer tokens than it saw.
-    sites = kvfx.memory()["sites"].values()
-    assert sites and all(s["tokens_held"] < s["tokens_seen"] == N - 1 for s in sites)
+    sites = kvfx.memory(b["cache"])["sites"].values()
+    assert len(sites) == 2 and all(s["tokens_held"] < s["tokens_seen"] == N - 1 for s in sites)
     full = perplexity_under_compression(model, ids, prefix=PREFIX, chunk=chunk)
     assert a["nll_sum"] != pytest.approx(full["nll_sum"], rel=1e-6)
 

@@ -398,7 +398,7 @@ def test_low_bit_recompute_is_attention_over_the_dequantized_store(c):
 def test_low_bit_recompute_tier_bytes_and_policy_wiring():
     """2-bit storage of the evicted set: what the policy's recompute.bits asks for, ~1/6 of the
     full-precision fp32 store at d = 64 (codes 1/16, fp16 scale+min per 32 tokens or channels)."""
-    from kvfx.methods.compressor import build_compressor
+    from kvfx.runtime.compressor import build_compressor
     from kvfx.policy import load_policy
 
     pol = load_policy({"kvfx": 1, "name": "t", "extends": "snapkv-calidrop",

@@ -6,7 +6,7 @@ import torch
 import torch._dynamo.utils as dutils
 
 import kvfx
-from zoo import hf_model
+from zoo import cache_kwarg, hf_model
 
 METHODS = ["knorm", "snapkv", "pyramidkv", "h2o", "tova",
            {"kvfx": 1, "name": "stream64", "extends": "streaming", "budget": {"window": 64}},
@@ -45,16 +45,18 @@ def test_method_generates_and_frees_memory(policy):
 
 def test_h2o_rolling_cap_flat_and_no_recompiles():
     """h2o with max_tokens 512 on a 2k prompt: bytes held flat across 256 decode steps."""
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
     policy = {"kvfx": 1, "name": "h2o-512", "extends": "h2o", "budget": {"max_tokens": 512}}
     model = hf_model("llama", "sdpa", layers=2)
     model.compile(backend="kvfx", options={"policy": policy, "inner": "eager"})
     held, kept = [], []
+    cache = DynamicCache(config=model.config)  # generate's cache: kvfx's state lives with it
 
     class Track(StoppingCriteria):
         def __call__(self, input_ids, scores, **kw):
-            mem = kvfx.memory()
+            mem = kvfx.memory(cache)
+            assert len(mem["sites"]) == 2
             held.append(mem["store_bytes"])
             kept.append(max(s["tokens_held"] for s in mem["sites"].values()))
             return torch.zeros(input_ids.shape[0], dtype=torch.bool)
@@ -63,7 +65,7 @@ def test_h2o_rolling_cap_flat_and_no_recompiles():
     dutils.counters.clear()
     with torch.no_grad():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=256,
-                       min_new_tokens=256, do_sample=False,
+                       min_new_tokens=256, do_sample=False, **{cache_kwarg(model): cache},
                        stopping_criteria=StoppingCriteriaList([Track()]))
     assert len(held) == 256 and len(set(held)) == 1, sorted(set(held))
     assert max(kept) <= 410  # prefill budget 0.2 * 2048 = 410 (< max_tokens)
@@ -77,9 +79,11 @@ def test_snapkv_max_tokens_rolls():
     model.compile(backend="kvfx", options={"policy": policy, "inner": "eager"})
     ids = torch.randint(1, 90, (1, 400), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30,
-                       min_new_tokens=30, do_sample=False)
-    for site in kvfx.memory()["sites"].values():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30,
+                             min_new_tokens=30, do_sample=False, return_dict_in_generate=True)
+    sites = kvfx.memory(out.past_key_values)["sites"]
+    assert len(sites) == 2, sites
+    for site in sites.values():
         assert site["tokens_held"] == 100 and site["tokens_seen"] == 429
 
 

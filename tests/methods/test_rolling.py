@@ -4,7 +4,7 @@ budget.max_tokens, and streaming with a budget)."""
 
 import torch
 
-from kvfx.methods.compressor import build_compressor
+from kvfx.runtime.compressor import build_compressor
 from kvfx.policy import load_policy
 from kvfx.runtime.store import SiteStore
 

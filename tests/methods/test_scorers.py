@@ -14,7 +14,7 @@ from kvfx.methods.lagkv import lag_scores, lagkv_keep_indices
 from kvfx.methods.pyramidkv import pyramid_budget
 from kvfx.methods.snapkv import snapkv_scores
 from kvfx.methods.tova import last_query_scores
-from kvfx.methods.compressor import build_compressor
+from kvfx.runtime.compressor import build_compressor
 from kvfx.policy import load_policy
 from kvfx.runtime.store import SiteStore
 

@@ -78,12 +78,15 @@ def test_streaming_store_stays_flat_during_decode():
     model.compile(backend="kvfx", options={"policy": POLICY, "inner": "eager"})
     ids = torch.randint(1, 90, (2, 200), generator=torch.Generator().manual_seed(1))
     held = []
+    from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+
+    cache = DynamicCache(config=model.config)  # generate's cache: kvfx's state lives with it
 
     def track(*_):
-        held.append(kvfx.memory()["store_bytes"])
+        mem = kvfx.memory(cache)
+        assert len(mem["sites"]) == 2
+        held.append(mem["store_bytes"])
         return False
-
-    from transformers import StoppingCriteria, StoppingCriteriaList
 
     class Track(StoppingCriteria):
         def __call__(self, input_ids, scores, **kw):
@@ -91,6 +94,6 @@ def test_streaming_store_stays_flat_during_decode():
 
     with torch.no_grad():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40,
-                       min_new_tokens=40, do_sample=False,
+                       min_new_tokens=40, do_sample=False, **{cache_kwarg(model): cache},
                        stopping_criteria=StoppingCriteriaList([Track()]))
     assert len(held) == 40 and len(set(held)) == 1, held

@@ -12,6 +12,7 @@ from zoo import cache_kwarg, clone_model, hf_decode, hf_model
 import kvfx
 from kvfx.calibrate import ArtifactError, calibrate, load_artifact, save_artifact
 from kvfx.passes import UnsupportedPolicyError
+from kvfx.runtime.state import sequences_of_cache, site_stores
 
 STEPS = 16
 
@@ -68,7 +69,8 @@ def test_full_rank_equals_eager(llama, full_rank, inner):
     mem = kvfx.memory(cache)
     assert mem["model_cache_bytes"] <= 2 * 2 * 4  # ghosts only
     assert mem["shared_bytes"] > 0  # one RoPE table for both layers, counted once
-    assert len(kvfx.runtime.registry.REGISTRY.shared) == 1
+    (seq,) = sequences_of_cache(cache)
+    assert len(seq.shared) == 1
 
 
 def test_full_rank_generate_left_padding(llama, full_rank):
@@ -88,7 +90,9 @@ def test_full_rank_generate_left_padding(llama, full_rank):
     for a, b in zip(ref.logits, out.logits):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     assert all(s.rewritten for s in kvfx.sites()), kvfx.explain()
-    st = next(iter(kvfx.runtime.registry.REGISTRY.bindings.values())).store
+    stores = site_stores(out.past_key_values)
+    assert len(stores) == 2
+    st = next(iter(stores.values()))
     assert int(st.lat.count[0, 0]) == 20 - 5 + STEPS - 1  # pads are not kept
 
 
@@ -275,7 +279,6 @@ def test_full_rank_lowrank_with_eviction_equals_the_eviction(mqa, mqa_full_rank,
     prompt-time selection, rolling eviction (H2O / TOVA attention rows from the latent store,
     streaming), all through the latents."""
     from kvfx.eval.harness import policy_from_spec
-    from kvfx.runtime.registry import REGISTRY
 
     base = policy_from_spec(preset)
     doc = {"kvfx": 1, "name": "lr-ev", "extends": preset.split("@")[0],
@@ -290,13 +293,16 @@ def test_full_rank_lowrank_with_eviction_equals_the_eviction(mqa, mqa_full_rank,
         dutils.counters.clear()
         with torch.no_grad():
             comp = torch.compile(clone_model(mqa), backend="kvfx", options={"policy": pol, "inner": "eager"})
-            outs[name], _ = hf_decode(comp, ids, STEPS)
+            outs[name], cache = hf_decode(comp, ids, STEPS)
         assert all(s.rewritten for s in kvfx.sites()), kvfx.explain()
         assert dutils.counters["stats"]["unique_graphs"] <= 3  # no per-step recompiles
         held[name] = {}
-        for b in REGISTRY.bindings.values():
-            st = getattr(b.store, "lat", b.store)
-            held[name][b.info.module_path] = st.pos[0, 0, :st.length].sort().values.clone()
+        stores = site_stores(cache)
+        assert len(stores) == 2
+        for path, store in stores.items():
+            st = getattr(store, "lat", store)
+            held[name][path] = st.pos[0, 0, :st.length].sort().values.clone()
+    assert held["lowrank"].keys() == held["plain"].keys()
     for path, pos in held["plain"].items():
         assert torch.equal(held["lowrank"][path], pos), (path, pos.tolist(), held["lowrank"][path].tolist())
     torch.testing.assert_close(outs["lowrank"], outs["plain"], rtol=1e-4, atol=1e-4)
@@ -305,8 +311,6 @@ def test_full_rank_lowrank_with_eviction_equals_the_eviction(mqa, mqa_full_rank,
 def test_lowrank_eviction_shares_one_token_set_and_frees_bytes(llama, half_rank):
     """GQA with two KV heads: the latent is shared, so one token set per row (scores reduced over
     the heads); latents of the kept tokens only are held."""
-    from kvfx.runtime.registry import REGISTRY
-
     ids = _ids(512, 15)
     doc = {"kvfx": 1, "name": "lr-snap", "extends": "snapkv", "budget": {"keep": 0.25, "window": 8},
            "lowrank": {"artifact": half_rank}}
@@ -315,11 +319,14 @@ def test_lowrank_eviction_shares_one_token_set_and_frees_bytes(llama, half_rank)
         _, cache = hf_decode(comp, ids, 4)
     factors = load_artifact(half_rank).factors
     mem = kvfx.memory(cache)
-    for b in REGISTRY.bindings.values():
-        lat = b.store.lat
+    layer = {s.module_path: s.layer_index for s in kvfx.sites(comp)}
+    stores = site_stores(cache)
+    assert len(stores) == 2
+    for path, store in stores.items():
+        lat = store.lat
         assert lat.k.shape[1] == 1 and int(lat.count[0, 0]) == 128 + 3  # round(0.25 * 512) + 3 decoded
-        f = factors[b.info.layer_index]
-        site = mem["sites"][b.info.module_path]
+        f = factors[layer[path]]
+        site = mem["sites"][path]
         # the latent buffers of the kept tokens (with the store's decode headroom), nothing else
         assert site["kv_bytes"] == lat.capacity * (f.k.rank + f.v.rank) * 4
         assert lat.capacity <= 256  # far below the 512 + 3 tokens seen (decode headroom: 64 slots)

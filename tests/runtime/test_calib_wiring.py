@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 
 import kvfx
-from kvfx.methods.compressor import build_compressor
+from kvfx.runtime.compressor import build_compressor
 from kvfx.policy import load_policy
 from kvfx.runtime.attention import calibrated_decode, evicted_mask
 from kvfx.runtime.qstore import QuantStore
+from kvfx.runtime.state import site_stores
 from kvfx.runtime.store import SiteStore
 
 
@@ -123,10 +124,12 @@ def test_calibration_bytes_are_counted_in_memory():
     model.compile(backend="kvfx", options={"policy": "snapkv-calidrop", "inner": "eager"})
     ids = torch.randint(1, 90, (1, 300), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
-    mem = kvfx.memory()
-    for site in mem["sites"].values():
-        st = next(b.store for b in kvfx.runtime.registry.REGISTRY.bindings.values()
-                  if b.info.module_path in mem["sites"])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                             return_dict_in_generate=True)
+    mem = kvfx.memory(out.past_key_values)
+    stores = site_stores(out.past_key_values)
+    assert len(stores) == 2 and mem["sites"].keys() == stores.keys()
+    for path, site in mem["sites"].items():
+        st = stores[path]
         assert site["calib_bytes"] > 0 and site["calib_bytes"] == st.calib.nbytes()
         assert site["held_bytes"] >= site["kv_bytes"] + site["calib_bytes"]

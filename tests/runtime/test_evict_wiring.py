@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kvfx
-from kvfx.methods.compressor import build_compressor
+from kvfx.runtime.compressor import build_compressor
 from kvfx.policy import load_policy
 from kvfx.runtime.store import SiteStore
 from zoo import clone_model, hf_decode, hf_model
@@ -97,12 +97,12 @@ def test_model_keeps_the_same_tokens_with_kernels(policy, counted, monkeypatch):
         torch._dynamo.reset()
         kvfx.reset()
         with torch.no_grad():
-            out, _ = hf_decode(torch.compile(clone_model(model), backend="kvfx",
-                                             options={"policy": pol, "inner": "eager"}), ids, 6)
-        from kvfx.runtime.registry import REGISTRY
+            out, cache = hf_decode(torch.compile(clone_model(model), backend="kvfx",
+                                                 options={"policy": pol, "inner": "eager"}), ids, 6)
+        from kvfx.runtime.state import site_stores
 
-        held[forced] = (out, {b.info.module_path: b.store.pos[:, :, :b.store.length].clone()
-                              for b in REGISTRY.bindings.values()})
+        held[forced] = (out, {path: st.pos[:, :, :st.length].clone()
+                              for path, st in site_stores(cache).items()})
     assert {name for name, c in counted.items() if c} == EXPECTED[policy], counted
     torch.testing.assert_close(held["1"][0], held["0"][0], rtol=1e-4, atol=1e-4)
     assert held["0"][1].keys() == held["1"][1].keys() and held["0"][1]

@@ -15,9 +15,9 @@ pytest.importorskip("triton")
 
 
 def _both_paths(monkeypatch, model, policy, ids, steps, collect):
-    """{"0": ..., "1": ...}: (logits, collect(bindings)) with the PyTorch path and with the kernels
-    (KVFX_FORCE_TRITON=1, interpreted), each a fresh compile of a copy of ``model``."""
-    from kvfx.runtime.registry import REGISTRY
+    """{"0": ..., "1": ...}: (logits, collect({module path: store})) with the PyTorch path and with
+    the kernels (KVFX_FORCE_TRITON=1, interpreted), each a fresh compile of a copy of ``model``."""
+    from kvfx.runtime.state import site_stores
 
     runs = {}
     for forced in ("0", "1"):
@@ -25,10 +25,12 @@ def _both_paths(monkeypatch, model, policy, ids, steps, collect):
         torch._dynamo.reset()
         kvfx.reset()
         with torch.no_grad():
-            out, _ = hf_decode(torch.compile(clone_model(model), backend="kvfx",
-                                             options={"policy": policy, "inner": "eager"}), ids, steps)
+            out, cache = hf_decode(torch.compile(clone_model(model), backend="kvfx",
+                                                 options={"policy": policy, "inner": "eager"}), ids, steps)
         assert all(s.rewritten for s in kvfx.sites()), kvfx.explain()
-        runs[forced] = (out, collect(list(REGISTRY.bindings.values())))
+        stores = site_stores(cache)
+        assert len(stores) == len(kvfx.sites())
+        runs[forced] = (out, collect(stores))
     return runs
 
 
@@ -73,8 +75,8 @@ def test_kernel_votes_select_what_the_reference_selects(monkeypatch, tmp_path, p
     pol = {"kvfx": 1, "name": "p", "extends": preset, "budget": {"keep": 0.5}}
     model = hf_model("llama", "sdpa")
     ids = torch.randint(1, 90, (1, 64), generator=torch.Generator().manual_seed(1))
-    held = _both_paths(monkeypatch, model, pol, ids, 4, lambda bs: {
-        b.info.module_path: b.store.pos[:, :, :b.store.length].sort(-1).values.clone() for b in bs})
+    held = _both_paths(monkeypatch, model, pol, ids, 4, lambda ss: {
+        path: st.pos[:, :, :st.length].sort(-1).values.clone() for path, st in ss.items()})
     torch.testing.assert_close(held["1"][0], held["0"][0], rtol=1e-4, atol=1e-4)
     for key in held["0"][1]:
         assert torch.equal(held["0"][1][key], held["1"][1][key]), key
@@ -101,9 +103,8 @@ def test_calidrop_state_comes_from_the_prefill_kernels_window_logits(monkeypatch
            "calibration": {"history": history}}
     model = hf_model("llama", "sdpa")
     ids = torch.randint(1, 90, (1, 80), generator=torch.Generator().manual_seed(2))
-    runs = _both_paths(monkeypatch, model, pol, ids, 3, lambda bs: {
-        b.info.module_path: (b.store.pos[:, :, :b.store.length].sort(-1).values.clone(), b.store.calib)
-        for b in bs})
+    runs = _both_paths(monkeypatch, model, pol, ids, 3, lambda ss: {
+        path: (st.pos[:, :, :st.length].sort(-1).values.clone(), st.calib) for path, st in ss.items()})
     assert second_pass == []  # neither path ran a second pass over the keys
     assert kinds and all(k == ("window_logits", max(16, history)) for k in kinds), kinds
     torch.testing.assert_close(runs["1"][0], runs["0"][0], rtol=1e-4, atol=1e-4)

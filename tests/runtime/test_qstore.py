@@ -116,6 +116,141 @@ def test_outlier_store_attention_matches_its_own_dense_view():
     assert int((~store.ok[:, :, :kv.n]).sum()) == 2 * 4  # hidden exactly while pooled
 
 
+# ---- left-padded batches: every row as it is alone ----------------------------------------------
+
+def _padded_batch(cfg, lengths, keep, seed, d=64, H=2, dtype=torch.float32):
+    """A QuantStore fed like a compressor feeds a left-padded batch (row b's kept tokens
+    left-aligned in its first count slots, positions in the padded coordinates, NaN in the unused
+    slots, as pads' hidden states can be), and one single-row store per row fed the same kept
+    tokens with no padding (positions from 0). ``keep``: fraction kept per row (eviction) or 1.
+    Returns (batch store, alone stores, per-row kept positions in the row's own coordinates, L)."""
+    g = torch.Generator().manual_seed(seed)
+    L, B = max(lengths), len(lengths)
+    kept = []
+    for n in lengths:
+        c = n if keep == 1 else max(1, round(keep * n))
+        kept.append(torch.randperm(n, generator=g)[:c].sort().values)
+    m = max(len(x) for x in kept)
+    k = torch.full((B, H, m, d), float("nan"), dtype=dtype)
+    v = torch.full((B, H, m, d), float("nan"), dtype=dtype)
+    pos = torch.full((B, H, m), -1)
+    count = torch.zeros(B, H, dtype=torch.long)
+    alone = []
+    for b, (n, idx) in enumerate(zip(lengths, kept)):
+        c = len(idx)
+        kb = (torch.randn(1, H, c, d, generator=g) * torch.linspace(0.2, 3, d)).to(dtype)
+        vb = torch.randn(1, H, c, d, generator=g).to(dtype)
+        k[b, :, :c], v[b, :, :c], pos[b, :, :c], count[b] = kb[0], vb[0], idx + L - n, c
+        st_ = QuantStore(f"row{b}", cfg)
+        st_.write_kept(kb, vb, idx.expand(1, H, c), torch.full((1, H), c), c + 1)
+        alone.append(st_)
+    batch = QuantStore("batch", cfg)
+    batch.write_kept(k, v, pos, count, m + 1)
+    return batch, alone, L
+
+
+def _same_row_state(batch, b, alone):
+    """Row b of the batch store holds what the single-row store holds: counts, codes, statistics,
+    residual, visibility and outlier pool (bit for bit)."""
+    c = batch.cfg
+    n, nk, nv = batch.row_n[b], batch.row_nk[b], batch.row_nv[b]
+    assert (n, nk, nv) == (alone.n, alone.nk, alone.nv), (b, (n, nk, nv), (alone.n, alone.nk, alone.nv))
+    assert int(batch.count[b, 0]) == n
+    pw = 32 // c.kbits
+    for name, hi in (("kcodes", nk // pw), ("kscale", nk // c.kgroup), ("kmin", nk // c.kgroup),
+                     ("vcodes", nv), ("vscale", nv), ("vmin", nv), ("rk", n - nk), ("rv", n - nv)):
+        assert torch.equal(getattr(batch, name)[b, :, :hi], getattr(alone, name)[0, :, :hi]), (b, name)
+    ok_alone = alone.ok[0, :, :n] if alone.ok is not None else torch.ones_like(batch.ok[b, :, :n])
+    assert torch.equal(batch.ok[b, :, :n], ok_alone), b
+    assert not batch.ok[b, :, n:batch.n].any()  # a shorter row's slots past its count are hidden
+    if alone.pool is not None:
+        for name in ("keys", "values", "pos", "norms"):
+            assert torch.equal(getattr(batch.pool, name)[b], getattr(alone.pool, name)[0]), (b, name)
+    elif batch.pool is not None:  # the row never flushed alone: nothing of it is in the pool
+        assert not batch.pool.occupied[b].any()
+
+
+PADDED = [  # (cfg, kept fraction)
+    (QuantConfig(2, 32, 2, 32, residual=128), 1),  # kivi2
+    (QuantConfig(4, 32, 4, 32, residual=128, per_group=1, pool=8), 1),  # ott4
+    (QuantConfig(2, 32, 2, 32, residual=32, per_group=1, pool=4), 0.5),  # snapkv-ott2, small R
+    (QuantConfig(4, 16, 2, 32, residual=32), 0.3),  # evicting kivi, groups of 16
+]
+
+
+@pytest.mark.parametrize("cfg,keep", PADDED, ids=["kivi2", "ott4", "evict-ott2-R32", "evict-kivi-R32"])
+def test_left_padded_rows_match_their_single_row_stores(cfg, keep):
+    """KIVI's flushes counted in each row's own tokens: at prefill (150 tokens: nk = 128), during
+    decode (100 -> 140 crosses 128), never (60, 20); every decode step's attention of a row equals
+    the single-row store's (fp32 round-off) and so does its whole state (bit for bit)."""
+    lengths, steps, H, g = (150, 100, 60, 20), 40, 2, 2
+    batch, alone, L = _padded_batch(cfg, lengths, keep, seed=len(PADDED) + int(keep * 10))
+    assert batch.view().rows is not None and batch.pos is not None
+    gen = torch.Generator().manual_seed(1)
+    for b in range(len(lengths)):
+        _same_row_state(batch, b, alone[b])
+    for t in range(steps):
+        k = torch.randn(len(lengths), H, 1, 64, generator=gen)
+        v = torch.randn(len(lengths), H, 1, 64, generator=gen)
+        q = torch.randn(len(lengths), H * g, 1, 64, generator=gen)
+        batch.append(k, v, torch.tensor([L + t]))
+        mask = torch.zeros(len(lengths), 1, 1, L + t + 1)  # the model's additive padding mask
+        for b, n in enumerate(lengths):
+            mask[b, ..., :L - n] = float("-inf")
+        out = batch.attend(q, mask, False, L + t, None)
+        batch.flush()
+        for b, st_ in enumerate(alone):
+            st_.append(k[b:b + 1], v[b:b + 1], torch.tensor([lengths[b] + t]))
+            want = st_.attend(q[b:b + 1], None, False, lengths[b] + t, None)
+            st_.flush()
+            torch.testing.assert_close(out[b:b + 1], want, msg=lambda m: f"step {t} row {b}: {m}")
+    for b in range(len(lengths)):
+        _same_row_state(batch, b, alone[b])
+    if keep == 1 and cfg.residual == 128:  # the KIVI schedule in each row's own tokens
+        assert batch.row_nk == [128, 128, 0, 0] and batch.row_nv == [62, 12, 0, 0]
+
+
+def test_uniform_rows_keep_one_vectorized_path():
+    """No padding: one set of counts for the whole batch, no per-row counts in the view."""
+    cfg = QuantConfig(2, 32, 2, 32, residual=64, per_group=1, pool=2)
+    store, k, v = _fill(cfg, 3, 2, 150, 0)
+    assert store.uniform and store.view().rows is None and store._row_sets() == [(slice(None), 150, 128, 86)]
+
+
+def test_quant_latents_with_left_padding_match_single_rows():
+    """The low-rank + quant path (a one-"head" QuantStore of latents) reads per-row counts too:
+    latent_quant_attention_reference of the padded batch equals each row's own store."""
+    from kvfx.methods.lowrank_attention import latent_quant_attention_reference
+    from kvfx.runtime.attention import positions_mask
+
+    cfg = QuantConfig(2, 32, 2, 16, residual=32, per_group=1, pool=2)
+    lengths = (70, 40, 9)
+    batch, alone, L = _padded_batch(cfg, lengths, 1, seed=3, d=32, H=1)
+    heads, d, Hq = 2, 16, 4
+    gen = torch.Generator().manual_seed(2)
+    qk = torch.linalg.qr(torch.randn(heads * d, 32, generator=gen))[0]
+    qv = torch.linalg.qr(torch.randn(heads * d, 32, generator=gen))[0]
+    ang = torch.arange(L + 1)[:, None] * 0.1 * torch.arange(1, d + 1)
+    cos, sin = ang.cos().expand(len(lengths), L + 1, d), ang.sin().expand(len(lengths), L + 1, d)
+    batch.append(torch.randn(3, 1, 1, 32, generator=gen), torch.randn(3, 1, 1, 32, generator=gen),
+                 torch.tensor([L]))
+    q = torch.randn(3, Hq, 1, d, generator=gen)
+    pos = batch.positions()[:, 0]
+    mask = torch.zeros(3, 1, 1, L + 1)
+    for b, n in enumerate(lengths):
+        mask[b, ..., :L - n] = float("-inf")
+    bias = positions_mask(pos[:, None], mask, False, 1, L, Hq)  # additive (the mask is)
+    out, _ = latent_quant_attention_reference(q, batch.view(), pos, cos, sin, qk, qv, scale=0.25, bias=bias)
+    for b, (n, st_) in enumerate(zip(lengths, alone)):
+        st_.append(batch.rk[b:b + 1, :, batch.row_n[b] - 1 - batch.row_nk[b]][:, :, None],
+                   batch.rv[b:b + 1, :, batch.row_n[b] - 1 - batch.row_nv[b]][:, :, None], torch.tensor([n]))
+        shift = L - n  # the single row's positions start at 0: its RoPE rows are the batch's, shifted
+        p_b = st_.positions()[:, 0]
+        want, _ = latent_quant_attention_reference(q[b:b + 1], st_.view(), p_b, cos[b:b + 1, shift:],
+                                                   sin[b:b + 1, shift:], qk, qv, scale=0.25)
+        torch.testing.assert_close(out[b:b + 1], want, msg=lambda m: f"row {b}: {m}")
+
+
 # ---- inside compiled models --------------------------------------------------------------------
 
 def _llama(layers=2, dtype=torch.float32):
@@ -129,7 +264,8 @@ def _llama(layers=2, dtype=torch.float32):
     return m
 
 
-def _teacher_logits(model, seq, prompt):
+def _teacher_logits(model, seq, prompt, caches=None):
+    """Teacher-forced last-position logits; ``caches`` (a list) receives the model's cache."""
     from zoo import cache_kwarg
 
     with torch.no_grad():
@@ -139,6 +275,8 @@ def _teacher_logits(model, seq, prompt):
             past = out.get("cache", out.get("past_key_values"))
             out = model(seq[:, t:t + 1], **{cache_kwarg(model): past}, use_cache=True)
             lg.append(out.logits[:, -1:])
+    if caches is not None:
+        caches.append(out.get("cache", out.get("past_key_values")))
     return torch.cat(lg, 1)
 
 
@@ -155,10 +293,13 @@ def test_quantized_generation_error_shrinks_with_bits_and_no_recompiles():
                   "quant": {"keys": {"bits": bits}, "values": {"bits": bits}}}
         model.compile(backend="kvfx", options={"policy": policy, "inner": "eager"})
         dutils.counters.clear()
-        got = _teacher_logits(model, seq, 300)
+        caches = []
+        got = _teacher_logits(model, seq, 300, caches)
         assert dutils.counters["stats"]["unique_graphs"] <= 3
         err[bits] = (got - ref).abs().max().item()
-        store = next(iter(kvfx.runtime.registry.REGISTRY.bindings.values())).store
+        stores = kvfx.runtime.state.site_stores(caches.pop())
+        assert len(stores) == 2
+        store = next(iter(stores.values()))
         assert isinstance(store, QuantStore) and (store.n, store.nk, store.nv) == (319, 256, 191)
     assert err[8] < 5e-3 and err[8] < err[4] < err[2], err
 
@@ -189,10 +330,12 @@ def test_snapkv_ott2_with_left_padding_never_keeps_pads():
     mask = torch.ones_like(ids)
     mask[1, :100], ids[1, :100] = 0, 0
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False)
-    assert out.shape == (2, 720)
-    for b in kvfx.runtime.registry.REGISTRY.bindings.values():
-        st_ = b.store
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                             return_dict_in_generate=True)
+    assert out.sequences.shape == (2, 720)
+    stores = kvfx.runtime.state.site_stores(out.past_key_values)
+    assert len(stores) == 2
+    for st_ in stores.values():
         assert isinstance(st_, QuantStore) and st_.pos is not None
         pos = st_.pos[1, :, :st_.n]
         assert not ((pos >= 0) & (pos < 100)).any()  # row 1's pads were never kept

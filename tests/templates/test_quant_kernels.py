@@ -212,6 +212,57 @@ def test_quant_decode_boundaries(dtype):
     _run_decode(dict(base, n=40, nk=0, nv=40, C=0, kbits=8, kgroup=64, vgroup=8, block_n=16))
 
 
+def _stack_rows(stores):
+    """One QuantKV with per-row counts from single-row stores (each padded along its slot axis with
+    NaN statistics / residual slots and junk codes, which a row must never read past its counts)."""
+    kvs = [kv for _, kv in stores]
+    fields = {}
+    for f in ("kcodes", "kscale", "kmin", "vcodes", "vscale", "vmin", "rk", "rv", "ok", "pool_k", "pool_v",
+              "pool_ok"):
+        ts = [getattr(kv, f) for kv in kvs]
+        if ts[0] is None:
+            fields[f] = None
+            continue
+        size = max(t.shape[2] for t in ts)
+        fill = {torch.int32: -1, torch.bool: False}.get(ts[0].dtype, float("nan"))
+        pads = [t.new_full((*t.shape[:2], size - t.shape[2], *t.shape[3:]), fill) for t in ts]
+        fields[f] = torch.cat([torch.cat([t, pad], 2) for t, pad in zip(ts, pads)])
+    rows = torch.tensor([[kv.n, kv.nk, kv.nv] for kv in kvs], dtype=torch.int32)
+    kv = dataclasses.replace(kvs[0], **fields, n=max(kv.n for kv in kvs), nk=max(kv.nk for kv in kvs),
+                             nv=max(kv.nv for kv in kvs), rows=rows)
+    return torch.cat([q for q, _ in stores]), kv
+
+
+@pytest.mark.parametrize("dtype,pool,ok", [("fp32", 3, "random"), ("fp16", 0, "none")])
+def test_quant_decode_per_row_counts(dtype, pool, ok):
+    """A left-padded batch: each row with its own (n, nk, nv) (kv.rows). The kernel and the
+    reference give every row what its own single-row store gives (the reference bit for bit)."""
+    base = dict(B=1, H=2, g=2, d=64, dv=64, kbits=2, vbits=2, kgroup=32, vgroup=32, C=pool, ok=ok,
+                dtype=dtype, stat=torch.float16, block_n=32, min_split=16)
+    counts = [(150, 128, 22), (60, 0, 0), (97, 64, 0), (0, 0, 0)]
+    stores = [build_store(dict(base, n=n, nk=nk, nv=nv, seed=11 + i)) for i, (n, nk, nv) in enumerate(counts)]
+    q, kv = _stack_rows(stores)
+    scale = 0.125
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(configs, "MIN_TOKENS_PER_SPLIT", 16)
+        mp.setattr(configs, "QUANT_DECODE_CONFIGS", (configs.AttnConfig(0, 32, 4, 1),))
+        got = launch_quant.quant_decode_attention(q, kv, scale=scale)
+    ref = quant_attention_reference(q, kv, scale=scale)
+    for b, (q_b, kv_b) in enumerate(stores):
+        alone = quant_attention_reference(q_b, kv_b, scale=scale)
+        assert torch.equal(ref[0][b:b + 1], alone[0]) and torch.equal(ref[1][b:b + 1], alone[1]), b
+        o_g, l_g, V, mag = dense_golden(q_b, kv_b, scale)
+        check_quant_attention((got[0][b:b + 1], got[1][b:b + 1]), alone, (o_g, l_g), V, mag, 64, f"row {b}")
+    if not pool:  # a row with no slot (and no pool) sees nothing
+        assert (got[1][3] == float("-inf")).all() and (got[0][3] == 0).all()
+    with pytest.raises(ValueError, match=r"kv.rows\[1\] has nk=16, not a multiple of kv.kgroup=32"):
+        launch_quant.quant_decode_attention(q, dataclasses.replace(kv, rows=kv.rows + torch.tensor(
+            [[0, 0, 0], [0, 16, 0], [0, 0, 0], [0, 0, 0]], dtype=torch.int32)), scale=scale)
+    with pytest.raises(ValueError, match=r"kv.rows\[0\] = \(n=151"):
+        launch_quant.quant_decode_attention(q, dataclasses.replace(kv, rows=kv.rows + torch.tensor(
+            [[1, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]], dtype=torch.int32)), scale=scale)
+
+
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.float16])
 def test_reference_matches_dense_attention_over_dequantized_cache(q_dtype):
     # quant_attention_reference itself, against the float64 golden above (no kernel involved).

@@ -35,7 +35,7 @@ class Compressor:
     """Keep everything (the ``full`` policy)."""
 
     name = "full"
-    quant = None  # a kvfx.runtime.qstore.QuantConfig when the layer policy has quant:
+    quant = None  # a kvfx.methods.quant.QuantConfig when the layer policy has quant:
     calib = None  # a kvfx.methods.calidrop.CaliDrop when the layer policy has calibration:
     needs_probs = False
     kernel_scores = "none"  # the scores the fused prefill kernel should emit
@@ -54,6 +54,19 @@ class Compressor:
 
     def after_decode(self, store: SiteStore, nq: int, probs=None) -> None:
         pass
+
+    @property
+    def needs(self) -> frozenset:
+        """The store capabilities this compressor uses (see :data:`kvfx.runtime.store.CAPABILITIES`)."""
+        out = set()
+        if self.calib is not None:
+            out.add("calibration")
+        if self.needs_probs:
+            out.add("probs")
+        if getattr(self, "roll_at_budget", False) or getattr(self, "max_tokens", None) is not None \
+                or isinstance(self, LagKVCompressor):
+            out.add("evict")
+        return frozenset(out)
 
     @property
     def kernel_window(self) -> int:
@@ -283,14 +296,15 @@ def _fold(store, slots: torch.Tensor, valid: torch.Tensor) -> None:
     store.calib = fold(store.calib, k_e, v_e, valid, scale=store.calib_scale)
 
 
-def build_compressor(layer_policy, layer: int = 0, num_layers: int = 1) -> Compressor:
+def build_compressor(layer_policy, layer: int = 0, num_layers: int = 1, factors: dict | None = None) -> Compressor:
     """Map a resolved :class:`kvfx.policy.LayerPolicy` to its compressor, or raise
-    ``NotImplementedError`` naming what this build cannot do yet."""
+    ``NotImplementedError`` naming what this build cannot do yet. ``factors``: a ``lowrank:``
+    policy's ReCalKV factors (:func:`kvfx.calibrate.load_factors`)."""
     lp = layer_policy
     if lp.lowrank is not None:  # ReCalKV latents (kvfx.methods.lowrank, kvfx.runtime.lowrank)
-        from kvfx.methods.lowrank import build_lowrank
+        from kvfx.runtime.lowrank import build_lowrank
 
-        return build_lowrank(lp, layer, num_layers)
+        return build_lowrank(lp, layer, num_layers, factors)
     c = _build_evictor(lp, layer, num_layers)
     c.quant = c.calib = None
     if lp.calibration is not None:
@@ -304,17 +318,36 @@ def build_compressor(layer_policy, layer: int = 0, num_layers: int = 1) -> Compr
             c.kernel_scores = "window_logits"
             c.logit_rows = max(c.window, cal.history, 1)
     if lp.quant is not None:
-        from kvfx.runtime.qstore import QuantConfig
+        from kvfx.methods.quant import QuantConfig
 
-        rolling = isinstance(c, LagKVCompressor) or (isinstance(c, Scored) and (
-            c.roll_at_budget or c.max_tokens is not None))
-        if rolling:
-            raise NotImplementedError(
-                f"quant together with decode-time eviction ({c.name}"
-                f"{', budget.max_tokens' if getattr(c, 'max_tokens', None) else ''}); quantized stores "
-                "combine with prompt-time eviction (snapkv, pyramidkv, knorm without max_tokens)")
+        from kvfx.runtime.qstore import QuantStore
+
+        check_capabilities(c, QuantStore.CAPS, "a quantized store (quant:)")
         c.quant = QuantConfig.from_policy(lp.quant)
+    else:
+        check_capabilities(c, SiteStore.CAPS, "a dense store")
     return c
+
+
+# Why a compressor needs each store capability, and what to do when a store lacks it.
+_NEEDS = {
+    "evict": ("decode-time eviction", "such stores combine with prompt-time eviction (snapkv, pyramidkv, "
+              "knorm without max_tokens)"),
+    "probs": ("the attention probabilities of each decode step", "use a scorer that does not read them"),
+    "calibration": ("calibration (CaliDrop folds each evicted token's exact key into its statistics)",
+                    "drop calibration: or the other feature"),
+}
+
+
+def check_capabilities(c, caps: frozenset, store: str) -> None:
+    """Raise ``NotImplementedError`` naming the first capability compressor ``c`` needs that the
+    store (``caps``, its declared :attr:`CAPS`) lacks: the combinations kvfx refuses, decided when
+    the policy is resolved against a model, before any graph runs."""
+    for cap in sorted(c.needs - caps):
+        what, fix = _NEEDS[cap]
+        extra = ", budget.max_tokens" if getattr(c, "max_tokens", None) is not None and cap == "evict" else ""
+        raise NotImplementedError(f"{store} together with {what} ({c.name}{extra}); {store} cannot "
+                                  f"provide it (store capability {cap!r}): {fix}")
 
 
 def _build_evictor(lp, layer: int, num_layers: int) -> Compressor:
