@@ -60,6 +60,34 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def module_graph() -> dict[str, set[str]]:
+    """{kvfx module: kvfx modules it imports}, imports inside functions included (``from pkg
+    import sub`` counts as importing the submodule)."""
+    mods = {".".join(p.relative_to(ROOT.parent).with_suffix("").parts).removesuffix(".__init__"): p
+            for p in ROOT.rglob("*.py")}
+    graph = {}
+    for m, p in mods.items():
+        deps = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                subs = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in mods]
+                names = subs if len(subs) == len(node.names) else [node.module] + subs
+            for n in names:
+                while n and n not in mods:
+                    n = n.rpartition(".")[0]
+                if n and n not in (m, "kvfx"):
+                    deps.add(n)
+        graph[m] = deps
+    return graph
+
+
+def test_no_import_cycles_between_kvfx_modules():
+    assert _cycles(module_graph()) == [], _cycles(module_graph())
+
+
 def test_no_import_cycles_between_kvfx_packages():
     graph = import_graph()
     assert graph["kvfx.runtime"] and graph["kvfx.passes"]

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from kvfx.runtime.state import KvfxStateError
-from kvfx.runtime.store import SiteStore
 
 
 def _mask4(mask: torch.Tensor, B: int, nq: int, L: int) -> torch.Tensor:
@@ -41,7 +40,7 @@ def key_valid(mask: torch.Tensor | None, B: int, n: int, device) -> torch.Tensor
     return ok.any(dim=1)
 
 
-def _store_mask(store: SiteStore, mask: torch.Tensor | None, is_causal: bool, nq: int,
+def _store_mask(store, mask: torch.Tensor | None, is_causal: bool, nq: int,
                 past_len: int, g: int) -> torch.Tensor | None:
     """Mask (B, Hq, nq, n) over the store slots, or None if every slot is visible to every
     query (see :func:`positions_mask`)."""
@@ -84,7 +83,7 @@ def sdpa(q, k, v, attn_mask, *, scale, is_causal=False):
                                           scale=scale, enable_gqa=g > 1)
 
 
-def decode_attention(store: SiteStore, q: torch.Tensor, mask, is_causal: bool, past_len: int,
+def decode_attention(store, q: torch.Tensor, mask, is_causal: bool, past_len: int,
                      scale: float | None, with_probs: bool = False):
     """Attention of q (B, Hq, nq, d) over the store's first ``length`` slots.
 

@@ -19,6 +19,8 @@ import torch
 from kvfx.methods.h2o import H2O
 from kvfx.methods.knorm import KNorm
 from kvfx.methods.lagkv import lagkv_keep_indices
+from kvfx.methods.lowrank import latent_basis
+from kvfx.methods.recalkv import LayerFactors
 from kvfx.methods.pyramidkv import pyramid_budget
 from kvfx.methods.scoring import default_scale, group_reduce, window_logits
 from kvfx.methods.select import budget_from_keep, gather_tokens, priority, select_kept
@@ -302,8 +304,6 @@ def build_compressor(layer_policy, layer: int = 0, num_layers: int = 1, factors:
     policy's ReCalKV factors (:func:`kvfx.calibrate.load_factors`)."""
     lp = layer_policy
     if lp.lowrank is not None:  # ReCalKV latents (kvfx.methods.lowrank, kvfx.runtime.lowrank)
-        from kvfx.runtime.lowrank import build_lowrank
-
         return build_lowrank(lp, layer, num_layers, factors)
     c = _build_evictor(lp, layer, num_layers)
     c.quant = c.calib = None
@@ -383,3 +383,116 @@ def _build_evictor(lp, layer: int, num_layers: int) -> Compressor:
                                       "partition: set budget.keep)")
         return LagKVCompressor(sink=bud.sink, lag=ev.lag, keep=bud.keep, v_ratio=ev.score_v_ratio)
     raise NotImplementedError(f"eviction.scorer={scorer} (implemented: {', '.join(IMPLEMENTED_SCORERS)})")
+
+
+class LowRankCompressor:
+    """Keep tokens as latents of width r_k (keys) + r_v (values) instead of 2·Hkv·d, chosen by
+    ``inner`` (the layer's evictor: keep everything, or a scorer with its budget).
+
+    ``factors`` None: the artifact has no factors for this layer (the pass leaves the site alone).
+    ``quant``: a :class:`kvfx.runtime.qstore.QuantConfig` for the latents, or None.
+    """
+
+    name = "lowrank"
+    lowrank = True  # the passes rewrite such sites onto kvfx::lowrank_attention
+    calib = None  # CaliDrop is refused with lowrank (build_lowrank)
+
+    def __init__(self, factors: LayerFactors | None, *, layer: int, artifact: str, inner: Compressor | None = None,
+                 quant=None):
+        self.factors, self.layer, self.artifact = factors, layer, artifact
+        self.inner = inner if inner is not None else Compressor()
+        self.quant = quant
+        self._basis: dict = {}
+        self._down: dict = {}
+        if factors is not None:
+            self.kv_heads = factors.k.L.shape[0] // factors.k.head_dim
+            self.head_dim = factors.k.head_dim
+            self.ranks = (factors.k.rank, factors.v.rank)
+
+    @property
+    def needs_probs(self) -> bool:
+        return self.inner.needs_probs
+
+    def describe_inner(self) -> str:
+        return self.inner.name
+
+    def basis(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q_k (m, r_k), Q_v (m, r_v)) float32 on ``device``."""
+        key = str(device)
+        if key not in self._basis:
+            self._basis[key] = (latent_basis(self.factors.k).to(device),
+                                latent_basis(self.factors.v).to(device))
+        return self._basis[key]
+
+    def down(self, w_k: torch.Tensor, w_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The down-projections Q_kᵀ W_k (r_k, D) and Q_vᵀ W_v (r_v, D) in the weights' dtype,
+        computed once per weight tensor (keyed by its storage, version, dtype and device, so an
+        in-place update of the model's weights is picked up)."""
+        key = tuple((w.data_ptr(), w._version, w.dtype, str(w.device)) for w in (w_k, w_v))
+        if self._down.get("key") != key:
+            qk, qv = self.basis(w_k.device)
+            self._down = {"key": key,
+                          "w": ((qk.mT @ w_k.float()).to(w_k.dtype), (qv.mT @ w_v.float()).to(w_v.dtype))}
+        return self._down["w"]
+
+    def project(self, x_k, w_k, x_v, w_v) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents of new tokens from the projections' inputs x (B, n, D): (B, 1, n, r_k),
+        (B, 1, n, r_v): x·W_downᵀ, k_proj / v_proj are never run."""
+        dk, dv = self.down(w_k, w_v)
+        return (torch.nn.functional.linear(x_k, dk)[:, None],
+                torch.nn.functional.linear(x_v, dv)[:, None])
+
+    def latents(self, k_pre: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-RoPE keys and values (B, Hkv, n, d) -> latents (B, 1, n, r_k), (B, 1, n, r_v), in v's
+        dtype (one latent row per token, shared by all heads)."""
+        qk, qv = self.basis(v.device)
+        B, H, n, d = v.shape
+        flat = lambda t: t.transpose(1, 2).reshape(B, n, H * d).float()  # noqa: E731  (row h·d + j)
+        return (flat(k_pre) @ qk).to(v.dtype)[:, None], (flat(v) @ qv).to(v.dtype)[:, None]
+
+    def expand(self, zk: torch.Tensor, zv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents (B, 1, n, r) -> pre-RoPE keys and values (B, Hkv, n, d) in the latents' dtype."""
+        qk, qv = self.basis(zk.device)
+        B, _, n, _ = zk.shape
+        H, d = self.kv_heads, self.head_dim
+        heads = lambda z, q: (z[:, 0].float() @ q.mT).to(z.dtype).view(B, n, H, d).transpose(1, 2)  # noqa: E731
+        return heads(zk, qk), heads(zv, qv)
+
+    # ---- what the site keeps: the inner evictor, on latents -----------------------------------
+    def prefill(self, lat_store, q, k, v, valid, scale, zk, zv) -> None:
+        """Write the kept prompt tokens' latents: ``inner`` scores the exact keys (q, k, v:
+        (B, H, n, d)), its selection gathers the latents zk, zv (B, 1, n, r)."""
+        if type(self.inner) is Compressor:
+            Compressor.prefill(self.inner, lat_store, q, zk, zv, valid)
+        else:
+            self.inner.prefill(lat_store, q, k, v, valid, scale, None, payload=(zk, zv))
+
+    def after_decode(self, lat_store, nq: int, probs=None) -> None:
+        self.inner.after_decode(lat_store, nq, probs)
+
+
+def build_lowrank(lp, layer: int, num_layers: int = 1, factors: dict | None = None) -> LowRankCompressor:
+    """The compressor of a layer policy with ``lowrank:``, with the artifact's ``factors`` (loaded
+    by the caller: :func:`kvfx.calibrate.load_factors`); raises ``NotImplementedError`` for
+    combinations this build cannot run."""
+    if lp.calibration is not None:
+        raise NotImplementedError("lowrank together with calibration (CaliDrop folds each evicted "
+                                  "token's exact key into its statistics; a low-rank store holds latents)")
+    if factors is None:
+        raise ValueError("lowrank: the artifact's factors were not given; load them with "
+                         "kvfx.calibrate.load_factors(lp.lowrank.artifact)")
+    inner = _build_evictor(lp, layer, num_layers)
+    if isinstance(inner, LagKVCompressor):
+        raise NotImplementedError("lowrank together with eviction.scorer lagkv (LagKV keeps a separate "
+                                  "set of tokens per KV head; a low-rank latent is shared by all heads)")
+    quant = None
+    if lp.quant is not None:
+        from kvfx.methods.quant import QuantConfig
+
+        if getattr(inner, "roll_at_budget", False) or getattr(inner, "max_tokens", None) is not None:
+            raise NotImplementedError(
+                f"lowrank and quant together with decode-time eviction ({inner.name}); quantized latents "
+                "combine with prompt-time eviction (snapkv, pyramidkv, knorm without max_tokens)")
+        quant = QuantConfig.from_policy(lp.quant)
+    return LowRankCompressor(factors.get(layer), layer=layer, artifact=lp.lowrank.artifact, inner=inner,
+                             quant=quant)

@@ -33,11 +33,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvfx.methods.lowrank import latent_basis, project_kv
+from kvfx.methods.lowrank import project_kv
 from kvfx.methods.lowrank_attention import latent_attention_reference, latent_quant_attention_reference
-from kvfx.methods.recalkv import LayerFactors
 from kvfx.runtime.attention import _use_kernel, key_valid, positions_mask, prefill_attention
-from kvfx.runtime.compressor import Compressor
+from kvfx.runtime.lifecycle import decode_step
 from kvfx.runtime.qstore import QuantStore
 from kvfx.runtime.state import KvfxStateError, current, find_store, ghost_fake, make_ghost, past_length
 from kvfx.runtime.store import SiteStore, _round_up
@@ -136,6 +135,11 @@ class LatentStore:
         return self.lat.tokens_held()
 
 
+def _new_latent_store(sp) -> LatentStore:
+    c = sp.compressor
+    return LatentStore(sp.info.module_path, c.kv_heads, c.head_dim, c.quant)
+
+
 def _ghost_shape(x: Tensor, past: Tensor | None, heads: int, head_dim: int) -> list:
     return [x.shape[0], heads, past_length(past) + x.shape[1], head_dim]
 
@@ -145,11 +149,9 @@ def lowrank_attention(q: Tensor, x_k: Tensor, w_k: Tensor, x_v: Tensor, w_v: Ten
                       mask: Tensor | None, past_k: Tensor | None, past_v: Tensor | None, site: int, rope_key: str,
                       scale: float | None, is_causal: bool, heads: int,
                       head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
-    from kvfx.runtime.ops import _new_store
-
     ctx = current()
     sp = ctx.program.sites[site]
-    seq, store, past_len = find_store(ctx, sp, past_k, past_v, q.shape[0], _new_store)
+    seq, store, past_len = find_store(ctx, sp, past_k, past_v, q.shape[0], _new_latent_store)
     table = seq.shared.get(rope_key)
     if table is None:
         table = seq.shared[rope_key] = RopeTable(rope_key)
@@ -222,128 +224,10 @@ def lowrank_site_attention(c, store: LatentStore, table: RopeTable, q, x_k, w_k,
             f"kvfx low-rank store has {store.seen} for batch {store.batch}"
             + ("" if store.table is table else " and another RoPE table") + ". kvfx does not support "
             "cropping or reordering the cache; start a new sequence with an empty cache.")
-    from kvfx.runtime.ops import decode_step
-
     with torch.no_grad():
         table.write(cos, sin, past_len, B)
         zk, zv = c.project(x_k, w_k, x_v, w_v)  # the step's latents: what the store appends
     return decode_step(c, store, q, zk, zv, mask, past_len, scale, is_causal)
 
 
-class LowRankCompressor:
-    """Keep tokens as latents of width r_k (keys) + r_v (values) instead of 2·Hkv·d, chosen by
-    ``inner`` (the layer's evictor: keep everything, or a scorer with its budget).
-
-    ``factors`` None: the artifact has no factors for this layer (the pass leaves the site alone).
-    ``quant``: a :class:`kvfx.runtime.qstore.QuantConfig` for the latents, or None.
-    """
-
-    name = "lowrank"
-    lowrank = True  # the passes rewrite such sites onto kvfx::lowrank_attention
-    calib = None  # CaliDrop is refused with lowrank (build_lowrank)
-
-    def __init__(self, factors: LayerFactors | None, *, layer: int, artifact: str, inner: Compressor | None = None,
-                 quant=None):
-        self.factors, self.layer, self.artifact = factors, layer, artifact
-        self.inner = inner if inner is not None else Compressor()
-        self.quant = quant
-        self._basis: dict = {}
-        self._down: dict = {}
-        if factors is not None:
-            self.kv_heads = factors.k.L.shape[0] // factors.k.head_dim
-            self.head_dim = factors.k.head_dim
-            self.ranks = (factors.k.rank, factors.v.rank)
-
-    @property
-    def needs_probs(self) -> bool:
-        return self.inner.needs_probs
-
-    def describe_inner(self) -> str:
-        return self.inner.name
-
-    def basis(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Q_k (m, r_k), Q_v (m, r_v)) float32 on ``device``."""
-        key = str(device)
-        if key not in self._basis:
-            self._basis[key] = (latent_basis(self.factors.k).to(device),
-                                latent_basis(self.factors.v).to(device))
-        return self._basis[key]
-
-    def down(self, w_k: torch.Tensor, w_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The down-projections Q_kᵀ W_k (r_k, D) and Q_vᵀ W_v (r_v, D) in the weights' dtype,
-        computed once per weight tensor (keyed by its storage, version, dtype and device, so an
-        in-place update of the model's weights is picked up)."""
-        key = tuple((w.data_ptr(), w._version, w.dtype, str(w.device)) for w in (w_k, w_v))
-        if self._down.get("key") != key:
-            qk, qv = self.basis(w_k.device)
-            self._down = {"key": key,
-                          "w": ((qk.mT @ w_k.float()).to(w_k.dtype), (qv.mT @ w_v.float()).to(w_v.dtype))}
-        return self._down["w"]
-
-    def project(self, x_k, w_k, x_v, w_v) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents of new tokens from the projections' inputs x (B, n, D): (B, 1, n, r_k),
-        (B, 1, n, r_v): x·W_downᵀ, k_proj / v_proj are never run."""
-        dk, dv = self.down(w_k, w_v)
-        return (torch.nn.functional.linear(x_k, dk)[:, None],
-                torch.nn.functional.linear(x_v, dv)[:, None])
-
-    def latents(self, k_pre: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pre-RoPE keys and values (B, Hkv, n, d) -> latents (B, 1, n, r_k), (B, 1, n, r_v), in v's
-        dtype (one latent row per token, shared by all heads)."""
-        qk, qv = self.basis(v.device)
-        B, H, n, d = v.shape
-        flat = lambda t: t.transpose(1, 2).reshape(B, n, H * d).float()  # noqa: E731  (row h·d + j)
-        return (flat(k_pre) @ qk).to(v.dtype)[:, None], (flat(v) @ qv).to(v.dtype)[:, None]
-
-    def expand(self, zk: torch.Tensor, zv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents (B, 1, n, r) -> pre-RoPE keys and values (B, Hkv, n, d) in the latents' dtype."""
-        qk, qv = self.basis(zk.device)
-        B, _, n, _ = zk.shape
-        H, d = self.kv_heads, self.head_dim
-        heads = lambda z, q: (z[:, 0].float() @ q.mT).to(z.dtype).view(B, n, H, d).transpose(1, 2)  # noqa: E731
-        return heads(zk, qk), heads(zv, qv)
-
-    # ---- what the site keeps: the inner evictor, on latents -----------------------------------
-    def prefill(self, lat_store, q, k, v, valid, scale, zk, zv) -> None:
-        """Write the kept prompt tokens' latents: ``inner`` scores the exact keys (q, k, v:
-        (B, H, n, d)), its selection gathers the latents zk, zv (B, 1, n, r)."""
-        if type(self.inner) is Compressor:
-            Compressor.prefill(self.inner, lat_store, q, zk, zv, valid)
-        else:
-            self.inner.prefill(lat_store, q, k, v, valid, scale, None, payload=(zk, zv))
-
-    def after_decode(self, lat_store, nq: int, probs=None) -> None:
-        self.inner.after_decode(lat_store, nq, probs)
-
-
-def build_lowrank(lp, layer: int, num_layers: int = 1, factors: dict | None = None) -> LowRankCompressor:
-    """The compressor of a layer policy with ``lowrank:``, with the artifact's ``factors`` (loaded
-    by the caller: :func:`kvfx.calibrate.load_factors`); raises ``NotImplementedError`` for
-    combinations this build cannot run."""
-    from kvfx.runtime.compressor import LagKVCompressor, _build_evictor
-
-    if lp.calibration is not None:
-        raise NotImplementedError("lowrank together with calibration (CaliDrop folds each evicted "
-                                  "token's exact key into its statistics; a low-rank store holds latents)")
-    if factors is None:
-        raise ValueError("lowrank: the artifact's factors were not given; load them with "
-                         "kvfx.calibrate.load_factors(lp.lowrank.artifact)")
-    inner = _build_evictor(lp, layer, num_layers)
-    if isinstance(inner, LagKVCompressor):
-        raise NotImplementedError("lowrank together with eviction.scorer lagkv (LagKV keeps a separate "
-                                  "set of tokens per KV head; a low-rank latent is shared by all heads)")
-    quant = None
-    if lp.quant is not None:
-        from kvfx.methods.quant import QuantConfig
-
-        if getattr(inner, "roll_at_budget", False) or getattr(inner, "max_tokens", None) is not None:
-            raise NotImplementedError(
-                f"lowrank and quant together with decode-time eviction ({inner.name}); quantized latents "
-                "combine with prompt-time eviction (snapkv, pyramidkv, knorm without max_tokens)")
-        quant = QuantConfig.from_policy(lp.quant)
-    return LowRankCompressor(factors.get(layer), layer=layer, artifact=lp.lowrank.artifact, inner=inner,
-                             quant=quant)
-
-
-__all__ = ["LatentStore", "LowRankCompressor", "RopeTable", "build_lowrank", "lowrank_attention",
-           "lowrank_site_attention"]
+__all__ = ["LatentStore", "RopeTable", "lowrank_attention", "lowrank_site_attention"]

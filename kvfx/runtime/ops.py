@@ -18,17 +18,17 @@ import torch
 from torch import Tensor
 
 from kvfx.runtime.attention import key_valid, prefill_attention
+from kvfx.runtime.lowrank import LatentStore
 from kvfx.runtime.qstore import QuantStore
 from kvfx.runtime.state import (KvfxStateError, current, find_store, ghost_fake, make_ghost,
                                 past_length)
+from kvfx.runtime.lifecycle import check_continues, decode_step
 from kvfx.runtime.store import SiteStore
 
 
 def make_store(key: str, compressor) -> object:
     """The store a compressor writes: latents (``lowrank:``), quantized (``quant:``) or dense."""
     if getattr(compressor, "lowrank", False):  # ReCalKV latents (kvfx.runtime.lowrank)
-        from kvfx.runtime.lowrank import LatentStore
-
         return LatentStore(key, compressor.kv_heads, compressor.head_dim, compressor.quant)
     quant = getattr(compressor, "quant", None)
     return SiteStore(key) if quant is None else QuantStore(key, quant)
@@ -68,32 +68,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_k: Tens
 def _(q, k, v, mask, past_k, past_v, site, scale, is_causal):
     return (q.new_empty(*q.shape[:-1], v.shape[-1]), ghost_fake(k, _ghost_shape(k, past_k)),
             ghost_fake(v, _ghost_shape(v, past_v)))
-
-
-def check_continues(store, past_len: int, B: int, where: str) -> None:
-    """The model's cache reports ``past_len`` tokens for batch ``B``: exactly what the store saw."""
-    if store.seen != past_len or store.batch != B:
-        raise KvfxStateError(
-            f"kvfx: site {where}: the model's cache reports {past_len} past tokens "
-            f"for batch {B}, the kvfx store has {store.seen} for batch {store.batch}. kvfx does "
-            "not support cropping or reordering the cache (assisted decoding, beam search, "
-            "contrastive search); start a new sequence with an empty cache.")
-
-
-def decode_step(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_len: int,
-                scale: float | None, is_causal: bool) -> Tensor:
-    """The decode half of the lifecycle, the same for every representation (the
-    :class:`kvfx.runtime.store.KVStore` protocol): append the step's tokens (``k``/``v``: what the
-    store holds per token: keys and values, or latents), attend over the store (the store's own
-    read: dense, quantized or latent, calibrated when ``c.calib``), then finish the step (flush the
-    quantized residual, or let the compressor evict)."""
-    nq = q.shape[2]
-    with torch.no_grad():
-        store.append(k, v, torch.arange(past_len, past_len + nq, device=q.device))
-        out, probs = store.attend_step(c, q, mask, is_causal, past_len, scale)
-        store.finish_step(c, nq, probs)
-    store.seen += nq
-    return out.contiguous()
 
 
 def site_attention(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_len: int,
