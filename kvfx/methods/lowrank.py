@@ -6,7 +6,7 @@ W (m, D), an artifact's factors W ≈ L R with L (m, r), R (r, D) (:mod:`kvfx.me
 The cache stores, per token, a latent of width r instead of the m key (and m value) numbers and
 rebuilds the keys as latent·basisᵀ, then applies RoPE at the token's position. The rewritten
 graph no longer runs k_proj / v_proj at decode: the latent of a new token is x·W_downᵀ with the
-down-projection W_down = Qᵀ W (r × D, :meth:`kvfx.runtime.lowrank.LowRankCompressor.down`); the prompt's exact keys
+down-projection W_down = Qᵀ W (r × D, :meth:`kvfx.runtime.compressor.LowRankCompressor.down`); the prompt's exact keys
 (for the prompt's own attention, as every kvfx policy keeps it exact) are x·Wᵀ inside the op.
 
 [Note] Which latent. ReCalKV builds R = pinv(L)·W (the whitened SVD: R = Σ^{1/2} V_rᵀ S⁻¹ =
@@ -33,7 +33,7 @@ Composition (DERIVED where no paper says how):
 
 Example::
 
-    c = LowRankCompressor(factors[3], layer=3, artifact="f.safetensors")   # kvfx.runtime.lowrank
+    c = LowRankCompressor(factors[3], layer=3, artifact="f.safetensors")   # kvfx.runtime.compressor
     zk, zv = c.latents(k_pre, v)                       # (B, 1, n, r_k), (B, 1, n, r_v)
     k_pre_hat, v_hat = c.expand(zk, zv)                # (B, Hkv, n, d) each
     k_hat = rope(k_pre_hat, cos, sin)
