@@ -1,10 +1,13 @@
 """kvfx: KV-cache compression as a torch.compile backend.
 
     import kvfx
-    model.compile(backend="kvfx", options={"policy": "streaming"})
-    model.generate(...)
-    print(kvfx.explain())         # what happened to every attention site
-    kvfx.memory()                 # bytes held vs the dense cache
+    kvfx.compile(model, "snapkv@0.25")     # or model.compile(backend="kvfx", options={"policy": ...})
+    out = model.generate(..., return_dict_in_generate=True)
+    print(kvfx.explain(model))             # what happened to every attention site
+    kvfx.memory(out.past_key_values)       # bytes this sequence holds vs the dense cache
+
+State belongs to the sequence: each cache object owns its compressed stores (freed with it), so
+several models and sequences can run in one process (see :mod:`kvfx.runtime.state`).
 """
 
 __version__ = "0.1.0"
