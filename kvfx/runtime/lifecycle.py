@@ -1,15 +1,43 @@
-"""The decode half of a site's lifecycle, shared by every cache representation (the
-:class:`kvfx.runtime.store.KVStore` protocol). The prefill half is
-:func:`kvfx.runtime.ops.site_attention` (keys and values) and
-:func:`kvfx.runtime.lowrank.lowrank_site_attention` (latents), which differ only in what they
-project before handing the same store and compressor calls the same arguments."""
+"""A site's lifecycle, shared by every cache representation (the
+:class:`kvfx.runtime.store.KVStore` protocol):
+
+* :func:`prefill_step` (a new sequence): exact attention on the prompt as the model asked, then
+  the compressor writes what it keeps (and CaliDrop's state);
+* :func:`check_continues`, then :func:`decode_step`: append, attend, flush or evict.
+
+The operators (:func:`kvfx.runtime.ops.site_attention` for keys and values,
+:func:`kvfx.runtime.lowrank.lowrank_site_attention` for latents) differ only in what they project
+before calling these with the same store and compressor."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from kvfx.runtime.attention import key_valid, prefill_attention
 from kvfx.runtime.state import KvfxStateError
+
+
+def prefill_step(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None,
+                 is_causal: bool, latents: tuple | None = None) -> Tensor:
+    """A new sequence: exact attention of the prompt (``k``, ``v``: its exact keys and values), with
+    the scores the compressor needs fused into the prefill kernel where it runs; then the
+    compressor writes the kept tokens (``latents``: (zk, zv) a latent store holds instead, and
+    its inner store receives them) and CaliDrop's state."""
+    B, _, nq, _ = q.shape
+    store.reset()
+    scores = getattr(c, "kernel_scores", "none") if latents is None else "none"
+    out, votes = prefill_attention(q, k, v, mask, scale=scale, is_causal=is_causal, scores=scores,
+                                   window=max(getattr(c, "kernel_window", 1), 1))
+    with torch.no_grad():
+        valid = key_valid(mask, B, nq, q.device)
+        if latents is None:
+            c.prefill(store, q, k, v, valid, scale, votes)
+            c.init_calibration(store, q, k, v, valid, scale)  # CaliDrop's state, if any
+        else:
+            c.prefill(store.lat, q, k, v, valid, scale, *latents)
+    store.seen = nq
+    return out.contiguous()  # the layout the fake implementations promise
 
 
 def check_continues(store, past_len: int, B: int, where: str) -> None:
@@ -38,4 +66,4 @@ def decode_step(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, 
     return out.contiguous()
 
 
-__all__ = ["check_continues", "decode_step"]
+__all__ = ["check_continues", "decode_step", "prefill_step"]

@@ -9,7 +9,7 @@ is_causal, heads, head_dim) -> (out, ghost_k, ghost_v)``
     (:mod:`kvfx.runtime.ops`): the ghosts it returns have the (B, heads, T, head_dim) logical shape.
     Prefill (past_len 0): the exact keys and values (x·Wᵀ, RoPE) for exact attention on the prompt
     as the model asked, then the latents of the kept tokens are stored (the policy's evictor
-    chooses them, :class:`kvfx.methods.lowrank.LowRankCompressor`). Decode: the new tokens'
+    chooses them, :class:`kvfx.runtime.compressor.LowRankCompressor`). Decode: the new tokens'
     latents x·W_downᵀ are appended (k_proj / v_proj never run), and attention reads the latents:
     keys rebuilt and re-rotated at their own positions, values up-projected once per query
     (:mod:`kvfx.methods.lowrank_attention`); on CUDA the latent decode kernel does this in
@@ -35,8 +35,8 @@ from torch import Tensor
 
 from kvfx.methods.lowrank import project_kv
 from kvfx.methods.lowrank_attention import latent_attention_reference, latent_quant_attention_reference
-from kvfx.runtime.attention import _use_kernel, key_valid, positions_mask, prefill_attention
-from kvfx.runtime.lifecycle import decode_step
+from kvfx.runtime.attention import _use_kernel, positions_mask
+from kvfx.runtime.lifecycle import decode_step, prefill_step
 from kvfx.runtime.qstore import QuantStore
 from kvfx.runtime.state import KvfxStateError, current, find_store, ghost_fake, make_ghost, past_length
 from kvfx.runtime.store import SiteStore, _round_up
@@ -205,19 +205,16 @@ def _attend(c, store: LatentStore, table: RopeTable, q, mask, is_causal: bool, p
 
 def lowrank_site_attention(c, store: LatentStore, table: RopeTable, q, x_k, w_k, x_v, w_v, cos, sin, mask,
                            past_len: int, scale, is_causal: bool, where: str = "") -> Tensor:
-    """One call of a low-rank site (compressor ``c``: :class:`kvfx.methods.lowrank.LowRankCompressor`)."""
-    B, Hq, nq, _ = q.shape
+    """One call of a low-rank site (compressor ``c``: :class:`kvfx.runtime.compressor.LowRankCompressor`)."""
+    B = q.shape[0]
     if past_len == 0:
-        store.reset()
-        store.table = table
         k_pre, k, v = project_kv(x_k, w_k, x_v, w_v, store.kv_heads, store.head_dim, cos, sin)
-        out, _ = prefill_attention(q, k, v, mask, scale=scale, is_causal=is_causal)
         with torch.no_grad():
             table.write(cos, sin, 0, B)
             zk, zv = c.latents(k_pre, v)
-            c.prefill(store.lat, q, k, v, key_valid(mask, B, nq, q.device), scale, zk, zv)
-        store.seen = nq
-        return out.contiguous()
+        out = prefill_step(c, store, q, k, v, mask, scale, is_causal, latents=(zk, zv))
+        store.table = table
+        return out
     if store.seen != past_len or store.batch != B or store.table is not table:
         raise KvfxStateError(
             f"kvfx: site {where}: the model's cache reports {past_len} past tokens for batch {B}, the "

@@ -17,12 +17,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvfx.runtime.attention import key_valid, prefill_attention
 from kvfx.runtime.lowrank import LatentStore
 from kvfx.runtime.qstore import QuantStore
 from kvfx.runtime.state import (KvfxStateError, current, find_store, ghost_fake, make_ghost,
                                 past_length)
-from kvfx.runtime.lifecycle import check_continues, decode_step
+from kvfx.runtime.lifecycle import check_continues, decode_step, prefill_step
 from kvfx.runtime.store import SiteStore
 
 
@@ -76,17 +75,9 @@ def site_attention(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Non
     attention on the prompt, then compression (and CaliDrop's state). Decode: :func:`decode_step`.
     Also used to replay recorded calls. (Low-rank sites: :func:`kvfx.runtime.lowrank.lowrank_site_attention`,
     which differs only in what it projects before the same steps.)"""
-    B, _, nq, _ = q.shape
     if past_len == 0:  # a new sequence: exact attention on the prompt, then compress
-        store.reset()
-        out, votes = prefill_attention(q, k, v, mask, scale=scale, is_causal=is_causal,
-                                       scores=c.kernel_scores, window=max(c.kernel_window, 1))
-        with torch.no_grad():
-            valid = key_valid(mask, B, nq, q.device)
-            c.prefill(store, q, k, v, valid, scale, votes)
-            c.init_calibration(store, q, k, v, valid, scale)  # CaliDrop's state, if any
-        store.seen = nq
-        return out.contiguous()  # the layout the fake implementation promises
+        return prefill_step(c, store, q, k, v, mask, scale, is_causal)
+    B = q.shape[0]
     check_continues(store, past_len, B, where)
     return decode_step(c, store, q, k, v, mask, past_len, scale, is_causal)
 
