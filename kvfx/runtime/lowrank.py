@@ -36,7 +36,7 @@ from torch import Tensor
 from kvfx.methods.lowrank import project_kv
 from kvfx.methods.lowrank_attention import latent_attention_reference, latent_quant_attention_reference
 from kvfx.runtime.attention import _use_kernel, positions_mask
-from kvfx.runtime.lifecycle import decode_step, prefill_step
+from kvfx.runtime.lifecycle import check_continues, decode_step, prefill_step
 from kvfx.runtime.qstore import QuantStore
 from kvfx.runtime.state import KvfxStateError, current, find_store, ghost_fake, make_ghost, past_length
 from kvfx.runtime.store import SiteStore, _round_up
@@ -160,7 +160,7 @@ def lowrank_attention(q: Tensor, x_k: Tensor, w_k: Tensor, x_v: Tensor, w_v: Ten
     h = seq.handle(sp.info.module_path)
     shape = _ghost_shape(x_k, past_k, heads, head_dim)
     gk, gv = make_ghost(x_k, shape, h), make_ghost(x_v, shape, h)
-    seq.note_ghosts(gk, gv)
+    seq.note_ghosts(sp.info.module_path, gk, gv)
     return out, gk, gv
 
 
@@ -215,12 +215,7 @@ def lowrank_site_attention(c, store: LatentStore, table: RopeTable, q, x_k, w_k,
         out = prefill_step(c, store, q, k, v, mask, scale, is_causal, latents=(zk, zv))
         store.table = table
         return out
-    if store.seen != past_len or store.batch != B or store.table is not table:
-        raise KvfxStateError(
-            f"kvfx: site {where}: the model's cache reports {past_len} past tokens for batch {B}, the "
-            f"kvfx low-rank store has {store.seen} for batch {store.batch}"
-            + ("" if store.table is table else " and another RoPE table") + ". kvfx does not support "
-            "cropping or reordering the cache; start a new sequence with an empty cache.")
+    check_continues(store, past_len, B, where)
     with torch.no_grad():
         table.write(cos, sin, past_len, B)
         zk, zv = c.project(x_k, w_k, x_v, w_v)  # the step's latents: what the store appends

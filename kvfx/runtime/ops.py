@@ -59,7 +59,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_k: Tens
     h = seq.handle(sp.info.module_path)
     gk = make_ghost(k, _ghost_shape(k, past_k), h)
     gv = make_ghost(v, _ghost_shape(v, past_v), h)
-    seq.note_ghosts(gk, gv)
+    seq.note_ghosts(sp.info.module_path, gk, gv)
     return out, gk, gv
 
 

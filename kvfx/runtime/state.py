@@ -134,7 +134,7 @@ class Program:
             prev = getattr(_TLS, "ctx", None)
             ctx = _TLS.ctx = _Context(program, program.session_for(seq_args))
             if len(_TAPS) and program.anchor is not None and program.anchor < len(seq_args):
-                ctx.tap = _TAPS.get(seq_args[program.anchor], ctx.tap)
+                ctx.tap = _TAPS.get(seq_args[program.anchor])
             try:
                 return compiled(*args)
             finally:
@@ -151,7 +151,7 @@ class _Context:
 
     def __init__(self, program: Program, session: "Session"):
         self.program, self.session = program, session
-        self.tap = session.tap
+        self.tap = None  # set from tapping(model, fn)
         self.new_sequence: Sequence | None = None  # made by the first prefill site of the call
 
 
@@ -163,7 +163,6 @@ class Session:
         self.label = f"model{next(_session_ids)}:{policy.name}"
         self.programs: list[Program] = []
         self.sequences: weakref.WeakSet[Sequence] = weakref.WeakSet()
-        self.tap = None  # callable(info, q, k, v, mask, past_len, scale, is_causal, out) or None
         _SESSIONS.add(self)
 
     def add_program(self, program: Program) -> None:
@@ -172,17 +171,23 @@ class Session:
 
     def sites(self) -> list[SiteInfo]:
         """Every site of the session's graphs, one entry per module path (``graphs`` counts)."""
-        out: dict[str, SiteInfo] = {}
-        for p in self.programs:
-            for info in p.infos:
-                old = out.get(info.module_path)
-                if old is None:
-                    out[info.module_path] = SiteInfo(**{**vars(info), "graphs": 1})
-                else:
-                    old.graphs += 1
-                    if info.rewritten and not old.rewritten:
-                        out[info.module_path] = SiteInfo(**{**vars(info), "graphs": old.graphs})
-        return sorted(out.values(), key=lambda s: (s.layer_index, s.module_path))
+        return _merge_sites(self.programs)
+
+
+def _merge_sites(progs) -> list[SiteInfo]:
+    """The sites of ``progs``, one entry per module path (``graphs``: in how many graphs it was
+    seen; the rewritten entry wins over one left alone)."""
+    out: dict[str, SiteInfo] = {}
+    for p in progs:
+        for info in p.infos:
+            old = out.get(info.module_path)
+            if old is None:
+                out[info.module_path] = SiteInfo(**{**vars(info), "graphs": 1})
+            else:
+                old.graphs += 1
+                if info.rewritten and not old.rewritten:
+                    out[info.module_path] = SiteInfo(**{**vars(info), "graphs": old.graphs})
+    return sorted(out.values(), key=lambda s: (s.layer_index, s.module_path))
 
 
 class SiteHandle:
@@ -208,7 +213,7 @@ class Sequence:
         # goes the moment its cache does, without waiting for the garbage collector)
         self.handles: weakref.WeakValueDictionary[str, SiteHandle] = weakref.WeakValueDictionary()
         self.shared: dict[str, object] = {}  # e.g. low-rank RoPE tables, by key
-        self.ghosts: list = []  # weakrefs to the ghosts handed back (the model-side bytes)
+        self.ghosts: dict[str, tuple] = {}  # path -> weakrefs to its latest ghosts (model-side bytes)
         session.sequences.add(self)
 
     def handle(self, path: str) -> SiteHandle:
@@ -217,9 +222,8 @@ class Sequence:
             h = self.handles[path] = SiteHandle(self, path)
         return h
 
-    def note_ghosts(self, *ghosts) -> None:
-        self.ghosts = [r for r in self.ghosts if r() is not None][-4 * max(len(self.stores), 1):]
-        self.ghosts += [weakref.ref(g) for g in ghosts]
+    def note_ghosts(self, path: str, *ghosts) -> None:
+        self.ghosts[path] = tuple(weakref.ref(g) for g in ghosts)
 
     def held_bytes(self) -> int:
         return sum(s.held_bytes() for s in self.stores.values()) + sum(
@@ -345,9 +349,7 @@ def sites(model=None) -> list[SiteInfo]:
     models are live, so two models' sites never mix)."""
     ss = sessions(model)
     if model is None and not any(s.programs for s in ss):  # compiled, no call yet: the graphs' sites
-        merged = Session.__new__(Session)
-        merged.programs = programs()
-        return merged.sites()
+        return _merge_sites(programs())
     out = []
     ss = [s for s in ss if s.programs]
     for s in ss:
@@ -434,7 +436,7 @@ def memory(cache=None, model=None) -> dict:
     ghosts = []
     for seq in seqs:
         prefix = f"{seq.session.label}/" if len(labels) > 1 else ""
-        ghosts += [g for g in (r() for r in seq.ghosts) if g is not None]
+        ghosts += [g for refs in seq.ghosts.values() for g in (r() for r in refs) if g is not None]
         for path, st in seq.stores.items():
             if st.empty:
                 continue
@@ -472,14 +474,6 @@ def _policy_of(session: Session, path: str) -> str:
             if sp.info.module_path == path:
                 return sp.info.policy
     return ""
-
-
-def stores(model=None, cache=None) -> list:
-    """The live stores (of ``cache``'s sequence, of ``model``, or of every model), for tests and
-    tools that inspect them."""
-    seqs = sequences_of_cache(cache) if cache is not None else [
-        q for s in sessions(model) for q in list(s.sequences)]
-    return [st for q in seqs for st in q.stores.values()]
 
 
 def site_stores(cache) -> dict[str, object]:
