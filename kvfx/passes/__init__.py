@@ -91,6 +91,7 @@ def run_passes(gm: GraphModule, policy) -> Program:
         index = order if index is None else index
         key = f"{namespace}/{path}"
         info = _site_info(m, key, path, index, ks.provenance, ks.new if ks.new is not None else m.k)
+        info.softcap, info.window = m.softcap, ks.window
         reason = check(m, ks, vs)
         compressor = lowrank = None
         if not reason:
@@ -103,6 +104,15 @@ def run_passes(gm: GraphModule, policy) -> Program:
                     "which this version of kvfx does not implement yet; use a preset from "
                     "`kvfx policy list` that only needs implemented features") from None
             _check_quant_fits(compressor, info, policy.name)
+            if m.softcap is not None:
+                from kvfx.runtime.softcap import check_policy
+
+                if (what := check_policy(compressor)):
+                    raise UnsupportedPolicyError(
+                        f"kvfx: policy {policy.name!r} asks site {path} (layer {index}) for {what}, "
+                        f"but the site's logits are soft-capped (tanh, cap {m.softcap}) and kvfx "
+                        "applies the cap only with a dense store; use full or an eviction policy "
+                        "without quant:, lowrank: or calibration: on this model")
             if getattr(compressor, "lowrank", False):
                 lowrank, reason = check_lowrank(m, ks, vs, compressor, info, rope_owner)
         if not reason:

@@ -242,8 +242,9 @@ def _diagnose_site(site: _Site) -> tuple[str, str]:
     if tanh:
         ops = ", ".join(_name(n) for n in site.between)
         return "softcap", (f"Saw eager attention with logit soft-capping{where} (tanh between the "
-                           f"q·kᵀ matmul and the softmax: {ops}); kvfx does not support "
-                           "soft-capping (tanh) yet.")
+                           f"q·kᵀ matmul and the softmax: {ops}) in a form kvfx does not "
+                           "support: it recognizes soft-capping only as cap * tanh(s / cap) with one "
+                           "constant cap, after the scale and before the mask.")
     prefix = f"Saw a softmax over a q·kᵀ product{where} ({chain})"
     dim = gu.arg(site.softmax, 1, "dim")
     if dim not in (-1, 3):

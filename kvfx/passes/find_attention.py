@@ -4,8 +4,11 @@ Two patterns:
 
 * ``sdpa``: a call of ``F.scaled_dot_product_attention`` (Hugging Face ``sdpa`` attention and
   hand-written models);
-* ``eager``: ``matmul(q, kᵀ) → (·scale | /scale) → (+mask | masked_fill) → softmax → (cast)
-  → (dropout) → matmul(·, v)`` (GPT-2, Hugging Face ``eager`` attention, hand-written).
+* ``eager``: ``matmul(q, kᵀ) → (·scale | /scale) → (soft-cap) → (+mask | masked_fill) → softmax
+  → (cast) → (dropout) → matmul(·, v)`` (GPT-2, Hugging Face ``eager`` attention, hand-written).
+  The soft-cap is Gemma-2's ``tanh(s / cap) * cap`` (or ``tanh(s * (1/cap)) * cap``) with one
+  constant ``cap``; it must come after the scale and before the mask (a mask inside the ``tanh``
+  would be capped too, which is not masking).
 
 For both, K and V are looked through ``repeat_kv`` (``x[:, :, None].expand(...).reshape(...)``
 or ``repeat_interleave``) to the real KV heads. A match records *why* it cannot be rewritten
@@ -39,6 +42,7 @@ class AttentionMatch:
     scale_node: Node | None = None  # a tensor scale (eager pattern)
     scale_op: str = "mul"  # how scale_node applies to the logits: "mul" | "div"
     chain: tuple = ()  # nodes made dead by a rewrite (eager pattern)
+    softcap: float | None = None  # logits soft-capped as cap * tanh(logits / cap) (eager pattern)
     reason: str = ""  # non-empty: cannot be rewritten
 
 
@@ -114,16 +118,23 @@ def _match_logits(sm: Node):
     """Backward from the softmax input: (+mask | masked_fill) → (scale) → matmul(q, kᵀ)."""
     x = gu.arg(sm, 0, "input")
     found = dict(mask=None, mask_kind="none", scale=None, scale_node=None, scale_op="mul",
-                 chain=[], reason="")
-    for _ in range(5):
+                 softcap=None, chain=[], reason="")
+    for _ in range(6):
         if not isinstance(x, Node) or not gu.single_user(x):
             break
         if gu.is_call(x, None, {"float", "to", "type"}):
             found["chain"].append(x)
             x = x.args[0]
+        elif found["softcap"] is None and found["scale"] is None and found["scale_node"] is None \
+                and (cap := _softcap(x)) is not None:
+            found["softcap"] = cap[0]
+            found["chain"] += cap[1]
+            x = cap[2]
         elif gu.is_call(x, gu.ADD_FNS, {"add", "__add__"}) and found["mask"] is None:
             a, b = x.args[0], x.args[1]
             logits, mask = (a, b) if _leads_to_qk(a) else (b, a)
+            if found["softcap"] is not None:
+                found["reason"] = "the mask is added before the soft-cap (tanh), which caps it too"
             found.update(mask=mask, mask_kind="additive")
             found["chain"].append(x)
             x = logits
@@ -131,6 +142,8 @@ def _match_logits(sm: Node):
             value = gu.arg(x, 2, "value")
             if not (isinstance(value, (int, float)) and (value == -math.inf or value < -1e4)):
                 found["reason"] = f"masked_fill with value {value!r} is not a -inf mask"
+            elif found["softcap"] is not None:
+                found["reason"] = "the mask is applied before the soft-cap (tanh), which caps it too"
             found.update(mask=x.args[1], mask_kind="fill_true")
             found["chain"].append(x)
             x = x.args[0]
@@ -159,6 +172,40 @@ def _match_logits(sm: Node):
     if found["scale"] is None and found["scale_node"] is None:
         found["scale"] = 1.0  # no scaling op: the logits are used as they are
     return x.args[0], k, found
+
+
+def _const(x):
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def _softcap(x: Node):
+    """``cap * tanh(s / cap)`` (or ``tanh(s * (1/cap)) * cap``) ending at ``x``: (cap, its nodes, s),
+    else None. The two constants must agree (to float rounding): otherwise it is not a cap."""
+    if not gu.is_call(x, gu.MUL_FNS, {"mul", "__mul__"}):
+        return None
+    a, b = x.args[0], x.args[1]
+    if _const(a) is not None:
+        a, b = b, a
+    cap = _const(b)
+    if cap is None or cap <= 0 or not isinstance(a, Node) or not gu.single_user(a):
+        return None
+    if not gu.is_call(a, {torch.tanh}, {"tanh"}):
+        return None
+    inner = a.args[0]
+    if not isinstance(inner, Node) or not gu.single_user(inner):
+        return None
+    if gu.is_call(inner, gu.DIV_FNS, {"div", "__truediv__"}) and _const(inner.args[1]) is not None:
+        inv = 1.0 / _const(inner.args[1])
+    elif gu.is_call(inner, gu.MUL_FNS, {"mul", "__mul__"}) and _const(inner.args[1]) is not None:
+        inv = _const(inner.args[1])
+    elif gu.is_call(inner, gu.MUL_FNS, {"mul", "__mul__"}) and _const(inner.args[0]) is not None:
+        inv = _const(inner.args[0])
+        return (cap, [x, a, inner], inner.args[1]) if math.isclose(inv * cap, 1.0, rel_tol=1e-6) else None
+    else:
+        return None
+    if not math.isclose(inv * cap, 1.0, rel_tol=1e-6):
+        return None
+    return cap, [x, a, inner], inner.args[0]
 
 
 def _match_eager(sm: Node) -> AttentionMatch | None:
@@ -200,7 +247,7 @@ def _match_eager(sm: Node) -> AttentionMatch | None:
 
 def _leads_to_qk(node) -> bool:
     """Whether ``node`` is the logits side (derived from a matmul of q and kᵀ)."""
-    for _ in range(4):
+    for _ in range(6):
         if not isinstance(node, Node):
             return False
         if gu.is_matmul(node):

@@ -12,7 +12,9 @@ def rows(sites: list[SiteInfo]) -> list[tuple[str, ...]]:
     for s in sites:
         heads = f"{s.q_heads}/{s.kv_heads}" if s.q_heads else "?"
         detail = s.policy if s.rewritten else s.reason
-        out.append((str(s.layer_index), s.module_path or "?", s.pattern, s.provenance, heads,
+        pattern = s.pattern + (f"+softcap {s.softcap:g}" if s.softcap is not None else "")
+        source = s.provenance + (f" (window {s.window})" if s.window else "")
+        out.append((str(s.layer_index), s.module_path or "?", pattern, source, heads,
                     str(s.head_dim or "?"), "rewritten" if s.rewritten else "left alone", detail))
     return out
 

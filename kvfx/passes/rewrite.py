@@ -5,7 +5,7 @@ For a site whose K/V are ``cat([past, new])`` (see :mod:`kvfx.passes.trace_kv`):
     out = attention(q, repeat(cat(pk, nk)), repeat(cat(pv, nv)), mask)     # before
     cache_k, cache_v = cat(pk, nk), cat(pv, nv)
 
-    out, gk, gv = kvfx::attention(q, nk, nv, mask, pk, pv, site, scale, is_causal)   # after
+    out, gk, gv = kvfx::attention(q, nk, nv, mask, pk, pv, site, scale, is_causal, softcap)   # after
     cache_k, cache_v = gk, gv
 
 ``pk`` / ``pv`` (the model's cache entries: empty, or kvfx's ghosts from the previous step) are
@@ -99,7 +99,8 @@ def rewrite_site(gm: GraphModule, plan: SitePlan) -> None:
                                    plan.index, lr.rope_key, m.scale, m.is_causal, lr.heads, lr.head_dim))
         else:
             res = g.call_function(torch.ops.kvfx.attention.default,
-                                  (q, ks.new, vs.new, mask, ks.past, vs.past, plan.index, m.scale, m.is_causal))
+                                  (q, ks.new, vs.new, mask, ks.past, vs.past, plan.index, m.scale, m.is_causal,
+                                   m.softcap))
         attn = g.call_function(operator.getitem, (res, 0))
         ghosts = [g.call_function(operator.getitem, (res, i)) for i in (1, 2)]
     m.out.replace_all_uses_with(attn)

@@ -2,6 +2,12 @@
 
 * ``dynamic_cache``: ``cat([past, new], dim=-2)`` whose result goes back to the caller (a
   Hugging Face DynamicCache, or a hand-written list cache): rewritable.
+* ``sliding_window``: ``cat([past, new], dim=-2)`` of which the caller keeps only the last
+  ``w`` tokens (``cat[:, :, -w:]``, Hugging Face's ``DynamicSlidingWindowLayer``: Gemma-2/3,
+  Mistral with ``sliding_window``): the attention runs on the whole concatenation under a
+  sliding-window mask. kvfx does not compress these yet (the store would have to roll with the
+  window and map the model's window-relative mask columns), so they are left alone, keeping
+  their dense window cache, and reported as such.
 * ``static_cache``: a buffer written with ``index_copy_`` (Hugging Face StaticCache): the
   model owns a preallocated full-length buffer that kvfx cannot free, so it is left alone.
 * ``fresh``: computed in this graph with no cache (encoders, training-style calls,
@@ -25,6 +31,28 @@ class KVSource:
     cat: Node | None = None
     past_is_empty: bool = False  # the first call: past is an empty placeholder tensor
     reason: str = ""
+    window: int | None = None  # sliding_window: the tokens the caller keeps
+
+
+def _window_slice(node: Node) -> int | None:
+    """``w`` if ``node`` is ``x[:, :, -w:]`` (or ``x[..., -w:, :]``) returned to the caller."""
+    import operator
+
+    if not (node.op == "call_function" and node.target is operator.getitem):
+        return None
+    idx = node.args[1]
+    if not isinstance(idx, tuple) or not any(u.op == "output" for u in node.users):
+        return None
+    if len(idx) == 4 and all(i == slice(None) for i in (idx[0], idx[1], idx[3])):
+        sl = idx[2]
+    elif len(idx) == 3 and idx[0] is Ellipsis and idx[2] == slice(None):
+        sl = idx[1]
+    else:
+        return None
+    if isinstance(sl, slice) and isinstance(sl.start, int) and sl.start < 0 and sl.stop is None \
+            and sl.step in (None, 1):
+        return -sl.start
+    return None
 
 
 def _trace_one(node: Node, attention_users: set) -> KVSource:
@@ -43,9 +71,15 @@ def _trace_one(node: Node, attention_users: set) -> KVSource:
         if ps is None or not (empty or len(ps) == 4):
             return KVSource("unknown", reason="past keys are not a (B, H, T, d) tensor")
         other = [u for u in node.users if u.op != "output" and u not in attention_users]
+        windows = {_window_slice(u) for u in other}
+        if other and None not in windows and len(windows) == 1:
+            w = windows.pop()
+            return KVSource("sliding_window", past, new, node, empty, window=w, reason=(
+                f"sliding-window layer (the model's cache keeps the last {w} tokens); kvfx does not "
+                "compress sliding-window caches yet, so this layer keeps its dense window cache"))
         if other:
             return KVSource("dynamic_cache", reason=f"the concatenated cache is also used by "
-                            f"{other[0].op} {other[0].target} (sliding-window cache?)")
+                            f"{other[0].op} {other[0].target}, which kvfx cannot follow")
         if not any(u.op == "output" for u in node.users):
             return KVSource("dynamic_cache", reason="the concatenated keys are not returned "
                             "as a cache")

@@ -1,6 +1,6 @@
 """The kvfx custom operators the rewrite pass inserts into graphs.
 
-``kvfx::attention(q, k_new, v_new, mask, past_k, past_v, site, scale, is_causal) -> (out, ghost_k, ghost_v)``
+``kvfx::attention(q, k_new, v_new, mask, past_k, past_v, site, scale, is_causal, softcap=None) -> (out, ghost_k, ghost_v)``
     Attention of the site's queries over its compressed store plus the new tokens, and the
     store update (prefill compression or decode append/evict). ``past_k`` / ``past_v`` are what
     the model's cache held for the site (an empty tensor, None, or the ghosts this operator
@@ -10,6 +10,8 @@
     of ``cat(past, new)``: tensors of the logical shape (so the model's length and mask
     bookkeeping stay right) holding one element (stride 0). The full-precision history is no
     longer held by the model. Opaque to dynamo and inductor: nothing in it can recompile.
+    ``softcap``: the site's logits are soft-capped, ``cap * tanh(s / cap)`` (Gemma-2); such a site
+    runs the reference of :mod:`kvfx.runtime.softcap` (no Triton kernel takes a cap).
 """
 
 from __future__ import annotations
@@ -46,15 +48,19 @@ def _ghost_shape(new: Tensor, past: Tensor | None) -> list:
 @torch.library.custom_op("kvfx::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_k: Tensor | None,
               past_v: Tensor | None, site: int, scale: float | None,
-              is_causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+              is_causal: bool, softcap: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """q (B, Hq, nq, d), k/v (B, Hkv, nq, d) the *new* tokens only; mask over the logical keys
     (past_len + nq columns). Returns (out (B, Hq, nq, dv), ghost_k, ghost_v)."""
     ctx = current()
     sp = ctx.program.sites[site]
     seq, store, past_len = find_store(ctx, sp, past_k, past_v, q.shape[0], _new_store)
     out = site_attention(sp.compressor, store, q, k, v, mask, past_len, scale, is_causal,
-                         sp.info.module_path)
+                         sp.info.module_path, softcap)
     if ctx.tap is not None:
+        if softcap is not None:  # the recorded calls are replayed without the cap
+            raise KvfxStateError(f"kvfx: site {sp.info.module_path} has soft-capped logits (cap "
+                                 f"{softcap}); recording its calls for replay (kvfx calib-error) does not "
+                                 "carry the cap yet: run calib-error on a model without soft-capping")
         ctx.tap(sp.info, q, k, v, mask, past_len, scale, is_causal, out)
     h = seq.handle(sp.info.module_path)
     gk = make_ghost(k, _ghost_shape(k, past_k), h)
@@ -64,17 +70,23 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_k: Tens
 
 
 @attention.register_fake
-def _(q, k, v, mask, past_k, past_v, site, scale, is_causal):
+def _(q, k, v, mask, past_k, past_v, site, scale, is_causal, softcap=None):
     return (q.new_empty(*q.shape[:-1], v.shape[-1]), ghost_fake(k, _ghost_shape(k, past_k)),
             ghost_fake(v, _ghost_shape(v, past_v)))
 
 
 def site_attention(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_len: int,
-                   scale: float | None, is_causal: bool, where: str = "") -> Tensor:
+                   scale: float | None, is_causal: bool, where: str = "",
+                   softcap: float | None = None) -> Tensor:
     """One call of a site: its compressor ``c`` and store. Prefill (``past_len == 0``): exact
     attention on the prompt, then compression (and CaliDrop's state). Decode: :func:`decode_step`.
     Also used to replay recorded calls. (Low-rank sites: :func:`kvfx.runtime.lowrank.lowrank_site_attention`,
-    which differs only in what it projects before the same steps.)"""
+    which differs only in what it projects before the same steps.) ``softcap``: the site's logits
+    are soft-capped (:func:`kvfx.runtime.softcap.capped_site_attention`)."""
+    if softcap is not None:
+        from kvfx.runtime.softcap import capped_site_attention
+
+        return capped_site_attention(c, store, q, k, v, mask, past_len, scale, is_causal, softcap, where)
     if past_len == 0:  # a new sequence: exact attention on the prompt, then compress
         return prefill_step(c, store, q, k, v, mask, scale, is_causal)
     B = q.shape[0]

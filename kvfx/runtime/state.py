@@ -63,6 +63,8 @@ class SiteInfo:
     reason: str = ""  # why it was left alone
     policy: str = ""  # the applied layer policy, described
     graphs: int = 1  # graphs in which the site was seen
+    softcap: float | None = None  # logits soft-capped as cap * tanh(s / cap) (Gemma-2)
+    window: int | None = None  # a sliding-window layer: the tokens its cache keeps
 
 
 @dataclass
@@ -396,6 +398,69 @@ def cache_tensors(cache) -> list[torch.Tensor]:
     return out
 
 
+def _cache_entries(cache) -> list[tuple[str, torch.Tensor]]:
+    """``(path, tensor)`` for every tensor reachable in a cache object, the path naming how it was
+    reached (``layers.3.keys`` in a Hugging Face cache, ``3.0`` in a tuple cache)."""
+    out: list[tuple[str, torch.Tensor]] = []
+    stack, seen = [("", cache)], set()
+    while stack:
+        path, x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            out.append((path, x))
+        elif id(x) in seen or x is None or isinstance(x, (str, int, float, bool)):
+            continue
+        elif isinstance(x, (list, tuple, dict)) or hasattr(x, "__dict__"):
+            seen.add(id(x))
+            items = (x.items() if isinstance(x, dict) else vars(x).items() if not isinstance(x, (list, tuple))
+                     else enumerate(x))
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in items)
+    return out
+
+
+def _left_alone(cache, seqs) -> dict:
+    """The cache tensors of layers kvfx left alone (no ghost), grouped by layer: ``{name: {"layer",
+    "bytes", "tokens", "reason"}}``, named by the site of that layer when the passes saw one."""
+    import re
+
+    infos = {}
+    for seq in seqs:
+        for info in seq.session.sites():
+            infos.setdefault(info.layer_index, info)
+    groups: dict[int | None, list] = {}
+    for path, t in _cache_entries(cache):
+        if handle_of(t) is not None or t.dim() != 4 or not t.is_floating_point():
+            continue
+        m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", path)
+        groups.setdefault(int(m.group(1)) if m else None, []).append(t)
+    out = {}
+    for layer, ts in sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+        info = infos.get(layer)
+        name = info.module_path if info is not None and not info.rewritten else (
+            f"cache layer {layer}" if layer is not None else "cache (unattributed)")
+        out[name] = {"layer": layer, "bytes": _storage_bytes(ts),
+                     "fp16_bytes": sum(t.numel() * 2 for t in ts),
+                     "tokens": max(t.shape[-2] for t in ts),
+                     "reason": info.reason if info is not None and not info.rewritten else ""}
+    return out
+
+
+def _coverage(seqs, left: dict | None, held_total: int) -> str:
+    """One line: how many sites the policy applies to, and what the others hold."""
+    infos = {}
+    for seq in seqs:
+        for info in seq.session.sites():
+            infos[info.module_path] = info
+    n, rw = len(infos), sum(i.rewritten for i in infos.values())
+    if not n or rw == n:
+        return f"policy applied to {rw} of {n} layers" if n else ""
+    line = f"policy applied to {rw} of {n} layers"
+    if left is None:
+        return (f"{line}; the other {n - rw} are left alone and not counted here (pass the model's "
+                "cache to kvfx.memory to count them)")
+    frac = sum(e["bytes"] for e in left.values()) / held_total if held_total else float("nan")
+    return f"{line}; the other {n - rw} (left alone, uncompressed) hold {frac:.2f} of the cache"
+
+
 def sequences_of_cache(cache) -> list[Sequence]:
     out: list[Sequence] = []
     for t in cache_tensors(cache):
@@ -423,6 +488,14 @@ def memory(cache=None, model=None) -> dict:
         dense bytes are for every token seen, in the model's dtype (``dense_bytes``) and in fp16
         (``dense_fp16_bytes``). ``shared_bytes`` (state several sites of a sequence share, e.g.
         the RoPE table of low-rank sites) is part of ``store_bytes``, counted once.
+        With ``cache``, layers kvfx left alone (sliding-window layers, sites a policy skips) hold
+        their own uncompressed tensors: they are listed in ``left_alone`` (``{site: {"layer",
+        "bytes", "fp16_bytes", "tokens", "reason"}}``, total ``left_alone_bytes``) and counted in
+        both ``held_bytes`` and ``dense_bytes``, so ``ratio`` covers every layer of the model.
+        Without ``cache`` they cannot be seen (``left_alone`` is None) and the dense bytes cover
+        the rewritten sites only. ``summary``: one line saying how many layers the policy applies
+        to and what the others hold (e.g. "policy applied to 3 of 18 layers; the other 15 (left
+        alone, uncompressed) hold 0.56 of the cache").
     """
     if cache is not None:
         seqs = sequences_of_cache(cache)
@@ -459,8 +532,15 @@ def memory(cache=None, model=None) -> dict:
     store_total += shared_total
     model_bytes = _storage_bytes(cache_tensors(cache) if cache is not None else ghosts)
     held_total = store_total + model_bytes
+    # layers kvfx left alone hold their own dense cache: counted in held *and* dense, so the ratio
+    # covers the same layers on both sides (without the cache they cannot be seen: see "summary")
+    left = _left_alone(cache, seqs) if cache is not None else None
+    dense_total += sum(e["bytes"] for e in (left or {}).values())
+    dense16_total += sum(e["fp16_bytes"] for e in (left or {}).values())
     return {
         "sites": sites, "store_bytes": store_total, "shared_bytes": shared_total,
+        "left_alone": left, "left_alone_bytes": sum(e["bytes"] for e in left.values()) if left is not None else None,
+        "summary": _coverage(seqs, left, held_total),
         "model_cache_bytes": model_bytes, "sequences": len(seqs),
         "held_bytes": held_total, "dense_bytes": dense_total, "dense_fp16_bytes": dense16_total,
         "ratio": held_total / dense_total if dense_total else float("nan"),

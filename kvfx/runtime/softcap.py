@@ -1,0 +1,85 @@
+"""Soft-capped attention (Gemma-2's ``attn_logit_softcapping``): ``softmax(cap * tanh(s / cap) + mask)``
+with ``s = scale * q·kᵀ``.
+
+A site whose logits are soft-capped (:attr:`kvfx.passes.find_attention.AttentionMatch.softcap`)
+runs the same lifecycle as every site (:mod:`kvfx.runtime.lifecycle`: exact prefill, then the
+compressor writes what it keeps; decode appends, attends, finishes the step) with the cap applied
+wherever logits are formed. This is the PyTorch reference on every device: no Triton kernel takes
+a cap, so capped sites never take the kernel paths. Supported stores: the dense store (``full`` and
+eviction policies; H2O/TOVA read the capped probabilities). Quantized (``quant:``), low-rank
+(``lowrank:``) and calibrated (``calibration:``) layer policies read logits inside their own stores
+and kernels, which take no cap: the passes refuse them on a capped site at compile time
+(:func:`check_policy`). Prompt-time eviction scorers (SnapKV, PyramidKV, ...) score the uncapped
+logits: the cap is a monotone map of each logit, so their rankings per query are unchanged, but
+their summed probabilities are not the capped ones.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kvfx.runtime.attention import _store_mask, key_valid
+
+
+def capped_attention(q: Tensor, k: Tensor, v: Tensor, keep, *, scale: float | None, softcap: float,
+                     is_causal: bool = False, with_probs: bool = False):
+    """Reference soft-capped attention, as Hugging Face's eager attention computes it (fp32
+    softmax). ``keep``: a boolean (True = attend) or additive mask broadcastable to (B, Hq, nq, n),
+    or None. Returns (out in q's dtype, fp32 probs or None)."""
+    from kvfx.methods.scoring import expand_kv
+
+    sm = scale if scale is not None else q.shape[-1] ** -0.5
+    kx, vx = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
+    logits = torch.matmul(q, kx.transpose(-1, -2)) * sm
+    logits = torch.tanh(logits / softcap) * softcap
+    if is_causal and q.shape[2] > 1:
+        nq, n = q.shape[2], k.shape[2]
+        causal = torch.ones(nq, n, dtype=torch.bool, device=q.device).tril(diagonal=0)
+        keep = causal if keep is None else (keep & causal if keep.dtype == torch.bool
+                                            else keep.masked_fill(~causal, float("-inf")))
+    if keep is not None:
+        logits = logits.masked_fill(~keep, float("-inf")) if keep.dtype == torch.bool else logits + keep
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    out = torch.matmul(probs.to(v.dtype), vx)
+    return out, (probs if with_probs else None)
+
+
+def check_policy(compressor) -> str:
+    """'' if ``compressor`` can run on a soft-capped site, else what it asks for that cannot."""
+    if getattr(compressor, "lowrank", False):
+        return "a low-rank (lowrank:) store"
+    if getattr(compressor, "quant", None) is not None:
+        return "a quantized (quant:) store"
+    if getattr(compressor, "calib", None) is not None:
+        return "calibration (calibration:)"
+    return ""
+
+
+def capped_site_attention(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_len: int,
+                          scale: float | None, is_causal: bool, softcap: float, where: str = "") -> Tensor:
+    """:func:`kvfx.runtime.ops.site_attention` for a soft-capped site (dense store)."""
+    from kvfx.runtime.lifecycle import check_continues
+
+    B, _, nq, _ = q.shape
+    if past_len == 0:
+        store.reset()
+        out, _ = capped_attention(q, k, v, mask, scale=scale, softcap=softcap, is_causal=is_causal)
+        with torch.no_grad():
+            c.prefill(store, q, k, v, key_valid(mask, B, nq, q.device), scale, None)
+        store.seen = nq
+        return out.contiguous()
+    check_continues(store, past_len, B, where)
+    with torch.no_grad():
+        store.append(k, v, torch.arange(past_len, past_len + nq, device=q.device))
+        n = store.length
+        g = q.shape[1] // store.kv_heads
+        keep = _store_mask(store, mask, is_causal, nq, past_len, g)
+        out, probs = capped_attention(q, store.k[:, :, :n], store.v[:, :, :n], keep, scale=scale,
+                                      softcap=softcap, with_probs=c.needs_probs)
+        store.finish_step(c, nq, probs)
+    store.seen += nq
+    return out.contiguous()
+
+
+__all__ = ["capped_attention", "capped_site_attention", "check_policy"]
