@@ -130,7 +130,8 @@ def _memory_fields(cache) -> dict:
     held = [s["tokens_held"] for s in mem["sites"].values()]
     return {"kept_tokens": sum(held) / len(held) if held else None,
             "held_bytes": mem["held_bytes"], "dense_bytes": mem["dense_bytes"],
-            "dense_fp16_bytes": mem.get("dense_fp16_bytes")}
+            "dense_fp16_bytes": mem.get("dense_fp16_bytes"),
+            "coverage": mem.get("summary") or None}  # e.g. "policy applied to 3 of 18 layers; ..."
 
 
 def _generation_sample(model, tok, task, samples, n, depth, seed, max_new_tokens) -> dict:

@@ -29,4 +29,20 @@ def format_report(sites: list[SiteInfo]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     n_rw = sum(s.rewritten for s in sites)
     lines.append(f"{n_rw}/{len(sites)} sites rewritten")
+    if n_rw < len(sites):
+        lines.append(coverage_line(sites))
     return "\n".join(lines)
+
+
+def coverage_line(sites: list[SiteInfo]) -> str:
+    """One line for a partly compressed model: how many layers the policy applies to, and why the
+    others are left alone (their bytes: ``kvfx.memory(cache)["summary"]``)."""
+    n_rw = sum(s.rewritten for s in sites)
+    left = [s for s in sites if not s.rewritten]
+    kinds = {}
+    for s in left:
+        kind = "sliding-window" if s.window else s.provenance.replace("_", " ")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    why = ", ".join(f"{n} {k}" for k, n in kinds.items())
+    return (f"policy applied to {n_rw} of {len(sites)} layers; the other {len(left)} ({why}) keep "
+            "their uncompressed cache: kvfx.memory(cache) counts their bytes in held and dense")
