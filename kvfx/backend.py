@@ -25,9 +25,27 @@ import logging
 import torch
 
 from kvfx.passes import run_passes
-from kvfx.policy import load_policy
+from kvfx.policy import PolicyError, load_policy
 
 log = logging.getLogger("kvfx")
+
+
+class CompilePolicyError(PolicyError, torch._dynamo.exc.ShortenTraceback):
+    """A :class:`kvfx.PolicyError` found while kvfx compiles a graph (a malformed policy, an
+    override that matches no attention site, a quant group the head dim cannot hold).
+
+    dynamo wraps a backend's exceptions in ``BackendCompilerFailed`` but lets its own
+    ``ShortenTraceback`` through unchanged, so this error reaches the caller of the first forward
+    as itself: ``except kvfx.PolicyError`` catches it, and ``str(err)`` stays the one located line
+    (dynamo appends its hints to the exception's args, not to this message)."""
+
+    def __init__(self, err: PolicyError):
+        PolicyError.__init__(self, str(err), file=err.file, line=err.line, col=err.col, path=err.path)
+        self.first_useful_frame = None
+        self._line = str(err)
+
+    def __str__(self) -> str:
+        return self._line
 
 _INNER = ("inductor", "eager", "aot_eager")
 
@@ -81,7 +99,10 @@ def kvfx_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
     ``torch_dynamo_backends`` entry point). ``kwargs`` (e.g. HF's ``mode=``) are ignored."""
     policy, inner = _options(options)
     _check_dynamic()
-    program = run_passes(gm, load_policy(policy))
+    try:
+        program = run_passes(gm, load_policy(policy))
+    except PolicyError as e:
+        raise CompilePolicyError(e) from None
     if isinstance(options, dict):
         program.options, program.options_at_compile = _freeze_options(options), copy.deepcopy(options)
     program.params = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
@@ -112,6 +133,7 @@ def compile(model: torch.nn.Module, policy="full", *, inner: str = "inductor", *
       its fallback).
 
     ``compile_kwargs`` go to ``torch.compile``. Returns ``model``."""
+    load_policy(policy)  # a malformed policy fails here, before anything is compiled
     compile_kwargs.setdefault("isolate_recompiles", True)
     model.compile(backend="kvfx", options={"policy": policy, "inner": inner}, **compile_kwargs)
     compiled = model._compiled_call_impl

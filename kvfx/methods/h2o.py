@@ -8,9 +8,12 @@ to hh; when a row holds more than its cap, the lowest-hh token outside the recen
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, ClassVar
 
 import torch
+from pydantic import Field
 
+from kvfx.methods.registry import Scorer, conflict, register
 from kvfx.methods.scoring import attention_probs, group_reduce
 
 QUERY_BLOCK = 256
@@ -32,13 +35,31 @@ def column_sums(q, k, valid, *, scale: float, block: int = QUERY_BLOCK) -> torch
     return total
 
 
+@register
 @dataclass(frozen=True)
-class H2O:
-    heavy: float = 0.1
-    recent: float = 0.1
+class H2O(Scorer):
+    """The budget splits heavy:recent; the recent share is protected like a window. During decode
+    each step's attention adds to the scores and the cache rolls at the prompt budget."""
+
+    name: ClassVar[str] = "h2o"
+    kernel_scores: ClassVar[str] = "colsum"
+    decode: ClassVar[str] = "accumulated"
+    rolls: ClassVar[bool] = True
+
+    heavy: Annotated[float, Field(ge=0, le=1, description="h2o: heavy-hitter fraction (the budget is split "
+                                  "heavy:recent)")] = 0.1
+    recent: Annotated[float, Field(ge=0, le=1, description="h2o: recent-token fraction")] = 0.1
     group_reduce: str = "mean"
 
-    kernel_scores = "colsum"
+    @classmethod
+    def check(cls, params, budget) -> None:
+        if params.heavy + params.recent == 0:
+            raise conflict("eviction.heavy", params.heavy, "heavy + recent > 0 (set heavy or recent)")
+
+    @property
+    def recent_share(self) -> float:
+        """The fraction of the budget that is the protected recent window."""
+        return self.recent / (self.heavy + self.recent) if self.heavy + self.recent > 0 else 0.5
 
     def from_votes(self, votes, valid, kv_heads):
         return group_reduce(votes, kv_heads, self.group_reduce)

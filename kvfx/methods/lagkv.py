@@ -17,8 +17,12 @@ next one (recursive compression).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, ClassVar
 
 import torch
+from pydantic import Field
+
+from kvfx.methods.registry import Scorer, conflict, register
 
 EPS = 1e-6  # the official code's guard against a flat reference range
 
@@ -72,9 +76,27 @@ def lagkv_keep_indices(k: torch.Tensor, v: torch.Tensor, *, sink: int, lag: int,
     return torch.cat([head, kept, tail], dim=1), n - tail_start
 
 
+@register
 @dataclass(frozen=True)
-class LagKV:
-    sink: int = 4
-    lag: int = 128
-    keep: float = 0.5
-    v_ratio: float = 1.0
+class LagKV(Scorer):
+    """Partitioned: the runtime compresses partition by partition (prefill and decode) with
+    :func:`lagkv_keep_indices` and :func:`compress_partitions`; ``budget.keep`` is the fraction of
+    each partition kept."""
+
+    name: ClassVar[str] = "lagkv"
+    partitioned: ClassVar[bool] = True
+
+    lag: Annotated[int, Field(ge=1, description="lagkv: partition size in tokens")] = 128
+    score_v_ratio: Annotated[float, Field(ge=0, description="lagkv: weight of the value score")] = 1.0
+
+    @classmethod
+    def check(cls, params, budget) -> None:
+        if budget.tokens is not None:
+            raise conflict("budget.tokens", budget.tokens, "budget.keep with scorer lagkv (it keeps a fraction "
+                           "of each partition)")
+        if int(budget.keep * params.lag) < 1:
+            raise conflict("eviction.lag", params.lag, f">= {int(1 / budget.keep) + 1} with budget.keep "
+                           f"{budget.keep:g} (each partition must keep a token)")
+
+    def describe(self) -> str:
+        return f" lag={self.lag} v_ratio={self.score_v_ratio:g}"

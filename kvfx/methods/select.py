@@ -136,3 +136,28 @@ def select_gather_reference(prio: torch.Tensor, budget: torch.Tensor, k: torch.T
     k_out = gather_tokens(k, idx).masked_fill(~used[..., None], 0) if n else k.new_zeros(B, H, cap, k.shape[-1])
     v_out = gather_tokens(v, idx).masked_fill(~used[..., None], 0) if n else v.new_zeros(B, H, cap, v.shape[-1])
     return k_out, v_out, pos, count
+
+
+def chunk_scores(scores: torch.Tensor, valid: torch.Tensor, chunk: int) -> torch.Tensor:
+    """ChunkKV (arXiv 2502.00299): every token takes the score of its chunk, so that a top-k keeps
+    whole chunks of ``chunk`` consecutive tokens.
+
+    Chunks are counted from each row's first valid token (left padding does not shift them). A
+    chunk's score is the sum over KV heads of the token scores, averaged over the chunk's valid
+    tokens (a partial last chunk over its own tokens), as NVIDIA kvpress's ``ChunkKVPress``; every
+    KV head keeps the same chunks. kvpress takes the chunks of batch row 0 for every row; kvfx
+    chooses per row. The budget stays exact: the lowest-ranked chunk that fits only partly keeps
+    its first tokens (a stable sort: ties go to the earlier token).
+
+    scores (B, Hkv, n) (-inf at pads), valid (B, n) -> (B, Hkv, n) fp32, -inf at pads.
+    """
+    B, H, n = scores.shape
+    rank, _ = valid_rank(valid)
+    cid = torch.where(valid, rank // chunk, 0)                                   # (B, n)
+    per_token = scores.float().masked_fill(~valid[:, None], 0).sum(1)            # (B, n)
+    n_chunks = max(1, -(-n // chunk))
+    total = per_token.new_zeros(B, n_chunks).scatter_add_(1, cid, per_token)
+    count = per_token.new_zeros(B, n_chunks).scatter_add_(1, cid, valid.float())
+    mean = total / count.clamp_min(1)
+    out = mean.gather(1, cid).masked_fill(~valid, float("-inf"))
+    return out[:, None].expand(B, H, n)

@@ -7,12 +7,29 @@ max or avg, stride 1, same padding); the g query heads of a GQA group are reduce
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Annotated, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 
+from kvfx.methods.registry import ParamModel, Scorer, conflict, register
 from kvfx.methods.scoring import attention_probs, group_reduce, probs_from_logits
+
+
+class Pool(ParamModel):
+    """SnapKV's 1-D pooling of the window scores over tokens (stride 1, same padding)."""
+
+    kind: Literal["max", "avg"] = "max"
+    kernel: int = Field(7, ge=1, description="odd kernel size")
+
+    @field_validator("kernel")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise conflict("", v, f"an odd integer (same padding needs a centre; use {v - 1} or {v + 1})")
+        return v
 
 
 def pool_scores(s: torch.Tensor, kind: str, kernel: int) -> torch.Tensor:
@@ -46,18 +63,30 @@ def snapkv_scores(q, k, valid, *, window: int, scale: float, pool: str = "max", 
     return group_reduce(s, k.shape[1], group_reduce_how)
 
 
+@register
 @dataclass(frozen=True)
-class SnapKV:
+class SnapKV(Scorer):
+    """Votes of the last ``window`` queries (``budget.window``, at least 1), pooled."""
+
+    name: ClassVar[str] = "snapkv"
+    kernel_scores: ClassVar[str] = "window_colsum"  # what the fused prefill kernel can emit
+
+    pool: Annotated[Pool, Field(description="snapkv: pooling of the window scores")] = \
+        field(default_factory=Pool)
     window: int = 32
-    pool: str = "max"
-    kernel: int = 7
     group_reduce: str = "mean"
 
-    kernel_scores = "window_colsum"  # what the fused prefill kernel can emit for this scorer
+    @classmethod
+    def check(cls, params, budget) -> None:
+        if budget.window == 0:
+            raise conflict("budget.window", budget.window, ">= 1 with scorer snapkv (the observation window)")
+
+    def describe(self) -> str:
+        return f" pool={self.pool.kind}{self.pool.kernel}"
 
     def from_votes(self, votes, valid, kv_heads):
         """Scores from the prefill kernel's window votes (B, Hq, n)."""
-        return group_reduce(pool_scores(votes, self.pool, self.kernel), kv_heads, self.group_reduce)
+        return group_reduce(pool_scores(votes, self.pool.kind, self.pool.kernel), kv_heads, self.group_reduce)
 
     def from_logits(self, logits, valid, kv_heads):
         """Scores from the masked logits (B, Hq, W, n) of the last W >= ``window`` prompt queries
@@ -72,5 +101,5 @@ class SnapKV:
         return self.from_votes(votes, valid, kv_heads)
 
     def scores(self, q, k, v, valid, scale, logits_out: list | None = None):
-        return snapkv_scores(q, k, valid, window=max(self.window, 1), scale=scale, pool=self.pool,
-                             kernel=self.kernel, group_reduce_how=self.group_reduce, logits_out=logits_out)
+        return snapkv_scores(q, k, valid, window=max(self.window, 1), scale=scale, pool=self.pool.kind,
+                             kernel=self.pool.kernel, group_reduce_how=self.group_reduce, logits_out=logits_out)

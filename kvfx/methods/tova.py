@@ -7,9 +7,11 @@ attention, evicting the lowest token once a row is over its cap.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from kvfx.methods.registry import Scorer, register
 from kvfx.methods.scoring import attention_probs, group_reduce, probs_from_logits
 
 
@@ -19,11 +21,15 @@ def last_query_scores(q, k, valid, *, scale: float) -> torch.Tensor:
     return attention_probs(q[:, :, -1:], k, valid, torch.tensor([n - 1], device=q.device), scale)[:, :, 0]
 
 
+@register
 @dataclass(frozen=True)
-class TOVA:
-    group_reduce: str = "mean"
+class TOVA(Scorer):
+    name: ClassVar[str] = "tova"
+    kernel_scores: ClassVar[str] = "last_row"
+    decode: ClassVar[str] = "current"
+    rolls: ClassVar[bool] = True
 
-    kernel_scores = "last_row"
+    group_reduce: str = "mean"
 
     def from_votes(self, votes, valid, kv_heads):
         return group_reduce(votes, kv_heads, self.group_reduce)

@@ -9,12 +9,12 @@ This module must stay torch-free.
 
 from __future__ import annotations
 
-import json
-import re
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, Field, create_model, field_validator, model_validator
+
+from kvfx.methods import registry
+from kvfx.methods.registry import NOTHING, ParamModel, conflict, show_value  # noqa: F401  (re-exported)
 
 
 class PolicyError(ValueError):
@@ -31,41 +31,10 @@ class PolicyError(ValueError):
         self.file, self.line, self.col, self.path = file, line, col, path
 
 
-def show_value(value: Any) -> str:
-    """The value as a policy author wrote it: ``3``, ``'maxx'``, ``null``, ``true``, ``[0, 1]``."""
-    if value is None:
-        return "null"
-    if value is NOTHING:
-        return "nothing"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, (int, float)):
-        return repr(value)
-    try:
-        text = json.dumps(value, default=str, separators=(", ", ": "))
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-NOTHING = type("Nothing", (), {"__repr__": lambda self: "nothing"})()   # "got nothing": a key not set
-
-
-def conflict(path: str, got: Any, expected: str) -> PydanticCustomError:
-    """An error at ``path`` (relative to the model raising it; ``""`` for the field itself)."""
-    loc = tuple(int(p) if p.isdigit() else p for p in re.findall(r"[^.\[\]]+", path))
-    return PydanticCustomError("kvfx", "{path}: got {got}, expected {expected}",
-                               {"path": path, "loc": loc, "got": show_value(got), "expected": expected})
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
-
-
-SCORERS = ("none", "streaming", "knorm", "snapkv", "h2o", "tova", "lagkv")
-BUDGETED = ("knorm", "snapkv", "h2o", "tova", "lagkv")   # scorers that need budget.keep or budget.tokens
+_Model = ParamModel
+_SCORERS = registry.scorers()   # name -> scorer class, from the method files (kvfx/methods/*.py)
+SCORERS = tuple(_SCORERS)
+BUDGETED = tuple(n for n, c in _SCORERS.items() if c.budgeted)   # need budget.keep or budget.tokens
 Bits = Literal[2, 4, 8]
 
 
@@ -100,49 +69,64 @@ class Budget(_Model):
         return self
 
 
-class Pool(_Model):
-    """SnapKV's 1-D pooling of the window scores over tokens (stride 1, same padding)."""
+def _eviction_fields() -> tuple[dict, dict]:
+    """The ``eviction:`` fields: ``scorer``, ``group_reduce``, ``chunk`` and every registered
+    scorer's parameters, and {parameter: the scorers that declare it}."""
+    fields: dict[str, Any] = {
+        "scorer": (Literal[SCORERS], Field("none", description="the eviction method: " + ", ".join(SCORERS))),
+        "group_reduce": (Literal["mean", "max"], Field("mean", description="how a GQA group's query heads "
+                                                         "combine")),
+        "chunk": (Optional[int], Field(None, ge=1, description="ChunkKV (arXiv 2502.00299): keep whole chunks "
+                                       "of this many consecutive tokens, ranked by their mean score summed over "
+                                       "KV heads (kvpress: 20); null: single tokens")),
+    }
+    owners: dict[str, list[str]] = {}
+    for name, cls in _SCORERS.items():
+        for f, ann in registry.param_types(cls).items():
+            default = next(x for x in registry.params_of(cls) if x.name == f)
+            if f in fields and f not in owners:
+                raise TypeError(f"scorer {name}: parameter {f!r} shadows a common eviction field")
+            if f in owners:
+                if registry.param_default(default) != fields[f][1]:
+                    raise TypeError(f"scorer {name}: parameter {f!r} is declared by {owners[f]} with "
+                                    "another default")
+            else:
+                fields[f] = (ann, registry.param_default(default))
+            owners.setdefault(f, []).append(name)
+    return fields, {k: tuple(v) for k, v in owners.items()}
 
-    kind: Literal["max", "avg"] = "max"
-    kernel: int = Field(7, ge=1, description="odd kernel size")
 
-    @field_validator("kernel")
-    @classmethod
-    def _odd(cls, v: int) -> int:
-        if v % 2 == 0:
-            raise conflict("", v, f"an odd integer (same padding needs a centre; use {v - 1} or {v + 1})")
-        return v
+_FIELDS, _OWNERS = _eviction_fields()
 
 
-class Eviction(_Model):
-    """Which tokens leave the cache. Method-specific fields only apply to their scorer."""
-
-    scorer: Literal["none", "streaming", "knorm", "snapkv", "h2o", "tova", "lagkv"] = "none"
-    pool: Pool = Field(default_factory=Pool, description="snapkv: pooling of the window scores")
-    group_reduce: Literal["mean", "max"] = Field("mean", description="how a GQA group's query heads combine")
-    heavy: float = Field(0.1, ge=0, le=1, description="h2o: heavy-hitter fraction (the budget is split "
-                         "heavy:recent)")
-    recent: float = Field(0.1, ge=0, le=1, description="h2o: recent-token fraction")
-    lag: int = Field(128, ge=1, description="lagkv: partition size in tokens")
-    score_v_ratio: float = Field(1.0, ge=0, description="lagkv: weight of the value score")
-
-    OWNERS: ClassVar[dict[str, str]] = {"pool": "snapkv", "heavy": "h2o", "recent": "h2o",
-                                        "lag": "lagkv", "score_v_ratio": "lagkv"}
-
-    @model_validator(mode="after")
-    def _method_fields(self) -> "Eviction":
-        if self.scorer == "h2o" and self.heavy + self.recent == 0:
-            raise conflict("heavy", self.heavy, "heavy + recent > 0 (set heavy or recent)")
-        if self.scorer == "none":
-            return self
-        for field, owner in self.OWNERS.items():
-            default = type(self).model_fields[field].get_default(call_default_factory=True)
-            value = getattr(self, field)
-            if owner != self.scorer and value != default:
-                shown = value.model_dump() if isinstance(value, BaseModel) else value
-                raise conflict(field, shown, f"no {field} with scorer {self.scorer}: it is a {owner} "
-                               f"parameter (remove it or set scorer: {owner})")
+def _eviction_checks(self: BaseModel) -> BaseModel:
+    """A parameter set for another scorer than the chosen one is an error naming its owner."""
+    if self.scorer == "none":
         return self
+    for field, owners in self.OWNERS.items():
+        if self.scorer in owners:
+            continue
+        default = type(self).model_fields[field].get_default(call_default_factory=True)
+        value = getattr(self, field)
+        if value != default:
+            shown = value.model_dump() if isinstance(value, BaseModel) else value
+            owner = " or ".join(owners)
+            raise conflict(field, shown, f"no {field} with scorer {self.scorer}: it is a {owner} "
+                           f"parameter (remove it or set scorer: {owners[0]})")
+    return self
+
+
+Eviction = create_model(
+    "Eviction", __base__=_Model, __doc__="Which tokens leave the cache. Each scorer's parameters "
+    "(from its file in kvfx/methods) apply to that scorer only.",
+    __validators__={"_method_fields": model_validator(mode="after")(_eviction_checks)},
+    **_FIELDS)
+Eviction.OWNERS = _OWNERS
+
+
+def scorer_of(eviction: Any, budget: Any) -> registry.Scorer:
+    """The registered scorer instance a validated ``eviction`` section (with its budget) describes."""
+    return registry.from_policy(eviction, budget)
 
 
 class Recompute(_Model):
@@ -245,29 +229,62 @@ class LowRank(_Model):
         return v
 
 
+def store_kind(p: Any) -> str:
+    """The cache representation a (layer) policy asks for: a key of ``registry.STORE_CAPS``."""
+    if p.lowrank is not None:
+        return "latent-quantized" if p.quant is not None else "latent"
+    return "quantized" if p.quant is not None else "dense"
+
+
+_STORE_WHAT = {"quantized": ("quant", "a quantized store (quant:)"),
+               "latent": ("lowrank", "a low-rank latent store (lowrank:)"),
+               "latent-quantized": ("quant", "quantized low-rank latents (lowrank: + quant:)")}
+
+
+def check_capabilities(p: Any) -> None:
+    """What the scorer, ``max_tokens`` and calibration need from the store that ``quant:`` /
+    ``lowrank:`` choose (``registry.STORE_CAPS``); raises :func:`conflict` at the key to change."""
+    kind = store_kind(p)
+    if kind == "dense":
+        return
+    cls = _SCORERS[p.eviction.scorer]
+    rolling = p.budget.max_tokens is not None
+    have = registry.STORE_CAPS[kind]
+    key, store = _STORE_WHAT[kind]
+    for cap in sorted(cls.needs(rolling) - have):
+        if cap == "evict" and rolling and not (cls.rolls or cls.partitioned):
+            raise conflict("budget.max_tokens", p.budget.max_tokens,
+                           f"null with {store}: it cannot drop held tokens during decode (rolling caps); "
+                           "prompt-time eviction (snapkv, pyramidkv, knorm, keydiff, ...) combines with it")
+        what = {"evict": "evict during decode (or per partition)",
+                "probs": "read each decode step's attention probabilities"}[cap]
+        fine = ", ".join(n for n, c in _SCORERS.items() if n != "none" and not (c.needs(False) - have))
+        raise conflict("eviction.scorer", p.eviction.scorer,
+                       f"a scorer that does not {what} with {store} (store capability {cap!r}): {fine}; "
+                       f"or remove {key}")
+    if p.calibration is not None and "calibration" not in have:
+        raise conflict("calibration", p.calibration.method, f"no calibration with {store} (CaliDrop folds "
+                       "each evicted token's exact key into its statistics); remove calibration")
+
+
 def check_sections(p: Any) -> None:
     """Contradictions between sections of a document or a layer policy (raises :func:`conflict`)."""
     b, scorer = p.budget, p.eviction.scorer
+    cls = _SCORERS[scorer]
     if p.calibration is not None and scorer == "none":
         raise conflict("calibration", p.calibration.method, "eviction.scorer set too: calibration restores "
                        "evicted tokens (set eviction.scorer or remove calibration)")
-    if scorer in BUDGETED and b.keep is None and b.tokens is None:
+    if cls.budgeted and b.keep is None and b.tokens is None:
         raise conflict("budget.keep", NOTHING, f"budget.keep or budget.tokens with eviction.scorer {scorer} "
                        "(e.g. keep: 0.25)")
-    if scorer == "streaming" and b.sink + b.window == 0:
-        raise conflict("budget.window", b.window, "> 0 with scorer streaming (it keeps sink + window)")
-    if scorer == "snapkv" and b.window == 0:
-        raise conflict("budget.window", b.window, ">= 1 with scorer snapkv (the observation window)")
-    if scorer == "lagkv":
-        if b.tokens is not None:
-            raise conflict("budget.tokens", b.tokens, "budget.keep with scorer lagkv (it keeps a fraction "
-                           "of each partition)")
-        if int(b.keep * p.eviction.lag) < 1:
-            raise conflict("eviction.lag", p.eviction.lag, f">= {int(1 / b.keep) + 1} with budget.keep "
-                           f"{b.keep:g} (each partition must keep a token)")
+    cls.check(p.eviction, b)
     if scorer == "none" and b.max_tokens is not None:
         raise conflict("budget.max_tokens", b.max_tokens, "null with eviction.scorer none (rolling "
                        "eviction needs a scorer, e.g. streaming)")
+    if p.eviction.chunk is not None and scorer != "none" and (not cls.budgeted or cls.partitioned):
+        raise conflict("eviction.chunk", p.eviction.chunk, f"null with eviction.scorer {scorer} (ChunkKV "
+                       "ranks chunks by a scorer's token scores; use a top-k scorer such as snapkv or knorm)")
+    check_capabilities(p)
 
 
 def _g(x: float) -> str:
@@ -305,10 +322,8 @@ class LayerPolicy(_Model):
         elif ev.scorer != "none":
             amount = f"keep={_g(b.keep)}" if b.keep is not None else f"tokens={b.tokens}"
             s = f"{ev.scorer} {amount}" + (" pyramid" if b.schedule == "pyramid" else "")
-            s += f" sink={b.sink} window={b.window}"
-            s += {"snapkv": f" pool={ev.pool.kind}{ev.pool.kernel}",
-                  "h2o": f" heavy={_g(ev.heavy)} recent={_g(ev.recent)}",
-                  "lagkv": f" lag={ev.lag} v_ratio={_g(ev.score_v_ratio)}"}.get(ev.scorer, "")
+            s += f" sink={b.sink} window={b.window}" + scorer_of(ev, b).describe()
+            s += f" chunk={ev.chunk}" if ev.chunk is not None else ""
             parts.append(s + (" group_reduce=max" if ev.group_reduce == "max" else ""))
         if b.max_tokens is not None and parts:
             parts[-1] += f" max_tokens={b.max_tokens}"

@@ -16,20 +16,16 @@ from __future__ import annotations
 
 import torch
 
-from kvfx.methods.h2o import H2O
-from kvfx.methods.knorm import KNorm
+from kvfx.methods import registry
 from kvfx.methods.lagkv import lagkv_keep_indices
 from kvfx.methods.lowrank import latent_basis
 from kvfx.methods.recalkv import LayerFactors
 from kvfx.methods.pyramidkv import pyramid_budget
 from kvfx.methods.scoring import default_scale, group_reduce, window_logits
-from kvfx.methods.select import budget_from_keep, gather_tokens, priority, select_kept
-from kvfx.methods.snapkv import SnapKV
-from kvfx.methods.tova import TOVA
+from kvfx.methods.select import chunk_scores, gather_tokens, priority, select_kept
 from kvfx.runtime import compress
 from kvfx.runtime.store import SiteStore
 
-IMPLEMENTED_SCORERS = ("none", "streaming", "knorm", "snapkv", "h2o", "tova", "lagkv")
 _BIG = torch.iinfo(torch.long).max
 
 
@@ -66,7 +62,7 @@ class Compressor:
         if self.needs_probs:
             out.add("probs")
         if getattr(self, "roll_at_budget", False) or getattr(self, "max_tokens", None) is not None \
-                or isinstance(self, LagKVCompressor):
+                or isinstance(self, LagKVCompressor):  # (a partitioned scorer evicts during decode)
             out.add("evict")
         return frozenset(out)
 
@@ -107,38 +103,62 @@ def _write_selection(store, k, v, idx, count, slack) -> None:
 
 
 class Scored(Compressor):
-    """Score → select top-k within a budget → (optionally) evict one token at a time during
-    decode. ``decode``: None (keep growing), ``"oldest"``, ``"h2o"`` (accumulated attention),
-    ``"tova"`` (current attention) or ``"knorm"`` (key norm)."""
+    """A registered top-k scorer (:mod:`kvfx.methods.registry`): score → select within the budget
+    (per-layer schedule, optional ChunkKV chunks) → during decode, grow, or roll at a cap evicting
+    one token at a time in the scorer's ``decode`` order (``"oldest"``, ``"accumulated"``,
+    ``"current"``, ``"self"``).
 
-    def __init__(self, name, scorer, *, keep, tokens, sink, window, max_tokens=None, decode=None,
-                 recent=None, layer=0, num_layers=1, pyramid=False, group_reduce="mean",
-                 roll_at_budget=False):
-        self.name, self.scorer = name, scorer
+    Budgets: ``keep``·(valid prompt tokens) or ``tokens``, never below ``sink + window`` nor
+    :data:`kvfx.methods.registry.MIN_BUDGET`, never above ``max_tokens``; a prompt shorter than its
+    budget keeps everything. A rolling cache (the scorer ``rolls``, or ``max_tokens``) rolls at that
+    budget, so a short prompt's cache grows to it first."""
+
+    def __init__(self, scorer, *, keep, tokens, sink, window, max_tokens=None, layer=0, num_layers=1,
+                 pyramid=False, group_reduce="mean", chunk=None, rolls=None):
+        self.scorer = scorer
+        self.name = scorer.name
         self.keep, self.tokens, self.sink, self.window = keep, tokens, sink, window
-        self.max_tokens, self.decode, self.recent = max_tokens, decode, recent
+        self.max_tokens, self.chunk = max_tokens, chunk
+        self.recent = getattr(scorer, "recent_share", None)   # H2O: the budget's recent share
         self.layer, self.num_layers, self.pyramid = layer, num_layers, pyramid
         self.group_reduce = group_reduce
-        self.needs_probs = decode in ("h2o", "tova")
-        # rolling eviction at the prompt budget (H2O, TOVA, streaming with a budget)
-        self.roll_at_budget = roll_at_budget or decode in ("h2o", "tova")
-        self.kernel_scores = getattr(scorer, "kernel_scores", "none")
+        # rolling eviction at the prompt budget (H2O, TOVA, streaming), or at max_tokens
+        self.roll_at_budget = scorer.rolls if rolls is None else rolls
+        rolling = self.roll_at_budget or max_tokens is not None
+        self.decode = scorer.decode if rolling else None
+        self.needs_probs = self.decode in ("accumulated", "current")
+        self.kernel_scores = scorer.kernel_scores if scorer.kernel_scores not in ("key_norm",) else "none"
+
+    def _raw_budget(self, n_valid: torch.Tensor) -> torch.Tensor:
+        """(B,) long: the budget before the prompt's length caps it (floors and max_tokens applied)."""
+        if self.tokens is not None:
+            b = torch.full_like(n_valid, self.tokens)
+        elif self.keep is not None:
+            b = torch.round(n_valid.double() * self.keep).long()
+        else:
+            b = n_valid.clone()
+        floor = max(self.sink, 0) + self._window(n_valid)
+        b = torch.maximum(b, torch.clamp(floor, min=registry.MIN_BUDGET))
+        if self.max_tokens is not None:  # the cap holds from the prompt on
+            b = b.clamp(max=self.max_tokens)
+        return b
 
     def budget(self, n_valid: torch.Tensor) -> torch.Tensor:
-        window = self._window(n_valid)
-        b = budget_from_keep(n_valid, keep=self.keep, tokens=self.tokens, sink=self.sink,
-                             window=0)
-        b = torch.maximum(b, self.sink + window)
+        """(B,) long tokens each row keeps of its prompt."""
+        b = torch.minimum(self._raw_budget(n_valid), n_valid)
         if self.pyramid:
             b = pyramid_budget(n_valid, b, window=self.window, layer=self.layer,
                                num_layers=self.num_layers)
-        if self.max_tokens is not None:  # the cap holds from the prompt on
-            b = b.clamp(max=self.max_tokens)
+            if self.max_tokens is not None:
+                b = b.clamp(max=self.max_tokens)
         return torch.minimum(b, n_valid)
 
     def _window(self, n_valid):
         if self.recent is not None:  # H2O: the budget splits heavy:recent, recent is the window
-            base = budget_from_keep(n_valid, keep=self.keep, tokens=self.tokens, sink=0, window=0)
+            if self.tokens is not None:
+                base = torch.full_like(n_valid, self.tokens)
+            else:
+                base = torch.round(n_valid.double() * self.keep).long()
             return torch.maximum(torch.round(base.double() * self.recent).long(),
                                  torch.full_like(n_valid, self.window))
         return torch.full_like(n_valid, self.window)
@@ -147,13 +167,11 @@ class Scored(Compressor):
         """``votes``: the raw scores the fused prefill kernel emitted (CUDA), if any.
         ``payload``: (k', v') (B, H', n, ·) to gather and store instead of k, v, with H' dividing
         the KV heads (low-rank latents: H' = 1): the scores of the H' // Hkv heads each payload
-        head stands for are reduced with ``group_reduce`` (KNorm scores the payload keys)."""
+        head stands for are reduced with ``group_reduce`` (a key-norm scorer scores the payload keys)."""
         B, Hkv = k.shape[:2]
         n_valid = valid.long().sum(-1)
         budget = self.budget(n_valid)
-        if self.scorer is None:
-            scores = None
-        elif self.kernel_scores == "window_logits":
+        if self.kernel_scores == "window_logits":
             # CaliDrop: one set of window logits, the prefill kernel's (CUDA) or computed here,
             # gives the scores and (init_calibration) the evicted partition's statistics
             if votes is None:
@@ -162,7 +180,7 @@ class Scored(Compressor):
             self._window_logits = votes
         elif votes is not None:
             scores = self.scorer.from_votes(votes, valid, Hkv)
-        elif isinstance(self.scorer, KNorm):  # attention-free: the kv_stats kernel on CUDA
+        elif self.scorer.kernel_scores == "key_norm":  # attention-free: the kv_stats kernel on CUDA
             scores = compress.knorm_scores(k if payload is None else payload[0])
         else:
             scores = self.scorer.scores(q, k, v, valid, default_scale(q, scale))
@@ -171,22 +189,26 @@ class Scored(Compressor):
             Hkv = k.shape[1]
             if scores is not None and scores.shape[1] != Hkv:
                 scores = group_reduce(scores, Hkv, self.group_reduce)
+        if self.chunk is not None and scores is not None:
+            scores = chunk_scores(scores, valid, self.chunk)
         window = self._window(n_valid)
         # Select + gather (the select_gather kernel on CUDA): count = budget <= n_valid, since
         # only pads carry -inf (a -inf score from a scorer would be dropped); pos -1 past count.
         prio = priority(scores, valid, sink=self.sink, window=window, kv_heads=Hkv)
         m = int(budget.max().item()) if B else 0
         k_kept, v_kept, pos, count = compress.select_and_gather(prio, budget, k, v, m)
-        store.write_kept(k_kept, v_kept, pos, count, m + 1)
+        cap = None  # rolling: at the budget (not capped by this prompt's length), or at max_tokens
+        if self.roll_at_budget:
+            cap = self._raw_budget(n_valid)
+        elif self.max_tokens is not None:
+            cap = torch.full_like(budget, self.max_tokens)
+        store.write_kept(k_kept, v_kept, pos, count, m + 1 if cap is None else max(m, int(cap.max())) + 1)
         idx = pos.clamp(min=0)
-        cap = budget if self.roll_at_budget else None
-        if self.max_tokens is not None:
-            cap = torch.full_like(budget, self.max_tokens) if cap is None else cap.clamp(max=self.max_tokens)
         if cap is not None:
             store.extra["cap"] = cap[:, None].expand(B, Hkv).contiguous()
             store.extra["recent"] = window[:, None].expand(B, Hkv).contiguous()
             store.host_cap = int(cap.max().item())  # host bound of the store length
-        if self.decode == "h2o":
+        if self.decode == "accumulated":
             store.add_slot_state("score", scores.gather(2, idx).masked_fill(
                 torch.arange(idx.shape[-1], device=k.device) >= count[..., None], 0))
 
@@ -194,23 +216,26 @@ class Scored(Compressor):
         if "cap" not in store.extra:
             return
         n = store.length
-        if self.decode == "h2o" and probs is not None:
+        if self.decode == "accumulated" and probs is not None:
             votes = group_reduce(probs.sum(2), store.kv_heads, self.group_reduce)
             store.slot_state["score"][:, :, :n] += votes
-        tova = None
-        if self.decode == "tova" and probs is not None:
+        current = None
+        if self.decode == "current" and probs is not None:
             # The step's attention (summed over its nq queries) ranks every eviction of the step;
             # evict() moves it with the slots (a chunk of nq > 1 tokens evicts up to nq).
-            tova = group_reduce(probs.sum(2), store.kv_heads, self.group_reduce)[..., :n].double()
+            current = group_reduce(probs.sum(2), store.kv_heads, self.group_reduce)[..., :n].double()
         for _ in range(nq):
             n = store.length
             slot = torch.arange(n, device=store.k.device)
-            if tova is not None:
-                score = tova[..., :n]
-            elif self.decode == "h2o":
+            if current is not None:
+                score = current[..., :n]
+            elif self.decode == "accumulated":
                 score = store.slot_state["score"][:, :, :n]
-            elif self.decode == "knorm":
-                score = compress.knorm_scores(store.k[:, :, :n])
+            elif self.decode == "self":
+                if self.scorer.kernel_scores == "key_norm":
+                    score = compress.knorm_scores(store.k[:, :, :n])
+                else:
+                    score = self.scorer.decode_scores(store.k[:, :, :n])
             else:  # oldest first: the score is the position (higher = newer = keep)
                 score = store.pos[:, :, :n].double()
             pos = store.pos[:, :, :n]
@@ -220,17 +245,15 @@ class Scored(Compressor):
             over = store.count > store.extra["cap"]
             if store.calib is not None:  # CaliDrop: the evicted token joins the stored partitions
                 _fold(store, victim[..., None], over[..., None])
-            store.evict(victim, over, carry=() if tova is None else (tova,))
+            store.evict(victim, over, carry=() if current is None else (current,))
         store.length = min(store.length, store.host_cap)
 
 
 class LagKVCompressor(Compressor):
     """LagKV with recursive compression during decode (see :mod:`kvfx.methods.lagkv`)."""
 
-    name = "lagkv"
-
-    def __init__(self, *, sink, lag, keep, v_ratio):
-        self.sink, self.lag, self.keep, self.v_ratio = sink, lag, keep, v_ratio
+    def __init__(self, *, sink, lag, keep, v_ratio, name):
+        self.sink, self.lag, self.keep, self.v_ratio, self.name = sink, lag, keep, v_ratio, name
 
     def prefill(self, store, q, k, v, valid, scale=None, votes=None) -> None:
         B, Hkv = k.shape[:2]
@@ -351,38 +374,21 @@ def check_capabilities(c, caps: frozenset, store: str) -> None:
 
 
 def _build_evictor(lp, layer: int, num_layers: int) -> Compressor:
+    """The layer's evictor from its registered scorer (:func:`kvfx.methods.registry.from_policy`)."""
     ev, bud = lp.eviction, lp.budget
-    scorer = ev.scorer
+    scorer = registry.from_policy(ev, bud)
+    if ev.scorer == "none":
+        return Compressor()
+    if scorer.partitioned:
+        return LagKVCompressor(sink=bud.sink, lag=ev.lag, keep=bud.keep, v_ratio=ev.score_v_ratio,
+                               name=scorer.name)
     common = dict(keep=bud.keep, tokens=bud.tokens, sink=bud.sink, window=bud.window,
                   max_tokens=bud.max_tokens, layer=layer, num_layers=num_layers,
-                  pyramid=bud.schedule == "pyramid", group_reduce=ev.group_reduce)
-    if scorer == "none":
-        return Compressor()
-    if scorer == "streaming":
-        if bud.keep is None and bud.tokens is None:  # StreamingLLM: sink + window, rolling at it
-            common.update(keep=None, tokens=bud.sink + bud.window, max_tokens=bud.sink + bud.window)
-            return Scored("streaming", None, decode="oldest", **common)
-        # a budget (keep or tokens): the sinks and the most recent tokens up to it, rolling at it
-        # during decode (oldest first); the window stays protected as for every scorer
-        return Scored("streaming", None, decode="oldest", roll_at_budget=True, **common)
-    if scorer == "knorm":
-        return Scored("knorm", KNorm(), decode="knorm" if bud.max_tokens else None, **common)
-    if scorer == "snapkv":
-        return Scored("snapkv", SnapKV(window=bud.window, pool=ev.pool.kind, kernel=ev.pool.kernel,
-                                       group_reduce=ev.group_reduce),
-                      decode="oldest" if bud.max_tokens else None, **common)
-    if scorer == "h2o":
-        share = ev.recent / (ev.heavy + ev.recent) if ev.heavy + ev.recent > 0 else 0.5
-        return Scored("h2o", H2O(ev.heavy, ev.recent, ev.group_reduce), decode="h2o",
-                      recent=share, **common)
-    if scorer == "tova":
-        return Scored("tova", TOVA(ev.group_reduce), decode="tova", **common)
-    if scorer == "lagkv":
-        if bud.keep is None:
-            raise NotImplementedError("lagkv with budget.tokens (LagKV keeps a fraction of each "
-                                      "partition: set budget.keep)")
-        return LagKVCompressor(sink=bud.sink, lag=ev.lag, keep=bud.keep, v_ratio=ev.score_v_ratio)
-    raise NotImplementedError(f"eviction.scorer={scorer} (implemented: {', '.join(IMPLEMENTED_SCORERS)})")
+                  pyramid=bud.schedule == "pyramid", group_reduce=ev.group_reduce, chunk=ev.chunk)
+    if not scorer.budgeted and bud.keep is None and bud.tokens is None:
+        # StreamingLLM: sink + window, rolling at it
+        common.update(tokens=bud.sink + bud.window, max_tokens=bud.max_tokens or bud.sink + bud.window)
+    return Scored(scorer, **common)
 
 
 class LowRankCompressor:

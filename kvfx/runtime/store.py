@@ -19,6 +19,8 @@ from typing import Protocol
 
 import torch
 
+from kvfx.methods.registry import STORE_CAPS
+
 _GROW_QUANTUM = 16  # capacities are multiples of this
 _GROW_MIN = 64  # tokens added per growth at least; cap/32 beyond that (copy amortized to ~3%)
 
@@ -75,7 +77,7 @@ class KVStore(Protocol):
 class SiteStore:
     """Fixed-capacity key/value storage for one site, with byte accounting."""
 
-    CAPS = frozenset({"evict", "probs", "calibration"})
+    CAPS = STORE_CAPS["dense"]
 
     def __init__(self, site_id: str):
         self.site_id = site_id
@@ -142,8 +144,10 @@ class SiteStore:
 
     def ensure_capacity(self, needed: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
         if needed > self.capacity:
-            grow = needed + max(_GROW_MIN, self.capacity // 32)
-            self.allocate(like_k, like_v, _round_up(grow, _GROW_QUANTUM))
+            grow = _round_up(needed + max(_GROW_MIN, self.capacity // 32), _GROW_QUANTUM)
+            if self.host_cap:  # a rolling cache: never more slots than its cap plus this step's tokens
+                grow = min(grow, max(needed, self.host_cap + 1))
+            self.allocate(like_k, like_v, grow)
 
     # ---- writes ----------------------------------------------------------------------------
     def write_kept(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, count: torch.Tensor,

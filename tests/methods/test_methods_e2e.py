@@ -8,7 +8,7 @@ import torch._dynamo.utils as dutils
 import kvfx
 from zoo import cache_kwarg, hf_model
 
-METHODS = ["knorm", "snapkv", "pyramidkv", "h2o", "tova",
+METHODS = ["knorm", "snapkv", "pyramidkv", "h2o", "tova", "keydiff", "expected-attention", "chunkkv",
            {"kvfx": 1, "name": "stream64", "extends": "streaming", "budget": {"window": 64}},
            {"kvfx": 1, "name": "lag32", "extends": "lagkv", "eviction": {"lag": 32}}]
 
@@ -87,7 +87,7 @@ def test_snapkv_max_tokens_rolls():
         assert site["tokens_held"] == 100 and site["tokens_seen"] == 429
 
 
-@pytest.mark.parametrize("policy", ["snapkv", "h2o", "tova", "knorm",
+@pytest.mark.parametrize("policy", ["snapkv", "h2o", "tova", "knorm", "keydiff", "expected-attention", "chunkkv",
                                     {"kvfx": 1, "name": "lag32", "extends": "lagkv", "eviction": {"lag": 32}},
                                     {"kvfx": 1, "name": "stream32", "extends": "streaming", "budget": {"window": 32}}],
                          ids=lambda p: p if isinstance(p, str) else p["name"])
