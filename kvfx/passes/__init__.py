@@ -16,14 +16,16 @@ from kvfx.passes.find_attention import AttentionMatch, find_attention
 from kvfx.passes.lowrank import check_lowrank
 from kvfx.passes.rewrite import SitePlan, check, rewrite_site
 from kvfx.passes.trace_kv import trace_kv_source
+from kvfx.policy import PolicyError
 from kvfx.runtime.state import Program, SiteInfo, SiteProgram
 
 
 _graph_ids = itertools.count()
 
 
-class UnsupportedPolicyError(NotImplementedError):
-    """The policy asks for something this build of kvfx cannot do at a site."""
+class UnsupportedPolicyError(NotImplementedError, PolicyError):
+    """The policy asks a site for something this build of kvfx cannot do, or that the model cannot
+    hold (a :class:`kvfx.PolicyError`, raised at compile time)."""
 
 
 def _site_info(m: AttentionMatch, key: str, path: str, index: int, provenance: str,
@@ -83,6 +85,10 @@ def run_passes(gm: GraphModule, policy) -> Program:
     plans, infos, sites, rope_owner = [], [], [], {}
     namespace = f"g{next(_graph_ids)}"
     num_layers = len(matches)
+    sites_seen = [(gu.layer_index(p) if gu.layer_index(p) is not None else i, p)
+                  for i, p in enumerate(gu.module_path(m.out) or f"attention_{i}" for i, m in enumerate(matches))]
+    if sites_seen:  # a layers: override that matches no attention site of this graph is an error
+        policy.check_overrides(sites_seen)
     for order, m in enumerate(matches):
         users = {m.out, *m.chain}
         ks, vs = trace_kv_source(m.k, m.v, users)
