@@ -35,7 +35,8 @@ class KVSource:
 
 
 def _window_slice(node: Node) -> int | None:
-    """``w`` if ``node`` is ``x[:, :, -w:]`` (or ``x[..., -w:, :]``) returned to the caller."""
+    """``w`` if ``node`` is ``x[:, :, -w:]`` (``x[:, :, -w:, :]``, ``x[..., -w:, :]``) returned to
+    the caller."""
     import operator
 
     if not (node.op == "call_function" and node.target is operator.getitem):
@@ -43,7 +44,7 @@ def _window_slice(node: Node) -> int | None:
     idx = node.args[1]
     if not isinstance(idx, tuple) or not any(u.op == "output" for u in node.users):
         return None
-    if len(idx) == 4 and all(i == slice(None) for i in (idx[0], idx[1], idx[3])):
+    if len(idx) in (3, 4) and all(i == slice(None) for i in (idx[0], idx[1], *idx[3:])):
         sl = idx[2]
     elif len(idx) == 3 and idx[0] is Ellipsis and idx[2] == slice(None):
         sl = idx[1]
@@ -73,10 +74,7 @@ def _trace_one(node: Node, attention_users: set) -> KVSource:
         other = [u for u in node.users if u.op != "output" and u not in attention_users]
         windows = {_window_slice(u) for u in other}
         if other and None not in windows and len(windows) == 1:
-            w = windows.pop()
-            return KVSource("sliding_window", past, new, node, empty, window=w, reason=(
-                f"sliding-window layer (the model's cache keeps the last {w} tokens); kvfx does not "
-                "compress sliding-window caches yet, so this layer keeps its dense window cache"))
+            return _sliding(past, new, node, empty, windows.pop())
         if other:
             return KVSource("dynamic_cache", reason=f"the concatenated cache is also used by "
                             f"{other[0].op} {other[0].target}, which kvfx cannot follow")
@@ -99,8 +97,17 @@ def _trace_one(node: Node, attention_users: set) -> KVSource:
             return KVSource("fresh", reason=f"the keys are returned and also used by "
                             f"{other[0].op} {other[0].target}")
         return KVSource("dynamic_cache", None, node, node, past_is_empty=True)
+    windows = {_window_slice(u) for u in node.users if u not in attention_users}
+    if windows and None not in windows and len(windows) == 1:  # the first call of a window cache
+        return _sliding(None, node, node, True, windows.pop())
     return KVSource("fresh", reason="no KV cache feeds this attention (encoder, "
                     "cross-attention or a call without use_cache)")
+
+
+def _sliding(past, new, cat, empty: bool, w: int) -> KVSource:
+    return KVSource("sliding_window", past, new, cat, empty, window=w, reason=(
+        f"sliding-window layer (the model's cache keeps the last {w} tokens); kvfx does not "
+        "compress sliding-window caches yet, so this layer keeps its dense window cache"))
 
 
 def trace_kv_source(k: Node, v: Node, attention_users: set) -> tuple[KVSource, KVSource]:
