@@ -60,9 +60,16 @@ def _eval(args) -> int:
         depths = [round((i + 0.5) / k, 4) for i in range(k)] if k > 1 else [0.5]
     else:
         depths = [float(x) for x in args.depths.split(",")]
-    records = run_eval(args.model, args.policy, task=args.task, lengths=_parse_lengths(args.lengths),
-                       depths=depths, seeds=range(args.seeds), out=args.out, inner=args.inner,
-                       max_new_tokens=args.max_new_tokens, chunk=args.chunk)
+    subtasks = args.subtasks.split(",") if args.subtasks else None
+    try:
+        records = run_eval(args.model, args.policy, task=args.task, lengths=_parse_lengths(args.lengths),
+                           depths=depths, seeds=range(args.seeds), out=args.out, inner=args.inner,
+                           max_new_tokens=args.max_new_tokens, chunk=args.chunk, subtasks=subtasks,
+                           questions=args.questions)
+    except ValueError as e:
+        if str(e).startswith("kvfx eval"):
+            raise SystemExit(str(e)) from None
+        raise
     print(markdown_table(records))
     return 0
 
@@ -164,18 +171,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_explain)
 
     ev = sub.add_parser("eval", help="long-context evaluation of policies against full")
-    ev.add_argument("--model", default="smollm2-135m")
+    ev.add_argument("--model", default="smollm2-135m",
+                    help="a registry name (kvfx models), a local Hugging Face model directory (config.json, "
+                         "weights, tokenizer) or a .gguf file")
     ev.add_argument("--policy", nargs="+", required=True,
                     help="presets, files or NAME@KEEP (e.g. snapkv@0.125); include full")
-    ev.add_argument("--task", default="passkey", choices=["passkey", "needle", "perplexity", "agreement"],
-                    help="agreement: greedy tokens and next-token distributions against full "
-                         "(--depths is ignored)")
+    ev.add_argument("--task", default="passkey",
+                    choices=["passkey", "needle", "perplexity", "agreement", "ruler", "shared-context"],
+                    help="agreement: greedy tokens and next-token distributions against full; ruler: RULER's "
+                         "synthetic tasks (string-match score); shared-context: a context compressed once, "
+                         "then --questions questions (--depths is ignored by these three)")
+    ev.add_argument("--subtasks", default=None,
+                    help="ruler: comma-separated RULER tasks (default all: niah_single_1,... vt,cwe,fwe); "
+                         "shared-context: shared,joint (default both)")
+    ev.add_argument("--questions", type=int, default=4, help="shared-context: questions per context")
     ev.add_argument("--lengths", default="4k", help="comma separated, e.g. 1k,2k,4k")
     ev.add_argument("--depths", default="10", help="a count (evenly spaced) or a list 0.1,0.5")
-    ev.add_argument("--seeds", type=int, default=1)
+    ev.add_argument("--seeds", type=int, default=1, help="samples per cell (ruler: per task)")
     ev.add_argument("--out", default="runs/eval")
     ev.add_argument("--max-new-tokens", type=int, default=None,
-                    help="default: 8 for passkey, 24 for needle, 32 for agreement")
+                    help="default: 8 for passkey, 24 for needle, 32 for agreement and shared-context; "
+                         "ruler: RULER's budget per task (128 NIAH, 30 vt, 120 cwe, 50 fwe), capped by this")
     ev.add_argument("--chunk", type=int, default=1, help="perplexity: tokens per decode step")
     ev.add_argument("--inner", default="eager", choices=["eager", "inductor", "aot_eager"])
     ev.set_defaults(func=_eval)

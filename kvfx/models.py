@@ -11,7 +11,9 @@ Cache layout: ``$KVFX_CACHE_DIR/models/<name>/`` (default ``~/.cache/kvfx/models
 renamed into place, so a crashed or concurrent conversion never leaves a half-written copy.
 
 Any other name goes straight to ``from_pretrained``: a local directory, or a Hugging Face name that
-is already in the local HF cache (nothing is downloaded here).
+is already in the local HF cache (nothing is downloaded here). A path to a ``.gguf`` file is
+loaded with transformers' GGUF reader (``gguf_file=``; needs ``gguf`` and ``accelerate``),
+dequantized on every load (not cached: convert it once with ``save_pretrained`` for speed).
 
 Example::
 
@@ -129,8 +131,8 @@ def load_model(
     """Load a causal LM and its tokenizer, set up for greedy evaluation.
 
     Args:
-        name_or_path: a registry name (see :func:`list_models`), a local model directory, or a
-            Hugging Face name already present in the local HF cache.
+        name_or_path: a registry name (see :func:`list_models`), a local model directory, a
+            ``.gguf`` file, or a Hugging Face name already present in the local HF cache.
         dtype: parameter dtype of the returned model (the cached copy is stored in float32).
         attn_implementation: passed to ``from_pretrained`` (``"sdpa"``, ``"eager"``, ...).
         progress: show transformers' progress bars and a note when converting.
@@ -155,7 +157,10 @@ def load_model(
             path = _ensure_cached(spec, progress=progress)
         else:
             path = name_or_path
-        model, tok = _load_pretrained(path, name_or_path, dtype, attn_implementation)
+        if spec is None and _is_gguf(path):
+            model, tok = _load_gguf_file(Path(path), dtype, attn_implementation)
+        else:
+            model, tok = _load_pretrained(path, name_or_path, dtype, attn_implementation)
     _prepare_for_eval(model, tok)
     return model, tok
 
@@ -169,7 +174,11 @@ def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
     spec = MODEL_REGISTRY.get(name_or_path)
-    if spec is None:
+    if spec is None and _is_gguf(name_or_path):
+        _require("gguf", _GGUF_DEPS["gguf"], f"reading the tokenizer of {name_or_path}")
+        p = Path(name_or_path)
+        tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    elif spec is None:
         try:
             tok = _from_pretrained(AutoTokenizer, name_or_path)
         except OSError as e:
@@ -195,6 +204,24 @@ def _not_found(label: str, e: Exception) -> str:
         f"registry names {list_models()}, a local model directory, or a Hugging Face name already "
         f"in the local HF cache (these machines cannot download from a model hub)."
     )
+
+
+def _is_gguf(path) -> bool:
+    return str(path).lower().endswith(".gguf")
+
+
+def _load_gguf_file(path: Path, dtype: torch.dtype, attn_implementation: str):
+    """A ``.gguf`` file: transformers dequantizes it; the weights move into a plain model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not path.is_file():
+        raise ModelLoadError(f"model {str(path)!r}: no such GGUF file")
+    for module, pip in _GGUF_DEPS.items():
+        _require(module, pip, f"loading the GGUF file {path}")
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
+                                                 attn_implementation=attn_implementation)
+    return _dequantized_copy(model), tok
 
 
 def _load_pretrained(path, label: str, dtype: torch.dtype, attn_implementation: str):

@@ -29,7 +29,7 @@ def _depth_key(depth):
 
 
 def _sample_key(r: dict) -> tuple:
-    return (r["task"], r["policy"], r["length"], _depth_key(r["depth"]), r["seed"])
+    return (r["task"], r.get("subtask"), r["policy"], r["length"], _depth_key(r["depth"]), r["seed"])
 
 
 def load_results(out: Path) -> list[dict]:
@@ -39,7 +39,15 @@ def load_results(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-TASKS = ("passkey", "needle", "perplexity", "agreement")
+TASKS = ("passkey", "needle", "perplexity", "agreement", "ruler", "shared-context")
+# Tasks whose records carry a ``subtask`` (a RULER task; a shared-context mode) and a ``score``.
+SUBTASK_TASKS = ("ruler", "shared-context")
+
+
+def _task_rank(task: str) -> tuple:
+    """Column order: TASKS order, then ``ruler`` (the mean) before ``ruler/<task>``."""
+    base, _, sub = task.partition("/")
+    return (TASKS.index(base), sub)
 
 
 def _task_tools(task: str):
@@ -57,9 +65,15 @@ def _task_tools(task: str):
 
 def run_eval(model_name: str, policies: list[str], *, task: str = "passkey", lengths=(4096,),
              depths=(0.5,), seeds=(0,), out: str | Path = "runs/eval", inner: str = "eager",
-             max_new_tokens: int | None = None, chunk: int = 1, progress: bool = True) -> list[dict]:
+             max_new_tokens: int | None = None, chunk: int = 1, progress: bool = True,
+             subtasks=None, questions: int = 4) -> list[dict]:
     """Run ``task`` for every (policy, length, depth, seed) not already in ``out``; every
-    policy in this process, on the same samples. Returns all records of ``out``."""
+    policy in this process, on the same samples. Returns all records of ``out``.
+
+    ``task="ruler"``: ``subtasks`` are RULER task names (default: all of
+    :data:`kvfx.eval.ruler.RULER_TASKS`), one sample per seed; ``max_new_tokens`` caps each
+    task's RULER generation budget. ``task="shared-context"``: ``questions`` questions per
+    context, both modes (``subtasks``: ``shared``, ``joint``); ``max_new_tokens`` default 32."""
     import torch._dynamo
     from tqdm.auto import tqdm
 
@@ -72,16 +86,18 @@ def run_eval(model_name: str, policies: list[str], *, task: str = "passkey", len
     out.mkdir(parents=True, exist_ok=True)
     if task == "perplexity":
         depths = (0.0,)  # one sample per length: the text's first `length` tokens
-    elif task == "agreement":
-        depths = (None,)  # one sample per (length, seed): real text, nothing hidden in it
+    elif task in ("agreement", "ruler", "shared-context"):
+        depths = (None,)  # one sample per (length, seed): nothing hidden at a chosen depth
+    subs = _subtasks(task, subtasks)
     done = {_sample_key(r) for r in load_results(out)}
-    grid = [(p, n, d, s) for p in policies for n in lengths for d in depths for s in seeds]
-    todo = [g for g in grid if (task, g[0], g[1], _depth_key(g[2]), g[3]) not in done]
+    grid = [(p, n, d, s, b) for p in policies for n in lengths for d in depths for s in seeds for b in subs]
+    todo = [g for g in grid if (task, g[4], g[0], g[1], _depth_key(g[2]), g[3]) not in done]
     if not todo:
         records = load_results(out)
         write_summary(records, out / "summary.csv")
         return records
     model, tok = load_model(model_name, progress=progress)
+    info = model_info(model, model_name)
     samples, current, policy = {}, None, None
     if task == "agreement":  # the full-cache references first, with kvfx `full`, once per sample
         from kvfx.eval.agreement import DEFAULT_NEW_TOKENS
@@ -91,7 +107,7 @@ def run_eval(model_name: str, policies: list[str], *, task: str = "passkey", len
     bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc=task, unit="sample",
                disable=not progress)
     with open(out / "results.jsonl", "a") as f:
-        for spec, n, depth, seed in todo:
+        for spec, n, depth, seed, sub in todo:
             if spec != current:  # one compile per policy; prefill/decode graphs are reused
                 policy = policy_from_spec(spec)
                 torch._dynamo.reset()
@@ -100,7 +116,15 @@ def run_eval(model_name: str, policies: list[str], *, task: str = "passkey", len
                 current = spec
             rec = {"task": task, "model": model_name, "policy": spec, "policy_hash": policy.hash,
                    "length": n, "depth": depth, "seed": seed, "kvfx": kvfx.__version__}
-            if task == "perplexity":
+            if sub is not None:
+                rec["subtask"] = sub
+            rec["model_info"] = info
+            if task == "ruler":
+                rec.update(_ruler_sample(model, tok, samples, sub, n, seed, max_new_tokens))
+            elif task == "shared-context":
+                rec.update(_shared_context_sample(model, tok, samples, sub, n, seed, questions,
+                                                  max_new_tokens or 32))
+            elif task == "perplexity":
                 rec.update(_perplexity_sample(model, tok, n, seed, chunk))
             elif task == "agreement":
                 rec.update(_agreement_sample(model, tok, samples[(n, seed)]))
@@ -112,6 +136,8 @@ def run_eval(model_name: str, policies: list[str], *, task: str = "passkey", len
                 shown = f"ppl={rec['ppl']:.2f}"
             elif task == "agreement":
                 shown = f"agree={rec['prefix_agreement']:.2f} kl={rec['kl']:.3f}"
+            elif sub is not None:
+                shown = f"{sub} score={rec['score']:.2f}"
             else:
                 shown = "ok" if rec["correct"] else "miss"
             where = "" if depth is None else f" depth={depth:.2f}"
@@ -121,6 +147,68 @@ def run_eval(model_name: str, policies: list[str], *, task: str = "passkey", len
     records = load_results(out)
     write_summary(records, out / "summary.csv")
     return records
+
+
+def _subtasks(task: str, subtasks) -> list:
+    """The subtasks of ``task`` to run (``[None]`` for tasks without), checked."""
+    if task == "ruler":
+        from kvfx.eval.ruler import RULER_TASKS as allowed
+    elif task == "shared-context":
+        from kvfx.eval.shared_context import MODES as allowed
+    else:
+        if subtasks:
+            raise ValueError(f"kvfx eval: --subtasks is for {' and '.join(SUBTASK_TASKS)}, not {task!r}")
+        return [None]
+    subs = list(subtasks or allowed)
+    bad = [s for s in subs if s not in allowed]
+    if bad:
+        raise ValueError(f"kvfx eval: {task} subtasks {bad} unknown; expected some of {', '.join(allowed)}")
+    return subs
+
+
+def model_info(model, name: str) -> dict:
+    """What the results record about the model: its name (registry name or path), class,
+    parameter dtype, layer count and attention implementation."""
+    inner = getattr(model, "_orig_mod", model)
+    cfg = inner.config
+    return {"name": name, "name_or_path": str(getattr(cfg, "_name_or_path", "") or name),
+            "architecture": type(inner).__name__, "dtype": str(next(inner.parameters()).dtype).replace("torch.", ""),
+            "layers": getattr(cfg, "num_hidden_layers", None),
+            "attn_implementation": getattr(cfg, "_attn_implementation", None)}
+
+
+def _ruler_sample(model, tok, samples, sub, n, seed, max_new_tokens) -> dict:
+    from kvfx.eval.ruler import make_ruler_sample, ruler_score
+
+    key = ("ruler", sub, n, seed)
+    if key not in samples:
+        samples[key] = make_ruler_sample(tok, sub, n, seed)
+    s = samples[key]
+    new = min(s.tokens_to_generate, max_new_tokens) if max_new_tokens else s.tokens_to_generate
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        gen = model.generate(s.input_ids, attention_mask=torch.ones_like(s.input_ids), max_new_tokens=new,
+                             do_sample=False, return_dict_in_generate=True)
+    seconds = time.perf_counter() - t0
+    answer = tok.decode(gen.sequences[0, s.n_tokens:], skip_special_tokens=True)
+    cache = gen["cache"] if "cache" in gen else gen.get("past_key_values")
+    score = ruler_score(answer, s.answers)
+    return {"n_tokens": s.n_tokens, "new_tokens": new, "expected": list(s.answers), "answer": answer.strip(),
+            "score": score, "correct": score == 1.0, "seconds": round(seconds, 3), **_memory_fields(cache)}
+
+
+def _shared_context_sample(model, tok, samples, mode, n, seed, questions, max_new_tokens) -> dict:
+    from kvfx.eval.shared_context import evaluate_shared_context, make_shared_context_sample
+
+    key = ("shared-context", n, seed, questions)
+    if key not in samples:
+        samples[key] = make_shared_context_sample(tok, n, seed, questions=questions)
+    s = samples[key]
+    r = evaluate_shared_context(model, tok, s, mode=mode, max_new_tokens=max_new_tokens)
+    return {"n_tokens": s.n_tokens, "questions": questions, "new_tokens": max_new_tokens,
+            "expected": [list(a) for a in s.answers], "answer": r["answers"], "scores": r["scores"],
+            "score": r["score"], "correct": r["score"] == 1.0, "seconds": round(r["seconds"], 3),
+            **_memory_fields(r["cache"])}
 
 
 def _memory_fields(cache) -> dict:
@@ -137,8 +225,9 @@ def _memory_fields(cache) -> dict:
 def _generation_sample(model, tok, task, samples, n, depth, seed, max_new_tokens) -> dict:
     make, score, default_new = _task_tools(task)
     key = (task, n, depth, seed)
-    if key not in samples:
-        samples[key] = make(tok, n, depth, seed)
+    if key not in samples:  # passkey: an independent passkey per (seed, length, depth) cell
+        kw = {"key_seed": passkey_cell_seed(seed, n, depth)} if task == "passkey" else {}
+        samples[key] = make(tok, n, depth, seed, **kw)
     sample = samples[key]
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -152,6 +241,13 @@ def _generation_sample(model, tok, task, samples, n, depth, seed, max_new_tokens
     return {"n_tokens": sample.n_tokens, "expected": expected, "answer": answer.strip(),
             "correct": bool(score(answer, sample)), "seconds": round(seconds, 3),
             **_memory_fields(cache)}
+
+
+def passkey_cell_seed(seed: int, length: int, depth: float) -> str:
+    """The seed of a passkey cell's key (``random.Random`` hashes the string): one key per
+    (seed, length, depth). Records written before this (results/smollm2-grid) used ``seed``
+    alone, one key for every depth and length of a seed."""
+    return f"passkey/{seed}/{length}/{round(depth, 4)}"
 
 
 def _perplexity_sample(model, tok, n, seed, chunk) -> dict:
@@ -220,7 +316,8 @@ def summarize(records: list[dict]) -> list[dict]:
     agreement and KL(full || policy) alongside."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault((r["task"], r["policy"], r["length"]), []).append(r)
+        label = r["task"] if r.get("subtask") is None else f"{r['task']}/{r['subtask']}"
+        groups.setdefault((label, r["policy"], r["length"]), []).append(r)
     rows = []
     for (task, policy, length), rs in sorted(groups.items()):
         ratios = [r["held_bytes"] / r["dense_bytes"] for r in rs if r.get("dense_bytes")]
@@ -236,14 +333,35 @@ def summarize(records: list[dict]) -> list[dict]:
             row["accuracy"] = sum(r["prefix_agreement"] for r in rs) / len(rs)
             for key in ("position_agreement", "top1_agreement", "kl"):
                 row[key] = sum(r[key] for r in rs) / len(rs)
+        elif "/" in task:  # RULER string-match score (a fraction of the expected strings found)
+            row["accuracy"] = sum(r["score"] for r in rs) / len(rs)
         else:
             row["accuracy"] = sum(bool(r.get("correct")) for r in rs) / len(rs)
         rows.append(row)
+    rows += _ruler_means(rows)
     base = {(r["task"], r["length"]): r["ppl"] for r in rows if r["policy"] == "full" and r["ppl"]}
     for r in rows:
         if r["ppl"] is not None and (r["task"], r["length"]) in base:
             r["delta_ppl"] = r["ppl"] - base[(r["task"], r["length"])]
     return rows
+
+
+def _ruler_means(rows: list[dict]) -> list[dict]:
+    """RULER's score: per (policy, length) the mean over the RULER tasks' scores (row ``ruler``)."""
+    by: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["task"].startswith("ruler/"):
+            by.setdefault((r["policy"], r["length"]), []).append(r)
+    out = []
+    for (policy, length), rs in sorted(by.items()):
+        ratios = [r["held_over_dense"] for r in rs if r["held_over_dense"] == r["held_over_dense"]]
+        out.append({**{k: None for k in rs[0]}, "task": "ruler", "policy": policy, "length": length,
+                    "samples": sum(r["samples"] for r in rs),
+                    "accuracy": sum(r["accuracy"] for r in rs) / len(rs),
+                    "held_over_dense": sum(ratios) / len(ratios) if ratios else float("nan"),
+                    "kept_tokens": sum(r["kept_tokens"] for r in rs) / len(rs),
+                    "seconds": sum(r["seconds"] for r in rs) / len(rs)})
+    return out
 
 
 def write_summary(records: list[dict], path: Path) -> None:
@@ -278,9 +396,9 @@ def pivot_table(records: list[dict]) -> str:
     per (task, length): accuracy for passkey / needle / agreement, Δ perplexity for perplexity;
     then held / dense bytes and kept tokens of the longest generation task (all tokens seen)."""
     rows = summarize(records)
-    cols = sorted({(r["task"], r["length"]) for r in rows}, key=lambda c: (TASKS.index(c[0]), c[1]))
+    cols = sorted({(r["task"], r["length"]) for r in rows}, key=lambda c: (_task_rank(c[0])[0], c[1], c[0]))
     gen = [c for c in cols if c[0] != "perplexity"]
-    mem_col = max(gen, key=lambda c: (c[1], -TASKS.index(c[0]))) if gen else (cols[-1] if cols else None)
+    mem_col = max(gen, key=lambda c: (c[1], -_task_rank(c[0])[0])) if gen else (cols[-1] if cols else None)
     order = list(dict.fromkeys(["full"] + [r["policy"] for r in records]))
     cell = {(r["policy"], r["task"], r["length"]): r for r in rows}
     head = [f"{t} {n // 1024}k" if n % 1024 == 0 else f"{t} {n}" for t, n in cols]
@@ -314,14 +432,24 @@ def write_report(out: Path) -> tuple[str, list[Path]]:
     ``OUT/pivot.md``) and PNGs: for needle/passkey a depth × length heatmap per policy and
     accuracy vs compression per task, or, with more than HEATMAP_FILES_UP_TO policies, one curve
     per method (budgets joined) and every heatmap in one figure; for agreement prefix agreement
-    and teacher-forced top-1 agreement vs compression."""
+    and teacher-forced top-1 agreement vs compression; for ruler the leaderboard table
+    (``OUT/ruler.md``) and the score vs compression plot; for shared-context its table
+    (``OUT/shared_context.md``)."""
     from kvfx.eval.plots import accuracy_curves, accuracy_vs_compression, heatmap_grid, needle_heatmap
 
     out = Path(out)
     records = load_results(out)
     table = markdown_table(records)
     pngs = []
-    for task in sorted({r["task"] for r in records} - {"perplexity"}):
+    from kvfx.eval.leaderboard import ruler_table, score_vs_compression, shared_context_table
+
+    tasks = {r["task"] for r in records}
+    if "ruler" in tasks:
+        (out / "ruler.md").write_text(ruler_table(records) + "\n")
+        pngs.append(score_vs_compression(records, out / "ruler_score_vs_compression.png"))
+    if "shared-context" in tasks:
+        (out / "shared_context.md").write_text(shared_context_table(records) + "\n")
+    for task in sorted(tasks - {"perplexity", *SUBTASK_TASKS}):
         rs = [r for r in records if r["task"] == task]
         if task == "agreement":
             pngs.append(accuracy_vs_compression(rs, task, out / f"{task}_accuracy_vs_compression.png",

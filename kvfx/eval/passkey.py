@@ -113,6 +113,7 @@ def make_passkey_sample(
     *,
     template: str = "plain",
     source: str = "grass",
+    key_seed: int | str | None = None,
 ) -> PasskeySample:
     """Build a passkey prompt of about ``length_tokens`` tokens with the needle at ``depth``.
 
@@ -123,6 +124,8 @@ def make_passkey_sample(
         seed: ``random.Random(seed)`` draws the 5-digit passkey; same arguments, same sample.
         template: ``"plain"`` (completion prompt) or ``"chat"`` (tokenizer's chat template).
         source: filler text source, see :func:`kvfx.eval.text.filler_text`.
+        key_seed: seeds the passkey draw instead of ``seed`` (``kvfx eval`` passes one per
+            (seed, length, depth) cell, so that depths are independent samples).
 
     Returns:
         A :class:`PasskeySample`; ``input_ids`` is ``(1, n)``.
@@ -143,7 +146,7 @@ def make_passkey_sample(
         raise ValueError(
             "make_passkey_sample template: got 'chat', but the tokenizer has no chat_template; use 'plain'"
         )
-    passkey = str(random.Random(seed).randint(10000, 99999))
+    passkey = str(random.Random(seed if key_seed is None else key_seed).randint(10000, 99999))
     needle = NEEDLE.format(passkey=passkey)
 
     overhead = _n_tokens(tokenizer, _render(tokenizer, template, "", needle, ""), template)
