@@ -214,3 +214,17 @@ def test_evaluate_passkey_plumbing():
     assert len(r.answer) == 5 and r.answer.isdigit()
     assert r.correct == (r.answer == "12345")
     assert r.n_tokens == 9 and r.seconds > 0
+
+
+def test_eval_draws_an_independent_passkey_per_cell(tok):
+    """kvfx eval seeds each (seed, length, depth) cell's passkey (issue 21): depths of one seed are
+    independent samples, and a cell's key is the same on every run."""
+    from kvfx.eval.harness import passkey_cell_seed
+
+    keys = [make_passkey_sample(tok, 512, d, seed=0, key_seed=passkey_cell_seed(0, 512, d)).passkey
+            for d in (0.1, 0.3, 0.5, 0.7, 0.9)]
+    assert len(set(keys)) == 5
+    again = make_passkey_sample(tok, 512, 0.3, seed=0, key_seed=passkey_cell_seed(0, 512, 0.3)).passkey
+    assert again == keys[1] and passkey_cell_seed(0, 512, 0.3) != passkey_cell_seed(0, 1024, 0.3)
+    # without key_seed the library function keeps its meaning: the seed alone draws the key
+    assert len({make_passkey_sample(tok, 512, d, seed=0).passkey for d in (0.1, 0.9)}) == 1
