@@ -194,3 +194,148 @@ def quant_attention_reference(q: torch.Tensor, kv: QuantKV, *, scale: float,
         o, lse = merge(o, lse, o_e.to(q.device, torch.float32), lse_e.to(q.device, torch.float32),
                        use.to(q.device) != 0)
     return o.to(q.dtype), lse
+
+
+# --- the same math as two loop-free reductions (the CPU fast path) ---------------------------------
+
+def quant_key_logits(qs: torch.Tensor, qm: torch.Tensor, kcodes: torch.Tensor, *, kbits: int,
+                     kgroup: int) -> torch.Tensor:
+    """Logits of m query rows over the quantized keys of slots [0, nk), from the codes.
+
+    Since k̂ = code·scale + min per (group, channel), q·k̂ = Σ_c (q·scale)[c]·code[c] + Σ_c q·min:
+    ``qs`` (B, H, m, nk/kgroup, d) fp32 is q times each group's scale and ``qm`` (B, H, m,
+    nk/kgroup) q·min per group (:func:`fold_query`); ``kcodes`` (B, H, nk/(32/kbits), d) the packed
+    codes. One reduction over channels with no Python loop and no data-dependent shape, so a
+    compiler (inductor, :mod:`kvfx.runtime.cpu_fused`) fuses the unpacking into it: no dequantized
+    copy of the keys exists. Returns (B, H, m, nk) fp32 (unscaled: fold the softmax scale into q).
+    [Note] The fold is a separate step: inside the same compiled graph inductor recomputes
+    q·scale for every slot of a group, which made the reduction 2× slower (measured)."""
+    B, H, W, d = kcodes.shape
+    m = qs.shape[2]
+    pw = 32 // kbits
+    sh = torch.arange(pw, dtype=torch.int32, device=kcodes.device) * kbits
+    codes = ((kcodes[:, :, :, None, :] >> sh[:, None]) & ((1 << kbits) - 1)).float()  # B,H,W,pw,d
+    codes = codes.reshape(B, H, 1, W * pw // kgroup, kgroup, d)
+    return ((qs[:, :, :, :, None, :] * codes).sum(-1) + qm[..., None]).reshape(B, H, m, W * pw)
+
+
+def fold_query(qf: torch.Tensor, kscale: torch.Tensor, kmin: torch.Tensor):
+    """(qs, qm) of :func:`quant_key_logits` for query rows qf (B, H, m, d) fp32 and a store's key
+    statistics (B, H, groups, d)."""
+    qs = qf[:, :, :, None, :] * kscale[:, :, None]
+    qm = torch.matmul(qf[:, :, :, None, :], kmin[:, :, None].transpose(-1, -2).float()).squeeze(-2)
+    return qs, qm
+
+
+VALUE_BLOCK = 32  # slots summed in one block by quant_value_sum (see there)
+
+
+def quant_value_sum(p: torch.Tensor, vcodes: torch.Tensor, vscale: torch.Tensor, vmin: torch.Tensor, *,
+                    vbits: int, vgroup: int) -> torch.Tensor:
+    """Σ_s p[..., s]·v̂[s] over the quantized values of slots [0, T), from the codes.
+
+    ``p`` (B, H, m, T) fp32 weights, ``vcodes`` (B, H, T, dv/(32/vbits)) packed codes, ``vscale``/
+    ``vmin`` (B, H, T, dv/vgroup); T a multiple of :data:`VALUE_BLOCK`. Since v̂ = code·scale + min
+    per (slot, channel group), the sum is Σ_s (p·scale)[s]·code[s] + Σ_s (p·min)[s]: a reduction over
+    slots that a compiler fuses with the unpacking (no dequantized copy of the values exists).
+    [Note] The slots are summed in blocks of VALUE_BLOCK, then the blocks: inductor's C++ code then
+    accumulates each block in plain vector registers (one reduction over all T slots gets its
+    slower cascade summation). Returns (B, H, m, dv) fp32."""
+    B, H, T, wv = vcodes.shape
+    m = p.shape[2]
+    vpw = 32 // vbits
+    dv = wv * vpw
+    nb = T // VALUE_BLOCK
+    sh = torch.arange(vpw, dtype=torch.int32, device=vcodes.device) * vbits
+    codes = ((vcodes.view(B, H, 1, nb, VALUE_BLOCK, wv, 1) >> sh) & ((1 << vbits) - 1)).float()
+    ps = (p[..., None] * vscale.float()[:, :, None]).view(B, H, m, nb, VALUE_BLOCK, dv // vgroup)
+    if vgroup % vpw == 0:  # a word's channels share one group: its weight is one number per word
+        w = ps.repeat_interleave(vgroup // vpw, dim=-1)[..., None]
+    else:
+        w = ps.repeat_interleave(vgroup, dim=-1).view(B, H, m, nb, VALUE_BLOCK, wv, vpw)
+    o = (w * codes).sum(4).sum(3).reshape(B, H, m, dv)
+    return o + (p @ vmin.float()).repeat_interleave(vgroup, dim=-1)
+
+
+def quant_attention_split(q: torch.Tensor, kv: QuantKV, *, scale: float,
+                          bias: Optional[torch.Tensor] = None, calib=None, key_logits=quant_key_logits,
+                          value_sum=quant_value_sum):
+    """:func:`quant_attention_reference`'s semantics with the two reductions over the quantized
+    slots done by :func:`quant_key_logits` and :func:`quant_value_sum` (or compiled versions of
+    them: ``key_logits``/``value_sum`` take the same arguments) in one piece each, and the rest
+    (full-precision residual, outlier pool, masks, softmax, CaliDrop merge) as in the reference.
+
+    Equal to the reference up to fp32 rounding: the dequantization is folded into the dot
+    products and the softmax scale into q (tests: max |Δo| ≤ 1e-5 · max |o| + 1e-6 for fp32)."""
+    B, Hq, nq, d = q.shape
+    if kv.rows is not None:  # each row over its own slots and counts, as the reference
+        shape = (B, Hq, nq, kv.n + kv.pool_size)
+        outs = [quant_attention_split(
+            q[b:b + 1], one, scale=scale, bias=row_columns(bias, b, one.n, kv.n, shape),
+            calib=None if calib is None else tuple(t[b:b + 1] for t in calib), key_logits=key_logits,
+            value_sum=value_sum) for b, one in row_views(kv)]
+        return torch.cat([o for o, _ in outs]), torch.cat([lse for _, lse in outs])
+    H = kv.kcodes.shape[1]
+    g = Hq // H
+    n, nk, nv, C = kv.n, kv.nk, kv.nv, kv.pool_size
+    pw = per_word(kv.kbits)
+    qf = q.float().reshape(B, H, g * nq, d) * scale
+    parts = []
+    if nk:  # over the whole key buffers (their capacity: stable shapes and strides), cut to nk
+        capk = kv.kcodes.shape[2] * pw
+        G = kv.kgroup
+        wk = capk if capk == kv.kscale.shape[2] * G else nk  # a view may carry cut buffers
+        qs, qm = fold_query(qf, kv.kscale[:, :, :wk // G], kv.kmin[:, :, :wk // G])
+        parts.append(key_logits(qs, qm, kv.kcodes[:, :, :wk // pw], kbits=kv.kbits, kgroup=G)[..., :nk])
+    if n > nk:
+        parts.append(qf @ kv.rk[:, :, :n - nk].float().transpose(-1, -2))
+    if C:
+        parts.append(qf @ kv.pool_k.float().transpose(-1, -2))
+    s = torch.cat(parts, dim=-1) if parts else qf.new_zeros(B, H, g * nq, 0)
+    s = s.view(B, Hq, nq, n + C)
+    if kv.ok is not None or C:
+        visible = torch.ones(B, H, n + C, dtype=torch.bool, device=q.device)
+        if kv.ok is not None:
+            visible[:, :, :n] = kv.ok[:, :, :n]
+        if C:
+            visible[:, :, n:] = kv.pool_ok
+        s = s.masked_fill(~_expand(visible, g)[:, :, None, :], float("-inf"))
+    if bias is not None:
+        s = s + bias.float()
+    mx = s.amax(dim=-1, keepdim=True)
+    mx = mx.masked_fill(mx == float("-inf"), 0.0)  # a row that sees no key: p = 0, lse = -inf
+    p = (s - mx).exp_()
+    tot = p.sum(dim=-1, keepdim=True)
+    lse = (tot.log() + mx).squeeze(-1)
+    p = p.div_(tot.clamp(min=torch.finfo(torch.float32).tiny))
+    pv = p.view(B, H, g * nq, n + C)
+    dv = kv.rv.shape[-1]
+    # value_sum reads whole blocks: the whole value buffers when their capacity is a multiple of
+    # the block (stable shapes and strides), with the weights of slots [nv, capacity) zero (those
+    # slots hold finite codes and statistics, so they add exactly 0); else slots [0, nb) with nb
+    # rounded down to a block, and slots [nb, nv) dequantized here
+    capv = kv.vcodes.shape[2]
+    nb = capv if capv % VALUE_BLOCK == 0 else nv // VALUE_BLOCK * VALUE_BLOCK
+    if nb:
+        w = pv[..., :min(nb, nv)]
+        w = torch.nn.functional.pad(w, (0, nb - nv)) if nb > nv else w.contiguous()
+        o = value_sum(w, kv.vcodes[:, :, :nb], kv.vscale[:, :, :nb], kv.vmin[:, :, :nb],
+                      vbits=kv.vbits, vgroup=kv.vgroup)
+    else:
+        o = torch.zeros(B, H, g * nq, dv, dtype=torch.float32, device=q.device)
+    if nv > nb:
+        o = o + pv[..., nb:nv] @ dequant_values(kv, nb, nv)
+    if n > nv:
+        o = o + pv[..., nv:n] @ torch.nan_to_num(kv.rv[:, :, :n - nv].float())
+    if C:
+        o = o + pv[..., n:] @ torch.where(kv.pool_ok[..., None], kv.pool_v.float(), 0.0)
+    o = o.view(B, Hq, nq, -1)
+    if calib is not None:
+        if nq != 1:
+            raise ValueError(f"quant_attention_split: calib needs one query per sequence, got nq={nq}")
+        from kvfx.methods.calidrop import merge
+
+        o_e, lse_e, use = calib
+        o, lse = merge(o, lse, o_e.to(q.device, torch.float32), lse_e.to(q.device, torch.float32),
+                       use.to(q.device) != 0)
+    return o.to(q.dtype), lse

@@ -46,8 +46,9 @@ import math
 import torch
 
 from kvfx.methods.quant import QuantConfig, quantize_keys, quantize_keys_with_outliers, quantize_values, token_norms
-from kvfx.methods.quant_attention import QuantKV, quant_attention_reference
+from kvfx.methods.quant_attention import QuantKV, quant_attention_reference, quant_attention_split
 from kvfx.methods.quant_pack import OutlierPool, per_word
+from kvfx.runtime import cpu_fused
 
 _GROW_MIN = 64
 
@@ -385,6 +386,9 @@ class QuantStore:
             from kvfx.templates.launch_quant import quant_decode_attention
 
             o, lse = quant_decode_attention(q, kv, scale=sm, calib=calib)
+        elif cpu_fused.use_compiled(q, kv):  # the reference's math, reductions compiled (CPU)
+            o, lse = quant_attention_split(q, kv, scale=sm, bias=bias, calib=calib,
+                                           key_logits=cpu_fused.key_logits, value_sum=cpu_fused.value_sum)
         else:
             o, lse = quant_attention_reference(q, kv, scale=sm, bias=bias, calib=calib)
         return (o, lse.reshape(o.shape[:-1])) if return_lse else o

@@ -1,0 +1,69 @@
+"""The CPU read path of quantized stores: the ``methods/`` reductions compiled by inductor.
+
+:func:`kvfx.methods.quant_attention.quant_attention_split` is the quantized attention reference
+with its two reductions over the quantized slots (q·k̂ over channels, p·v̂ over slots) written as
+loop-free expressions, :func:`~kvfx.methods.quant_attention.quant_key_logits` and
+:func:`~kvfx.methods.quant_attention.quant_value_sum`. Here each of them is compiled once per
+shape class by ``torch.compile`` (inductor's vectorized C++): unpacking and dequantization are
+fused into the reduction, so a decode step reads the packed codes once and never materializes
+a dequantized copy of the cache (the eager reference dequantizes 1024-slot chunks in fp32).
+
+Shape class: the bits and group sizes, batch, KV heads, query rows per KV head and head dims
+are static; the slot counts are marked dynamic (``torch._dynamo.maybe_mark_dynamic``), so a
+growing cache does not recompile. Each compiled function has its own recompile budget
+(``isolate_recompiles``); past it dynamo runs the same functions uncompiled (same results,
+slower). Nothing here changes a process-wide torch setting.
+
+When it runs (:func:`use_compiled`): CPU tensors, at least :data:`MIN_SLOTS` quantized key slots
+(below that the reference's chunks are as fast and no compile is worth it), and not disabled
+with ``KVFX_CPU_COMPILE=0``. The result equals the reference's up to fp32 rounding (the
+dequantization is folded into the dot products; tests bound the difference).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kvfx.methods.quant_attention import QuantKV, quant_key_logits, quant_value_sum
+
+MIN_SLOTS = 1024  # quantized key slots (a row's nk) from which the compiled path runs
+
+_compiled: dict = {}
+
+
+def use_compiled(q: torch.Tensor, kv: QuantKV) -> bool:
+    """Whether a CPU read of ``kv`` by ``q`` runs the compiled reductions (module docstring)."""
+    if q.is_cuda or os.environ.get("KVFX_CPU_COMPILE", "1") == "0":
+        return False
+    return kv.nk >= MIN_SLOTS
+
+
+def _get(kind: str, a: int, b: int):
+    fn = _compiled.get((kind, a, b))
+    if fn is None:
+        if kind == "keys":
+            def keys(qs, qm, kcodes):
+                return quant_key_logits(qs, qm, kcodes, kbits=a, kgroup=b)
+            fn = torch.compile(keys, fullgraph=True, isolate_recompiles=True)
+        else:
+            def values(p, vcodes, vscale, vmin):
+                return quant_value_sum(p, vcodes, vscale, vmin, vbits=a, vgroup=b)
+            fn = torch.compile(values, fullgraph=True, isolate_recompiles=True)
+        _compiled[(kind, a, b)] = fn
+    return fn
+
+
+def key_logits(qs, qm, kcodes, *, kbits: int, kgroup: int) -> torch.Tensor:
+    """:func:`kvfx.methods.quant_attention.quant_key_logits`, compiled."""
+    for t, dim in ((qs, 3), (qm, 3), (kcodes, 2)):
+        torch._dynamo.maybe_mark_dynamic(t, dim)
+    return _get("keys", kbits, kgroup)(qs, qm, kcodes)
+
+
+def value_sum(p, vcodes, vscale, vmin, *, vbits: int, vgroup: int) -> torch.Tensor:
+    """:func:`kvfx.methods.quant_attention.quant_value_sum`, compiled."""
+    for t, dim in ((p, 3), (vcodes, 2), (vscale, 2), (vmin, 2)):
+        torch._dynamo.maybe_mark_dynamic(t, dim)
+    return _get("values", vbits, vgroup)(p, vcodes, vscale, vmin)
