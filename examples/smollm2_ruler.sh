@@ -11,7 +11,7 @@ OUT=${OUT:-results/smollm2-ruler-4k}
 ev() { kvfx eval --model smollm2-135m --lengths 4k --out "$OUT" "$@"; }
 if [ "${FULL:-0}" = 1 ]; then
   P="full"
-  for m in streaming snapkv pyramidkv h2o tova knorm lagkv keydiff; do
+  for m in streaming snapkv pyramidkv h2o tova knorm lagkv keydiff expected-attention chunkkv snapkv-calidrop; do
     for k in 0.75 0.5 0.25 0.125; do P="$P $m@$k"; done
   done
   P="$P kivi4 kivi2 ott4 ott2"

@@ -129,7 +129,9 @@ def evaluate_shared_context(model, tokenizer, sample: SharedContextSample, *, mo
         raise ValueError(f"evaluate_shared_context mode: got {mode!r}, expected one of {', '.join(MODES)}")
     inner = getattr(model, "_orig_mod", model)
     device = next(inner.parameters()).device
-    kw = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+    params = inspect.signature(inner.forward).parameters
+    kw = "cache" if "cache" in params else "past_key_values"
+    first = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     ctx = sample.context_ids.to(device)
     scores, texts, cache = [], [], None
     t0 = time.perf_counter()
@@ -141,7 +143,7 @@ def evaluate_shared_context(model, tokenizer, sample: SharedContextSample, *, mo
 
             cache = _new_cache(inner)
             with torch.no_grad():
-                out = model(input_ids=ctx, use_cache=True, **{kw: cache}, logits_to_keep=1)
+                out = model(input_ids=ctx, use_cache=True, **{kw: cache}, **first)
             gen_kw[kw] = _returned_cache(out, cache)
         with torch.no_grad():
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
