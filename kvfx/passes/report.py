@@ -39,10 +39,11 @@ def coverage_line(sites: list[SiteInfo]) -> str:
     others are left alone (their bytes: ``kvfx.memory(cache)["summary"]``)."""
     n_rw = sum(s.rewritten for s in sites)
     left = [s for s in sites if not s.rewritten]
+    names = {"sliding_window": "sliding-window", "fresh": "without a KV cache", "static_cache": "static cache"}
     kinds = {}
     for s in left:
-        kind = "sliding-window" if s.window else s.provenance.replace("_", " ")
+        kind = names.get(s.provenance, "see detail")
         kinds[kind] = kinds.get(kind, 0) + 1
-    why = ", ".join(f"{n} {k}" for k, n in kinds.items())
-    return (f"policy applied to {n_rw} of {len(sites)} layers; the other {len(left)} ({why}) keep "
-            "their uncompressed cache: kvfx.memory(cache) counts their bytes in held and dense")
+    why = ", ".join(f"{k}: {n}" for k, n in kinds.items())
+    return (f"policy applied to {n_rw} of {len(sites)} layers; the other {len(left)} are left alone "
+            f"({why}), their caches uncompressed: kvfx.memory(cache) counts them in held and dense")

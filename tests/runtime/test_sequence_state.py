@@ -250,10 +250,10 @@ def test_explain_tells_nothing_compiled_from_no_attention():
     gc.collect()
     assert "nothing compiled yet" in kvfx.explain()
 
-    class Gemma2Like(torch.nn.Module):  # soft-capped eager attention: not recognized
+    class Gemma2Like(torch.nn.Module):  # tanh between two different constants: not a soft-cap
         def forward(self, q, k, v):
             s = torch.matmul(q, k.transpose(-1, -2)) * 0.125
-            s = torch.tanh(s / 50.0) * 50.0
+            s = torch.tanh(s / 30.0) * 50.0
             return torch.matmul(torch.softmax(s, -1), v)
 
     m = Gemma2Like()
