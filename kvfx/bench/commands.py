@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     e = sub.add_parser("e2e", help="prefill / decode speed, memory, compile time: eager, inductor, "
                                    "kvfx full and policies")
-    e.add_argument("--model", default="smollm2-135m", help="registry name, HF name or directory")
+    e.add_argument("--model", default="smollm2-135m", help="registry name, HF name, directory, or synthetic:kv-heavy (random weights)")
     e.add_argument("--policy", nargs="+", default=[], metavar="P",
                    help="kvfx policies besides full (presets, files, NAME@KEEP)")
     e.add_argument("--lengths", default="2k,4k,8k", help="prefill lengths, e.g. 1k,2k,4096")

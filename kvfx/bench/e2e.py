@@ -402,9 +402,34 @@ def write_outputs(result: dict, out: str | Path) -> dict[str, Path]:
     return paths
 
 
+SYNTHETIC = {
+    # decode dominated by reading the KV cache: 4 layers of 8 KV heads of 64 (fp32: 16 KiB of K/V
+    # per token), 7.4 M weights (vocab 1024); random weights (speed only, never accuracy)
+    "synthetic:kv-heavy": dict(vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                               num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=65536),
+}
+
+
+def synthetic_model(name: str, *, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A random-weight Llama of :data:`SYNTHETIC` (``synthetic:kv-heavy``), eval mode."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if name not in SYNTHETIC:
+        raise ValueError(f"kvfx bench e2e: unknown synthetic model {name!r}; known: {', '.join(SYNTHETIC)}")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**SYNTHETIC[name]), attn_implementation="sdpa",
+                                             dtype=dtype)
+    return model.eval()
+
+
 def load_inputs(model_name: str, n_tokens: int, *, device: str, dtype: torch.dtype):
     """The model (registry name, directory or cached HF name) and ``(1, n_tokens)`` ids of long
-    real text (:func:`kvfx.eval.perplexity.long_text_ids`)."""
+    real text (:func:`kvfx.eval.perplexity.long_text_ids`); for a ``synthetic:`` name
+    (:data:`SYNTHETIC`), a random-weight model and uniformly random ids (seeded)."""
+    if model_name.startswith("synthetic:"):
+        model = synthetic_model(model_name, dtype=dtype)
+        g = torch.Generator().manual_seed(0)
+        return model.to(device), torch.randint(0, model.config.vocab_size, (1, n_tokens), generator=g)
     from kvfx.eval.perplexity import long_text_ids
     from kvfx.models import load_model
 

@@ -67,3 +67,40 @@ def value_sum(p, vcodes, vscale, vmin, *, vbits: int, vgroup: int) -> torch.Tens
     for t, dim in ((p, 3), (vcodes, 2), (vscale, 2), (vmin, 2)):
         torch._dynamo.maybe_mark_dynamic(t, dim)
     return _get("values", vbits, vgroup)(p, vcodes, vscale, vmin)
+
+
+def use_compiled_flush(v: torch.Tensor, nk: int) -> bool:
+    """Whether a decode step's value flush (one slot per row: ``v`` (B, H, 1, dv)) of a store that
+    holds ``nk`` quantized key slots is quantized by the compiled :func:`quantize_values`: the same
+    stores that read through the compiled reductions (a decode step then runs one kernel instead of
+    some thirty small eager ops per site)."""
+    return (not v.is_cuda and v.shape[2] == 1 and nk >= MIN_SLOTS
+            and os.environ.get("KVFX_CPU_COMPILE", "1") != "0")
+
+
+def quantize_values(v: torch.Tensor, bits: int, group: int, stat_dtype: torch.dtype):
+    """:func:`kvfx.methods.quant.quantize_values` compiled: (codes, scale, min), bit for bit the
+    eager result (tests). Its eager-only check that every statistic is finite runs here after the
+    call, with the same error."""
+    from kvfx.methods.quant import quantize_values as eager
+
+    key = ("flush", bits, group, stat_dtype)
+    fn = _compiled.get(key)
+    if fn is None:
+        from kvfx.methods.quant import _quantize_groups, pack
+
+        def flush(x):  # quantize_values' body, without its argument checks (done eagerly above)
+            B, H, T, d = x.shape
+            q, s, m = _quantize_groups(x.float().reshape(B, H, T, d // group, group), bits, stat_dtype, dim=4)
+            return pack(q.reshape(B, H, T, d), bits, dim=-1), s, m
+        fn = _compiled[key] = torch.compile(flush, fullgraph=True, isolate_recompiles=True)
+    if v.dtype == torch.float64 or v.shape[-1] % group or v.shape[-1] % (32 // bits):
+        return _as_tuple(eager(v, bits, group, stat_dtype=stat_dtype))  # its checks and errors
+    codes, scale, mn = fn(v)
+    if not (torch.isfinite(scale).all() and torch.isfinite(mn).all()):
+        eager(v, bits, group, stat_dtype=stat_dtype)  # raises the eager error, naming the fix
+    return codes, scale, mn
+
+
+def _as_tuple(qv):
+    return qv.codes, qv.scale, qv.min

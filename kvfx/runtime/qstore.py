@@ -284,11 +284,15 @@ class QuantStore:
 
     def _write_values(self, v: torch.Tensor, start: int, rows=slice(None)) -> None:
         c = self.cfg
-        qv = quantize_values(v, c.vbits, c.vgroup, stat_dtype=self.vscale.dtype)
         T = v.shape[2]
-        self.vcodes[rows, :, start:start + T] = qv.codes
-        self.vscale[rows, :, start:start + T] = qv.scale
-        self.vmin[rows, :, start:start + T] = qv.min
+        if cpu_fused.use_compiled_flush(v, self.nk):
+            codes, scale, mn = cpu_fused.quantize_values(v, c.vbits, c.vgroup, self.vscale.dtype)
+        else:
+            qv = quantize_values(v, c.vbits, c.vgroup, stat_dtype=self.vscale.dtype)
+            codes, scale, mn = qv.codes, qv.scale, qv.min
+        self.vcodes[rows, :, start:start + T] = codes
+        self.vscale[rows, :, start:start + T] = scale
+        self.vmin[rows, :, start:start + T] = mn
 
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """q new tokens (B, H, q, d) at slots [n_b, n_b + q) of every row b (its own count)."""

@@ -132,3 +132,25 @@ def test_key_logits_fold_dequantization_exactly_in_math():
     qs, qm = fold_query(qf, qk.scale, qk.min)
     got = quant_key_logits(qs, qm, qk.codes, kbits=2, kgroup=32)
     torch.testing.assert_close(got, qf @ khat.transpose(-1, -2), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_value_flush_is_bit_identical_to_eager(dtype=torch.float32):
+    """A decode step's one-slot value flush, compiled (kvfx.runtime.cpu_fused.quantize_values),
+    writes exactly the eager quantize_values' codes and statistics (wide ranges, a flat group)."""
+    from kvfx.methods.quant import quantize_values
+    from kvfx.runtime import cpu_fused
+
+    torch.manual_seed(2)
+    sd = torch.float16 if dtype == torch.float32 else dtype
+    for _ in range(3):
+        v = (torch.randn(2, 4, 1, 64) * torch.logspace(-3, 3, 64)).to(dtype)
+        v[0, 0, 0, :32] = 1.5
+        codes, scale, mn = cpu_fused.quantize_values(v, 2, 32, sd)
+        qv = quantize_values(v, 2, 32, stat_dtype=sd)
+        assert torch.equal(codes, qv.codes)
+        assert torch.equal(scale.view(torch.int16), qv.scale.view(torch.int16))
+        assert torch.equal(mn.view(torch.int16), qv.min.view(torch.int16))
+    bad = torch.full((1, 1, 1, 64), float("inf"), dtype=dtype)
+    with pytest.raises(ValueError, match="not finite"):
+        cpu_fused.quantize_values(bad, 2, 32, sd)
