@@ -363,17 +363,9 @@ def sites(model=None) -> list[SiteInfo]:
 
 
 def _storage_bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        s = t.untyped_storage()
-        if s.data_ptr() in seen:
-            continue
-        seen.add(s.data_ptr())
-        try:
-            total += s.nbytes()
-        except RuntimeError:  # wrapper subclasses (e.g. quanto's) without a plain storage
-            total += t.numel() * t.element_size()
-    return total
+    from kvfx.runtime.nbytes import storage_bytes  # wrapper subclasses (quanto's) included
+
+    return storage_bytes(tensors)
 
 
 def cache_tensors(cache) -> list[torch.Tensor]:
