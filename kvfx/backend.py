@@ -134,6 +134,9 @@ def compile(model: torch.nn.Module, policy="full", *, inner: str = "inductor", *
 
     ``compile_kwargs`` go to ``torch.compile``. Returns ``model``."""
     load_policy(policy)  # a malformed policy fails here, before anything is compiled
+    from kvfx.distributed import check_tp_policy
+
+    check_tp_policy(model, policy)  # tensor parallelism: state that spans KV heads is refused here
     compile_kwargs.setdefault("isolate_recompiles", True)
     model.compile(backend="kvfx", options={"policy": policy, "inner": inner}, **compile_kwargs)
     compiled = model._compiled_call_impl

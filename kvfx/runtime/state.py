@@ -462,7 +462,7 @@ def sequences_of_cache(cache) -> list[Sequence]:
     return out
 
 
-def memory(cache=None, model=None) -> dict:
+def memory(cache=None, model=None, all_ranks: bool = False) -> dict:
     """Bytes held for KV, per rewritten site and in total, against the dense equivalent.
 
     Args:
@@ -488,6 +488,10 @@ def memory(cache=None, model=None) -> dict:
         the rewritten sites only. ``summary``: one line saying how many layers the policy applies
         to and what the others hold (e.g. "policy applied to 3 of 18 layers; the other 15 (left
         alone, uncompressed) hold 0.56 of the cache").
+        Under tensor parallelism (a ``torch.distributed`` process group is initialized) every
+        count is this rank's: it holds the stores of its own KV heads. ``rank`` and ``world_size``
+        say which; ``all_ranks=True`` (every rank must call it: a collective) adds ``all_ranks``,
+        the byte counts summed over ranks (see :func:`kvfx.distributed.all_ranks_memory`).
     """
     if cache is not None:
         seqs = sequences_of_cache(cache)
@@ -529,7 +533,7 @@ def memory(cache=None, model=None) -> dict:
     left = _left_alone(cache, seqs) if cache is not None else None
     dense_total += sum(e["bytes"] for e in (left or {}).values())
     dense16_total += sum(e["fp16_bytes"] for e in (left or {}).values())
-    return {
+    out = {
         "sites": sites, "store_bytes": store_total, "shared_bytes": shared_total,
         "left_alone": left, "left_alone_bytes": sum(e["bytes"] for e in left.values()) if left is not None else None,
         "summary": _coverage(seqs, left, held_total),
@@ -538,6 +542,12 @@ def memory(cache=None, model=None) -> dict:
         "ratio": held_total / dense_total if dense_total else float("nan"),
         "ratio_fp16": held_total / dense16_total if dense16_total else float("nan"),
     }
+    from kvfx import distributed  # tensor parallelism: this rank's counts, and on request all ranks'
+
+    out.update(rank=distributed.rank(), world_size=distributed.world_size())
+    if all_ranks:
+        out["all_ranks"] = distributed.all_ranks_memory(out)
+    return out
 
 
 def _policy_of(session: Session, path: str) -> str:

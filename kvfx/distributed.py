@@ -1,0 +1,246 @@
+"""kvfx under tensor parallelism (``torch.distributed``): process group set-up, loading a model
+with Hugging Face's ``tp_plan="auto"``, and byte counts summed over ranks.
+
+Under tensor parallelism each rank runs the same graph on its own slice of the attention heads
+(Hugging Face shards q/k/v_proj column-wise and o_proj row-wise), so kvfx rewrites each rank's
+attention sites for that rank's heads and every compressed store is naturally sharded: a rank
+holds the stores of its own KV heads. Nothing in kvfx communicates between ranks except
+:func:`all_ranks_memory` (an ``all_reduce`` of byte counts, on request).
+
+Example (``torchrun --nproc_per_node 2 script.py``)::
+
+    from kvfx.distributed import init_from_env, load_model_tp
+    init_from_env()                          # gloo on CPU, nccl on CUDA
+    model, tok = load_model_tp("smollm2-135m")
+    kvfx.compile(model, "snapkv@0.25")
+    out = model.generate(ids, max_new_tokens=8, return_dict_in_generate=True)
+    kvfx.memory(out.past_key_values, all_ranks=True)["all_ranks"]["store_bytes"]
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["TPError", "init_from_env", "is_distributed", "rank", "world_size", "is_writer",
+           "load_model_tp", "all_ranks_memory", "broadcast_object", "barrier"]
+
+# byte and token counts of kvfx.memory() that add up over ranks (each rank holds its own heads)
+SUMMED = ("store_bytes", "shared_bytes", "model_cache_bytes", "held_bytes", "dense_bytes",
+          "dense_fp16_bytes", "left_alone_bytes")
+SITE_SUMMED = ("held_bytes", "kv_bytes", "calib_bytes", "dense_bytes", "dense_fp16_bytes")
+
+
+class TPError(RuntimeError):
+    """Tensor-parallel set-up that cannot work; the message names the problem and the fix."""
+
+
+def is_distributed() -> bool:
+    """A ``torch.distributed`` process group is initialized in this process."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_writer() -> bool:
+    """Rank 0 (or no process group): the process that writes results and prints."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    """``obj`` of rank 0 on every rank (unchanged without a process group)."""
+    if not is_distributed():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def init_from_env(tp: int | None = None, backend: str | None = None) -> int:
+    """Initialize the default process group from ``torchrun``'s environment (``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) when it is not already; returns the world size.
+
+    ``tp``: the tensor-parallel size asked for; it must equal the number of processes (kvfx runs
+    pure tensor parallelism: every rank holds one shard of every layer). ``backend``: default
+    ``nccl`` when CUDA is available, else ``gloo``. Without ``torchrun``'s environment and ``tp``
+    None or 1, nothing is initialized and 1 is returned.
+    """
+    import torch.distributed as dist
+
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not is_distributed():
+        if env_world > 1 or (tp is not None and tp > 1):
+            if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
+                raise TPError(
+                    f"--tp {tp}: no process group and no torchrun environment (RANK, WORLD_SIZE, "
+                    f"MASTER_ADDR); fix: launch with `torchrun --nproc_per_node {tp or env_world} "
+                    f"$(which kvfx) ...`")
+            backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend)
+    world = world_size()
+    if tp is not None and tp != world:
+        raise TPError(f"--tp {tp} but {world} process(es) run; fix: launch with "
+                      f"`torchrun --nproc_per_node {tp}` (kvfx runs pure tensor parallelism, "
+                      f"one shard of every layer per process)")
+    return world
+
+
+def check_heads(config, world: int) -> None:
+    """Refuse a model whose attention heads do not split evenly over ``world`` ranks (Hugging
+    Face would shard the projections unevenly, and each rank's head count would be wrong)."""
+    heads = getattr(config, "num_attention_heads", None)
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    if heads is None:
+        return
+    if heads % world or kv % world:
+        raise TPError(f"tensor parallelism over {world} ranks needs the query heads ({heads}) and the KV "
+                      f"heads ({kv}) to be multiples of {world}; fix: --tp a divisor of {kv}")
+
+
+def load_model_tp(name_or_path: str, *, dtype: torch.dtype = torch.float32,
+                  attn_implementation: str = "sdpa", progress: bool = False):
+    """:func:`kvfx.models.load_model` with ``tp_plan="auto"``: each rank loads its own shard of
+    the weights (the process group must be initialized, see :func:`init_from_env`). A registry
+    model is converted once, by rank 0, while the other ranks wait."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kvfx import models
+
+    if not is_distributed():
+        raise TPError("load_model_tp needs an initialized process group; fix: launch under torchrun "
+                      "and call kvfx.distributed.init_from_env() first")
+    spec = models.MODEL_REGISTRY.get(name_or_path)
+    path = name_or_path
+    if spec is not None:
+        if is_writer():
+            models._ensure_cached(spec, progress=progress)
+        barrier()
+        path = str(models.model_cache_path(spec.name))
+    elif models._is_gguf(path):
+        raise TPError(f"{path}: a GGUF file cannot be loaded with tp_plan; fix: convert it once with "
+                      f"load_model(...) and save_pretrained, or use a registry name")
+    check_heads(AutoConfig.from_pretrained(path), world_size())
+    with models._progress_bars(progress):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                                     tp_plan="auto")
+    tok = models.load_tokenizer(path)
+    models._prepare_for_eval(model, tok)
+    return model, tok
+
+
+def all_ranks_memory(mem: dict) -> dict:
+    """The totals of one rank's :func:`kvfx.memory` summed over all ranks (an ``all_reduce``;
+    every rank must call it). Returns ``{"ranks", "per_rank_store_bytes", <summed keys>, "sites",
+    "ratio", "ratio_fp16"}``; ``sites`` sums each site's byte counts."""
+    import torch.distributed as dist
+
+    if not is_distributed():
+        raise TPError("kvfx.memory(..., all_ranks=True) needs an initialized torch.distributed process "
+                      "group; fix: call it under torchrun after init_process_group (or drop all_ranks)")
+    keys = [k for k in SUMMED if mem.get(k) is not None]
+    names = sorted(mem["sites"])
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, names)  # every rank must report the same sites
+    if any(g != names for g in gathered):
+        raise TPError(f"kvfx.memory(all_ranks=True): ranks hold different sites ({gathered}); each rank "
+                      f"must measure its shard of the same sequence")
+    vals = [mem[k] for k in keys] + [mem["sites"][s][k] for s in names for k in SITE_SUMMED]
+    vals.append(mem["store_bytes"])
+    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(vals, dtype=torch.float64, device=dev)
+    per_rank = [torch.zeros(1, dtype=torch.float64, device=dev) for _ in range(world_size())]
+    dist.all_gather(per_rank, t[-1:].clone())
+    dist.all_reduce(t)
+    out = {"ranks": world_size(), "per_rank_store_bytes": [int(x.item()) for x in per_rank]}
+    out.update({k: int(t[i].item()) for i, k in enumerate(keys)})
+    i = len(keys)
+    out["sites"] = {}
+    for s in names:
+        out["sites"][s] = {k: int(t[i + j].item()) for j, k in enumerate(SITE_SUMMED)}
+        i += len(SITE_SUMMED)
+    dense = out.get("dense_bytes", 0)
+    dense16 = out.get("dense_fp16_bytes", 0)
+    out["ratio"] = out["held_bytes"] / dense if dense else float("nan")
+    out["ratio_fp16"] = out["held_bytes"] / dense16 if dense16 else float("nan")
+    return out
+
+
+def tp_size(model) -> int:
+    """How many ranks ``model``'s weights are sharded over (Hugging Face ``tp_plan``): 1 when not."""
+    n = getattr(model, "tp_size", None) or getattr(model, "_tp_size", None)
+    if n:
+        return int(n)
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return 1
+    for p in model.parameters():
+        if isinstance(p, DTensor):
+            return int(p.device_mesh.size())
+    return 1
+
+
+def _attention_sites(model) -> list[str]:
+    return [n for n, m in model.named_modules() if hasattr(m, "k_proj") and hasattr(m, "v_proj")]
+
+
+def check_tp_policy(model, policy) -> None:
+    """Refuse, before anything is compiled, a policy whose state spans KV heads on a model sharded
+    over several ranks (each rank sees only its own KV heads, so such state would silently differ
+    from the single-process run). What is refused, and why:
+
+    * ``eviction.chunk`` (ChunkKV): a chunk's score is summed over all KV heads of the layer and
+      every head keeps the same chunks; a rank would sum its own heads only and keep other chunks.
+    * ``lowrank:`` (ReCalKV): the calibrated factors of a head group project the hidden state to
+      one latent shared by the group's KV heads, and the artifact holds every KV head of the
+      layer; splitting factors per rank is not implemented.
+
+    Everything else (per-head scores, per-layer budgets, CaliDrop's per-query-head stored queries,
+    H2O/TOVA probabilities, LagKV partitions, KIVI groups) is per KV head or per layer and runs
+    sharded; tests/runtime/test_tensor_parallel.py checks each preset against the single process.
+    """
+    world = tp_size(model)
+    if world <= 1:
+        return
+    from kvfx.policy import load_policy
+
+    pol = load_policy(policy)
+    paths = _attention_sites(model) or ["model.layers.0.self_attn"]
+    for i, path in enumerate(paths):
+        lp = pol.resolve(i, path, len(paths))
+        if getattr(lp.eviction, "chunk", None) is not None:
+            raise TPError(
+                f"policy {pol.name!r} at {path}: ChunkKV (eviction.chunk={lp.eviction.chunk}) ranks chunks by "
+                f"scores summed over all KV heads of a layer, but under tensor parallelism ({world} ranks) "
+                f"each rank holds only its own KV heads, so the ranks would keep different chunks than one "
+                f"process; fix: drop eviction.chunk (e.g. snapkv instead of chunkkv) or run without tp_plan")
+        if getattr(lp, "lowrank", None) is not None:
+            raise TPError(
+                f"policy {pol.name!r} at {path}: lowrank (ReCalKV) factors project to latents shared by the "
+                f"KV heads of a head group and cover every KV head of the layer; splitting them over "
+                f"{world} tensor-parallel ranks is not implemented; fix: run lowrank policies without "
+                f"tp_plan, or use a per-head policy (snapkv, kivi4, ...) under tensor parallelism")

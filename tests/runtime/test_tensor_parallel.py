@@ -1,0 +1,135 @@
+"""kvfx under tensor parallelism: 2 gloo ranks on CPU, a tiny Llama loaded with Hugging Face's
+``tp_plan="auto"`` (each rank: 2 of the 4 query heads, 1 of the 2 KV heads), every preset family
+compiled with kvfx in the same two processes (tests/runtime/tp_worker.py), against the
+single-process run of the same weights."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+import kvfx
+
+WORKER = Path(__file__).with_name("tp_worker.py")
+# CI runs the presets whose state spans heads or layers (PyramidKV's per-layer budgets over
+# SnapKV scores, H2O's accumulated decode probabilities, LagKV's partitions, KIVI's groups,
+# CaliDrop's stored queries) within its time budget; KVFX_TP_PRESETS=all runs every preset family
+# (~4 min on 2 busy cores), or a comma-separated list.
+CI_PRESETS = ["full", "pyramidkv", "h2o", "lagkv", "kivi4", "snapkv-calidrop"]
+ALL_PRESETS = ["full", "snapkv", "pyramidkv", "h2o", "tova", "knorm", "lagkv", "streaming", "kivi4",
+               "snapkv-calidrop", "snapkv-ott2", "keydiff", "expected-attention"]
+REFUSED = ["chunkkv"]  # ChunkKV sums chunk scores over all KV heads: refused under TP (plus lowrank)
+PROMPT, NEW = 300, 8  # longer than every preset's budget (streaming: 4 + 256, kivi4: 128 fp + groups)
+WORLD = 2
+
+
+def launch(world: int, args: list[str], timeout: float) -> list[tuple[int, str]]:
+    """Run tp_worker.py as ``world`` ranks (torchrun's environment, a free port); (rc, stderr tail)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for r in range(world):
+        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
+                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), *args], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    out, deadline = [], time.monotonic() + timeout
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            out.append((p.returncode, err[-4000:]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return out
+
+
+def tiny_llama(path: Path):
+    """3 layers (KNorm leaves layers 0 and 1 alone), 4 query / 2 KV heads of 32 dims (KIVI groups
+    of 32), weights drawn at std 0.2 so that greedy decoding does not repeat one token."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=192, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      initializer_range=0.2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def test_every_preset_under_tp2_matches_single_process(tmp_path):
+    """Greedy tokens (and first logits) under TP=2 equal the single-process run for each preset,
+    each rank's stores hold half the single-process KV bytes (kvfx.memory(all_ranks=True) sums the
+    ranks), explain() reports each rank's 2/1 heads, and ChunkKV and a ReCalKV (lowrank) policy
+    are refused at kvfx.compile with the reason (their state spans KV heads a rank does not hold)."""
+    from kvfx.calibrate import calibrate, save_artifact
+
+    model = tiny_llama(tmp_path / "model")
+    ids = torch.randint(3, 90, (512,), generator=torch.Generator().manual_seed(3))
+    tok = lambda text, add_special_tokens=False: SimpleNamespace(input_ids=[int(w) for w in text.split()])  # noqa: E731
+    factors, prov = calibrate(model, tok, " ".join(map(str, ids.tolist())), 0.5, tokens=512, chunk=128,
+                              progress=False)
+    artifact = save_artifact(tmp_path / "lr.safetensors", factors, prov)
+    env = os.environ.get("KVFX_TP_PRESETS", "")
+    presets = ALL_PRESETS if env == "all" else env.split(",") if env else CI_PRESETS
+    assert set(presets) <= set(kvfx.policy.list_presets()), set(presets) - set(kvfx.policy.list_presets())
+    out = tmp_path / "out.json"
+    t = time.monotonic()
+    names = ",".join(presets + ["!" + p for p in REFUSED])
+    ranks = launch(WORLD, [str(tmp_path / "model"), str(out), str(PROMPT), str(NEW), names, str(artifact)],
+                   timeout=480)
+    took = time.monotonic() - t
+    assert all(rc == 0 for rc, _ in ranks), "\n".join(f"rank {r}: rc {rc}\n{err}" for r, (rc, err) in enumerate(ranks))
+    recs = json.loads(out.read_text())
+    assert len(recs) == WORLD
+    distinct = set()
+    for name in presets:
+        ref = next(r[name]["ref"] for r in recs if "ref" in r[name])
+        tps = [r[name].get("tp") for r in recs]
+        errs = [r[name].get("tp_error") for r in recs]
+        assert not any(errs), (name, errs, [r[name].get("tp_traceback") for r in recs])
+        assert len(set(ref["tokens"])) >= 4, (name, ref["tokens"])  # not a degenerate output
+        distinct.add(tuple(ref["tokens"]))
+        for r, tp in enumerate(tps):
+            assert tp["rank"] == r and tp["world_size"] == WORLD
+            assert tp["tokens"] == ref["tokens"], (name, r, tp["tokens"], ref["tokens"])
+            torch.testing.assert_close(torch.tensor(tp["first_logits"]), torch.tensor(ref["first_logits"]),
+                                       rtol=1e-4, atol=1e-4)
+            assert set(tp["sites"]) == set(ref["sites"])
+            assert all(h[:2] == [2, 1] and h[2] for h in tp["heads"].values()), (name, tp["heads"])
+            assert all(ref["heads"][s][:2] == [4, 2] for s in ref["heads"])
+            # each rank holds its own KV head: exactly half the single-process KV and calibration
+            # bytes, site by site; other state (scores, positions) halves too, but for a few bytes
+            # of per-store scalars each rank keeps
+            assert tp["sites"].keys() == ref["sites"].keys()
+            for s, site in tp["sites"].items():
+                rs = ref["sites"][s]
+                assert site["kv_bytes"] * WORLD == rs["kv_bytes"], (name, s, site, rs)
+                assert site["calib_bytes"] * WORLD == rs["calib_bytes"], (name, s, site, rs)
+                assert 0 <= site["held_bytes"] * WORLD - rs["held_bytes"] <= 16 * WORLD, (name, s, site, rs)
+                assert (site["tokens_held"], site["tokens_seen"]) == (rs["tokens_held"], rs["tokens_seen"])
+            assert 0 <= tp["store_bytes"] * WORLD - ref["store_bytes"] <= 16 * WORLD * len(tp["sites"])
+            # all_ranks: the sum over ranks, each rank's share listed
+            assert tp["all_ranks"]["store_bytes"] == sum(r[name]["tp"]["store_bytes"] for r in recs)
+            assert tp["all_ranks"]["per_rank_store_bytes"] == [r[name]["tp"]["store_bytes"] for r in recs]
+            assert tp["all_ranks"]["sites"].keys() == tp["sites"].keys()
+        if name not in ("full", "kivi4"):  # eviction presets: the prompt is longer than the budget
+            assert any(s["tokens_held"] < s["tokens_seen"] for s in ref["sites"].values()), name
+    if len(presets) > 3:
+        assert len(distinct) > 3  # compression changes the answer: the comparison is not vacuous
+    for name in REFUSED + ["lowrank"]:  # refused at kvfx.compile on every rank, with the reason
+        for r in recs:
+            assert "tp" not in r[name], (name, r[name].get("tp", {}).get("tokens"))
+            assert r[name]["tp_error"].startswith("TPError") and "tensor parallel" in r[name]["tp_error"]
+            assert "fix:" in r[name]["tp_error"]
+    print(f"TP=2, {len(presets)} presets + {len(REFUSED) + 1} refused: {took:.0f} s")
