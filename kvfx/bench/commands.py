@@ -41,8 +41,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="torch.compile dynamic= for every compiled configuration (auto: None); under "
                         "true kvfx may leave sites alone, which the report flags")
     e.add_argument("--greedy", action="store_true", help="feed back the argmax instead of the text")
+    e.add_argument("--hf-quantized", nargs="+", default=[], metavar="B",
+                   help="Hugging Face QuantizedCache baselines: quanto:2 quanto:4 hqq:2 hqq:4 fp8, or auto "
+                        "(quanto and HQQ at 2 and 4 bits, those installed)")
     e.add_argument("--baseline", default="inductor",
                    help="dynamo backend of the compiled baseline the ratios use (default inductor)")
+    e.add_argument("--tp", type=int, default=None,
+                   help="tensor parallelism over N processes (torchrun --nproc_per_node N -m kvfx.cli bench e2e "
+                        "--tp N ...); each rank times and measures its own shard, rank 0 writes")
     _common(e, "runs/bench/e2e")
     e.set_defaults(func=cmd_e2e)
 
@@ -128,13 +134,13 @@ def cmd_e2e(args) -> int:
     lengths = _ints(args.lengths, "--lengths")
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     command = _command(args, ["model", "policy", "lengths", "steps", "warmup", "rounds", "inner", "dynamic",
-                              "greedy", "baseline", "device", "dtype", "threads", "out"])
+                              "greedy", "baseline", "hf-quantized", "device", "dtype", "threads", "out"])
     model, ids = e2e.load_inputs(args.model, max(lengths) + args.warmup + args.steps, device=device, dtype=dtype)
     try:
         result = e2e.run_e2e(model, ids, lengths=lengths, policies=args.policy, steps=args.steps,
                              warmup=args.warmup, rounds=args.rounds, inner=args.inner,
                              dynamic=None if args.dynamic == "auto" else True, greedy=args.greedy,
-                             baseline=args.baseline,
+                             baseline=args.baseline, hf_quantized=args.hf_quantized,
                              model_name=args.model, command=command, progress=not args.no_progress)
     except ValueError as err:
         raise SystemExit(str(err)) from None

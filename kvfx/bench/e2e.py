@@ -4,6 +4,10 @@ policies, each as a ratio against baselines measured in the same process and the
 Configurations (every run has the first three, then the requested policies):
 
     eager          the model as loaded, default cache (``DynamicCache``), no compiler
+    hf-<b>-<n>bit  (``hf_quantized=``) the eager model with Hugging Face's ``QuantizedCache``
+                   (backend quanto or hqq, n bits; ``hf-fp8``: per-tensor float8), what users pick
+                   instead of kvfx; its bytes are measured by ``kvfx.memory(cache)`` through the
+                   backends' wrapper tensors
     inductor       ``torch.compile(model, backend="inductor")``, default cache (``baseline=`` names
                    another dynamo backend for quick tests; the row takes its name, ``dynamo-eager``
                    for dynamo's ``eager``)
@@ -75,6 +79,7 @@ class Setup:
     policy_hash: str | None
     fn: object
     options: dict | None = None  # the kvfx options (None for the eager and baseline rows)
+    cache: object = None  # model -> a new cache object (None: the model's default cache)
 
 
 def baseline_name(backend: str) -> str:
@@ -83,9 +88,56 @@ def baseline_name(backend: str) -> str:
     return "dynamo-eager" if backend == "eager" else backend
 
 
+HF_QUANT_PACKAGES = {"quanto": ("optimum.quanto", "optimum-quanto"), "hqq": ("hqq", "hqq"), "fp8": (None, None)}
+
+
+def hf_quantized_specs(specs) -> list[tuple[str, int | None]]:
+    """``["quanto:2", "hqq:4", "fp8"]`` -> [(backend, bits)]; ``["auto"]``: quanto and HQQ at 2 and 4
+    bits for each backend that is installed (none: an empty list). Raises ValueError naming the
+    package to install for a backend that is not."""
+    import importlib.util
+
+    def installed(backend):
+        mod = HF_QUANT_PACKAGES[backend][0]
+        return mod is None or (importlib.util.find_spec(mod.split(".")[0]) is not None
+                               and importlib.util.find_spec(mod) is not None)
+
+    out = []
+    for spec in specs:
+        if spec == "auto":
+            out += [(b, n) for b in ("quanto", "hqq") if installed(b) for n in (2, 4)]
+            continue
+        backend, _, bits = spec.partition(":")
+        if backend not in HF_QUANT_PACKAGES:
+            raise ValueError(f"kvfx bench e2e: hf-quantized {spec!r}, expected quanto:BITS, hqq:BITS, fp8 or auto")
+        if backend == "fp8":
+            if bits:
+                raise ValueError("kvfx bench e2e: hf-quantized fp8 quantizes per tensor and takes no bits")
+            out.append(("fp8", None))
+            continue
+        if bits not in ("2", "4"):
+            raise ValueError(f"kvfx bench e2e: hf-quantized {spec!r}, expected {backend}:2 or {backend}:4")
+        if not installed(backend):
+            raise ValueError(f"kvfx bench e2e: hf-quantized {spec!r} needs the {HF_QUANT_PACKAGES[backend][1]} "
+                             f"package (pip install {HF_QUANT_PACKAGES[backend][1]}), which is not installed")
+        out.append((backend, int(bits)))
+    return list(dict.fromkeys(out))
+
+
+def _hf_quantized_setup(model, backend: str, bits: int | None) -> Setup:
+    """The eager model with Hugging Face's ``QuantizedCache`` (its default residual and groups)."""
+    from transformers import QuantizedCache
+
+    name = f"hf-{backend}" + (f"-{bits}bit" if bits else "")
+    kw = {} if bits is None else {"nbits": bits}
+    return Setup(name, "hf-quantized", None, None, model,
+                 cache=lambda m: QuantizedCache(backend=backend, config=m.config, **kw))
+
+
 def make_setups(model, policies, *, inner: str = "inductor", dynamic: bool | None = None,
-                baseline: str = "inductor") -> list[Setup]:
-    """eager, ``baseline`` (inductor), kvfx:full, then ``kvfx:<spec>`` for each other spec."""
+                baseline: str = "inductor", hf_quantized=()) -> list[Setup]:
+    """eager, ``baseline`` (inductor), the ``hf_quantized`` caches (:func:`hf_quantized_specs`),
+    kvfx:full, then ``kvfx:<spec>`` for each other spec."""
     from kvfx.eval.harness import policy_from_spec
 
     if inner not in INNER:
@@ -99,6 +151,7 @@ def make_setups(model, policies, *, inner: str = "inductor", dynamic: bool | Non
     setups = [Setup("eager", "eager", None, None, model),
               Setup(baseline_name(baseline), "baseline", None, None,
                     torch.compile(model, backend=baseline, dynamic=dynamic))]
+    setups += [_hf_quantized_setup(model, b, n) for b, n in hf_quantized_specs(hf_quantized)]
     specs = ["full"] + [p for p in policies if p != "full"]
     for spec in dict.fromkeys(specs):
         policy = policy_from_spec(spec)
@@ -111,7 +164,8 @@ def make_setups(model, policies, *, inner: str = "inductor", dynamic: bool | Non
 
 def run_e2e(model, ids: torch.Tensor, *, lengths, policies=(), steps: int = 32, warmup: int = 4,
             rounds: int = 2, inner: str = "inductor", dynamic: bool | None = None, greedy: bool = False,
-            baseline: str = "inductor", model_name: str = "", command: str = "", progress: bool = True) -> dict:
+            baseline: str = "inductor", model_name: str = "", command: str = "", progress: bool = True,
+            hf_quantized=()) -> dict:
     """Measure every configuration at every length (see the module docstring).
 
     Args:
@@ -124,6 +178,9 @@ def run_e2e(model, ids: torch.Tensor, *, lengths, policies=(), steps: int = 32, 
         inner: kvfx's inner compiler; dynamic: ``torch.compile(dynamic=)`` (None or True).
         greedy: feed back the argmax instead of the next token of ``ids``.
         baseline: the dynamo backend of the compiled baseline and of the ratios (inductor).
+        hf_quantized: Hugging Face ``QuantizedCache`` baselines on the eager model, e.g.
+            ``["quanto:2", "hqq:4"]``, ``["auto"]`` (every installed backend at 2 and 4 bits) or
+            ``["fp8"]`` (see :func:`hf_quantized_specs`).
     Returns:
         ``{"meta": {...}, "configs": [...], "rows": [...]}``, one row per (configuration, length).
     """
@@ -143,7 +200,8 @@ def run_e2e(model, ids: torch.Tensor, *, lengths, policies=(), steps: int = 32, 
                          "(the longest length + warmup + steps)")
     device = next(model.parameters()).device
     ids = ids.to(device)
-    setups = make_setups(model, policies, inner=inner, dynamic=dynamic, baseline=baseline)
+    setups = make_setups(model, policies, inner=inner, dynamic=dynamic, baseline=baseline,
+                         hf_quantized=hf_quantized)
     params = inspect.signature(model.forward).parameters
     kw = "cache" if "cache" in params else "past_key_values"
     first_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
@@ -205,7 +263,7 @@ def _sequence(s: Setup, model, ids, n, warmup, steps, kw, first_kw, greedy, prob
     import kvfx
 
     probe.reset()  # (the previous sequence's kvfx stores went with its cache)
-    cache = _new_cache(model)
+    cache = s.cache(model) if s.cache is not None else _new_cache(model)
     out, prefill_s = timed(partial(s.fn, input_ids=ids[:, :n], use_cache=True, **{kw: cache}, **first_kw),
                            device)
     cache = _returned_cache(out, cache)
@@ -221,10 +279,20 @@ def _sequence(s: Setup, model, ids, n, warmup, steps, kw, first_kw, greedy, prob
     kv = kvfx.memory(cache)
     held = [v["tokens_held"] for v in kv["sites"].values()]
     rec = {"prefill_s": prefill_s, "decode_s": decode_s, **mem, "kv_held_bytes": kv["held_bytes"],
-           "kv_dense_bytes": kv["dense_bytes"] if s.kind == "kvfx" else kv["held_bytes"],
+           "kv_dense_bytes": (kv["dense_bytes"] if s.kind == "kvfx" else
+                              _dense_kv_bytes(model, n + warmup + steps) if s.kind == "hf-quantized"
+                              else kv["held_bytes"]),
            "kv_store_bytes": kv["store_bytes"], "kv_model_cache_bytes": kv["model_cache_bytes"],
            "tokens_held": (sum(held) / len(held)) if held else None}
     return rec
+
+
+def _dense_kv_bytes(model, tokens: int) -> int:
+    """Bytes of an uncompressed K/V cache of ``tokens`` tokens in the model's dtype."""
+    c = model.config
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * heads * hd * tokens * next(model.parameters()).element_size()
 
 
 def _summarize(s: Setup, n: int, recs: list[dict], warmup: int, steps: int) -> dict:

@@ -166,3 +166,32 @@ def test_e2e_smollm2_small(tmp_path):
     result = _check_e2e_outputs(out, ["eager", "dynamo-eager", "kvfx:full", "kvfx:snapkv"], [256])
     by = {r["config"]: r for r in result["rows"]}
     assert by["kvfx:snapkv"]["kv_held_bytes"] < 0.6 * by["kvfx:full"]["kv_held_bytes"]
+
+
+def test_e2e_hf_quantized_baseline_interleaved(tmp_path):
+    """An HF QuantizedCache row (fp8: built into transformers, no package) runs in the same
+    interleaved run, and its bytes are measured and smaller than eager's."""
+    from zoo import VOCAB, hf_model
+
+    model = hf_model("llama", layers=1)
+    ids = torch.randint(0, VOCAB, (1, 64), generator=torch.Generator().manual_seed(0))
+    result = e2e.run_e2e(model, ids, lengths=[48], steps=2, warmup=1, rounds=1, inner="eager",
+                         baseline="eager", hf_quantized=["fp8"], progress=False)
+    by = {r["config"]: r for r in result["rows"]}
+    assert [c["name"] for c in result["configs"]][:3] == ["eager", "dynamo-eager", "hf-fp8"]
+    assert 0 < by["hf-fp8"]["kv_held_bytes"] < by["eager"]["kv_held_bytes"]
+    assert by["hf-fp8"]["decode_ms"] > 0
+
+
+def test_hf_quantized_specs_name_the_missing_package(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.split(".")[0] in ("optimum", "hqq") else real(name, *a))
+    with pytest.raises(ValueError, match="pip install optimum-quanto"):
+        e2e.hf_quantized_specs(["quanto:2"])
+    with pytest.raises(ValueError, match="hqq:2 or hqq:4"):
+        e2e.hf_quantized_specs(["hqq:3"])
+    assert e2e.hf_quantized_specs(["auto"]) == []
+    assert e2e.hf_quantized_specs(["fp8", "fp8"]) == [("fp8", None)]
