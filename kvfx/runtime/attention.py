@@ -89,7 +89,15 @@ def decode_attention(store, q: torch.Tensor, mask, is_causal: bool, past_len: in
 
     Returns (out (B, Hq, nq, dv), probs (B, Hq, nq, n) fp32 or None). ``with_probs`` computes
     the softmax explicitly (H2O/TOVA read it); otherwise SDPA (CPU) or the Triton split-K
-    decode kernel (CUDA) runs."""
+    decode kernel (CUDA) runs.
+
+    [Note] Dense CPU decode stays on SDPA rather than :mod:`kvfx.methods.attention`'s reference
+    (DESIGN rule 5 would have the CPU run the reference): that reference expands the KV heads
+    (a copy of the whole cache per step under GQA) and upcasts to fp32, and SDPA's grouped CPU
+    kernel is what keeps kvfx ``full`` within 1.10× of inductor's decode (1.08×,
+    results/bench-e2e-core-v2-4k). A grouped, non-upcasting reference has not been written and
+    measured yet. Quantized stores do run the reference's math on CPU (compiled:
+    :mod:`kvfx.runtime.cpu_fused`)."""
     n = store.length
     g = q.shape[1] // store.kv_heads
     keep = _store_mask(store, mask, is_causal, q.shape[2], past_len, g)
@@ -121,7 +129,9 @@ def decode_attention(store, q: torch.Tensor, mask, is_causal: bool, past_len: in
 def _use_kernel(q: torch.Tensor, k: torch.Tensor | None = None) -> bool:
     """CUDA runs the Triton kernels where they support the shapes; ``KVFX_FORCE_TRITON=1``
     (with ``TRITON_INTERPRET=1``) routes CPU runs through them too, which the tests use to
-    check the wiring. Everything else runs the PyTorch reference (SDPA)."""
+    check the wiring. Everything else runs the PyTorch reference (SDPA for dense stores; for
+    quantized stores the reference, its reductions compiled by inductor from 1024 quantized
+    slots: :func:`kvfx.runtime.cpu_fused.use_compiled`)."""
     import os
 
     if not (q.is_cuda or os.environ.get("KVFX_FORCE_TRITON") == "1"):
