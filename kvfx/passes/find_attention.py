@@ -194,18 +194,15 @@ def _softcap(x: Node):
     inner = a.args[0]
     if not isinstance(inner, Node) or not gu.single_user(inner):
         return None
-    if gu.is_call(inner, gu.DIV_FNS, {"div", "__truediv__"}) and _const(inner.args[1]) is not None:
-        inv = 1.0 / _const(inner.args[1])
-    elif gu.is_call(inner, gu.MUL_FNS, {"mul", "__mul__"}) and _const(inner.args[1]) is not None:
-        inv = _const(inner.args[1])
-    elif gu.is_call(inner, gu.MUL_FNS, {"mul", "__mul__"}) and _const(inner.args[0]) is not None:
-        inv = _const(inner.args[0])
-        return (cap, [x, a, inner], inner.args[1]) if math.isclose(inv * cap, 1.0, rel_tol=1e-6) else None
-    else:
+    s = None
+    if gu.is_call(inner, gu.DIV_FNS, {"div", "__truediv__"}) and _const(inner.args[1]):
+        inv, s = 1.0 / _const(inner.args[1]), inner.args[0]
+    elif gu.is_call(inner, gu.MUL_FNS, {"mul", "__mul__"}):
+        i = 1 if _const(inner.args[1]) is not None else 0
+        inv, s = _const(inner.args[i]), inner.args[1 - i]
+    if s is None or inv is None or not math.isclose(inv * cap, 1.0, rel_tol=1e-6):
         return None
-    if not math.isclose(inv * cap, 1.0, rel_tol=1e-6):
-        return None
-    return cap, [x, a, inner], inner.args[0]
+    return cap, [x, a, inner], s
 
 
 def _match_eager(sm: Node) -> AttentionMatch | None:
@@ -252,7 +249,7 @@ def _leads_to_qk(node) -> bool:
             return False
         if gu.is_matmul(node):
             return True
-        node = node.args[0] if node.args else None
+        node = next((a for a in node.args if isinstance(a, Node)), None)  # ``c * x`` too
     return False
 
 

@@ -161,9 +161,18 @@ class MaskInsideCapAttn(Attn):
         return torch.tanh(s / 50.0) * 50.0
 
 
-def test_soft_capping_recognized():
-    (m,) = find_attention(graph_of(SoftCapAttn))
-    assert m.softcap == 50.0 and m.scale == pytest.approx(D**-0.5) and m.mask_kind == "additive"
+class MulCapAttn(Attn):
+    """The cap's division written as a product with its inverse."""
+
+    def scores(self, q, k, mask):
+        s = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(D)
+        return 30.0 * torch.tanh((1 / 30.0) * s) + mask
+
+
+@pytest.mark.parametrize("cls, cap", [(SoftCapAttn, 50.0), (MulCapAttn, 30.0)])
+def test_soft_capping_recognized(cls, cap):
+    (m,) = find_attention(graph_of(cls))
+    assert m.softcap == cap and m.scale == pytest.approx(D**-0.5) and m.mask_kind == "additive"
     assert m.reason == ""
 
 
