@@ -40,7 +40,7 @@ class CompilePolicyError(PolicyError, torch._dynamo.exc.ShortenTraceback):
     (dynamo appends its hints to the exception's args, not to this message)."""
 
     def __init__(self, err: PolicyError):
-        PolicyError.__init__(self, str(err), file=err.file, line=err.line, col=err.col, path=err.path)
+        PolicyError.__init__(self, str(err), **{a: getattr(err, a, None) for a in ("file", "line", "col", "path")})
         self.first_useful_frame = None
         self._line = str(err)
 

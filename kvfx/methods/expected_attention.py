@@ -31,17 +31,20 @@ from kvfx.methods.scoring import group_reduce
 
 
 def expected_attention_scores(q, k, v, valid, *, queries: int = 64, sink: int = 4, covariance: bool = True,
-                              vnorm: bool = True, epsilon: float = 0.0, group_reduce_how: str = "mean"):
+                              vnorm: bool = True, epsilon: float = 0.0, group_reduce_how: str = "mean",
+                              q_valid=None):
     """q (B, Hq, n, d), k/v (B, Hkv, n, d), valid (B, n) -> (B, Hkv, n) fp32 scores (pads -inf).
 
     The statistics use the last ``queries`` valid queries of each row; the softmax runs over the
     row's valid keys after its first ``sink`` valid ones (which the selection keeps anyway: they
-    score 0 here)."""
+    score 0 here). ``q_valid`` (B, n): the rows of q that are real queries (default ``valid``;
+    a prompt chunk: its own queries)."""
     B, Hq, n, d = q.shape
     Hkv = k.shape[1]
     rank = valid.long().cumsum(-1) - 1
-    n_valid = valid.long().sum(-1, keepdim=True)
-    recent = valid & (rank >= n_valid - queries)                       # (B, n)
+    qv = valid if q_valid is None else q_valid
+    q_rank = qv.long().cumsum(-1) - 1
+    recent = qv & (q_rank >= qv.long().sum(-1, keepdim=True) - queries)   # (B, n)
     w = recent[:, None, :, None].float()                               # (B, 1, n, 1)
     cnt = w.sum(2, keepdim=True).clamp_min(1)
     qf = q.float()
@@ -76,6 +79,9 @@ class ExpectedAttention(Scorer):
     group_reduce: str = "mean"
 
     def scores(self, q, k, v, valid, scale):
+        return self.chunk_scores(q, k, v, valid, None, scale)
+
+    def chunk_scores(self, q, k, v, valid, q_valid, scale):
         return expected_attention_scores(q, k, v, valid, queries=self.queries, sink=self.sink,
                                          covariance=self.covariance, vnorm=self.vnorm, epsilon=self.epsilon,
-                                         group_reduce_how=self.group_reduce)
+                                         group_reduce_how=self.group_reduce, q_valid=q_valid)

@@ -123,6 +123,12 @@ class Scorer:
         None keeps the most recent tokens (streaming)."""
         raise NotImplementedError(f"{type(self).__name__}.scores")
 
+    def chunk_scores(self, q, k, v, valid, q_valid, scale):
+        """Scores when only the rows ``q_valid`` (B, n) of q are real queries: a prompt chunk's
+        queries over the tokens held so far (right-aligned: the chunk's queries are the last
+        rows). Default: :meth:`scores` (right for scorers that read no queries)."""
+        return self.scores(q, k, v, valid, scale)
+
     def decode_scores(self, k):
         """``decode = "self"``: scores (B, Hkv, n) of the held keys k (B, Hkv, n, d)."""
         raise NotImplementedError(f"{type(self).__name__}.decode_scores")

@@ -33,6 +33,7 @@ class Compressor:
     """Keep everything (the ``full`` policy)."""
 
     name = "full"
+    prompt_eviction = False  # evicts prompt tokens (then a prompt chunk is compressed: compress_chunk)
     quant = None  # a kvfx.methods.quant.QuantConfig when the layer policy has quant:
     calib = None  # a kvfx.methods.calidrop.CaliDrop when the layer policy has calibration:
     needs_probs = False
@@ -204,6 +205,7 @@ class Scored(Compressor):
             cap = torch.full_like(budget, self.max_tokens)
         store.write_kept(k_kept, v_kept, pos, count, m + 1 if cap is None else max(m, int(cap.max())) + 1)
         idx = pos.clamp(min=0)
+        store.extra["seen_valid"] = n_valid.clone()  # valid prompt tokens so far (prompt chunks add)
         if cap is not None:
             store.extra["cap"] = cap[:, None].expand(B, Hkv).contiguous()
             store.extra["recent"] = window[:, None].expand(B, Hkv).contiguous()
@@ -211,6 +213,82 @@ class Scored(Compressor):
         if self.decode == "accumulated":
             store.add_slot_state("score", scores.gather(2, idx).masked_fill(
                 torch.arange(idx.shape[-1], device=k.device) >= count[..., None], 0))
+
+    prompt_eviction = True
+
+    def compress_chunk(self, store, q, scale=None) -> None:
+        """A prompt chunk (a multi-token continuation: ``generate(..., prefill_chunk_size=N)``, or
+        a new turn) was appended and attended: compress what the store holds (the tokens kept so
+        far and the chunk) to the budget of the valid tokens seen so far, so the store never holds
+        more than the budget plus one chunk, and after the last chunk it holds what an unchunked
+        prefill keeps (the same count; the tokens may differ: see the README).
+
+        Per scorer: the scores are computed over the held tokens and the chunk, with the chunk's
+        queries as the prompt's last queries: SnapKV's window is the chunk's last ``window``
+        queries, TOVA's query its last one, Expected Attention's statistics its last ``queries``;
+        H2O adds the chunk's column sums to the held tokens' accumulated scores; attention-free
+        scorers (KNorm, KeyDiff) score the held keys; streaming keeps the sinks and the most
+        recent tokens; ChunkKV's chunks are counted over the held tokens. Sinks are the first held
+        tokens (never evicted), the window the chunk's last tokens."""
+        from kvfx.methods.scoring import attention_probs
+
+        B, Hkv = store.batch, store.kv_heads
+        nq = q.shape[2]
+        dev = store.k.device
+        cnt = store.count[:, 0]
+        L = int(cnt.max().item())
+        offs = (L - cnt)[:, None]                                            # (B, 1)
+        j = torch.arange(L, device=dev)[None]                                # (1, L)
+        valid = j >= offs                                                    # (B, L): right-aligned
+        slot = (j - offs).clamp(min=0)[:, None].expand(B, Hkv, L)
+        k = gather_tokens(store.k, slot)
+        v = gather_tokens(store.v, slot)
+        pos = store.pos.gather(2, slot).masked_fill(~valid[:, None], -1)
+        seen = store.extra["seen_valid"] = store.extra["seen_valid"] + nq
+        sm = default_scale(q, scale)
+        kind = self.scorer.kernel_scores
+        acc = None
+        q_pos = torch.arange(L - nq, L, device=dev)
+        if kind in ("window_colsum", "last_row"):
+            w = 1 if kind == "last_row" else min(max(self.window, 1), nq)
+            votes = attention_probs(q[:, :, nq - w:], k, valid, q_pos[nq - w:], sm).sum(2)
+            scores = self.scorer.from_votes(votes, valid, Hkv)
+        elif kind == "colsum":  # H2O: the chunk's column sums, added to the held accumulated scores
+            votes = q.new_zeros(B, q.shape[1], L, dtype=torch.float32)
+            for a in range(0, nq, 256):
+                b = min(a + 256, nq)
+                votes += attention_probs(q[:, :, a:b], k, valid, q_pos[a:b], sm).sum(2)
+            prev = store.slot_state["score"].gather(2, slot).masked_fill(~valid[:, None], 0)
+            scores = acc = prev + self.scorer.from_votes(votes, valid, Hkv)
+            scores = scores.masked_fill(~valid[:, None], float("-inf"))
+        elif kind == "key_norm":
+            scores = compress.knorm_scores(k).masked_fill(~valid[:, None], float("-inf"))
+        else:
+            q_full = q.new_zeros(B, q.shape[1], L, q.shape[-1])
+            q_full[:, :, L - nq:] = q
+            scores = self.scorer.chunk_scores(q_full, k, v, valid, valid & (j >= L - nq), sm)
+            if scores is not None:
+                scores = scores.masked_fill(~valid[:, None], float("-inf"))
+        if self.chunk is not None and scores is not None:
+            scores = chunk_scores(scores, valid, self.chunk)
+        budget = torch.minimum(self.budget(seen), cnt)
+        window = torch.minimum(self._window(seen), cnt)
+        prio = priority(scores, valid, sink=self.sink, window=window, kv_heads=Hkv)
+        m = int(budget.max().item())
+        k_kept, v_kept, idx, count = compress.select_and_gather(prio, budget, k, v, m)
+        kept_pos = pos.gather(2, idx.clamp(min=0)).masked_fill(idx < 0, -1)
+        cap = None
+        if self.roll_at_budget:
+            cap = self._raw_budget(seen)
+        elif self.max_tokens is not None:
+            cap = torch.full_like(budget, self.max_tokens)
+        store.write_kept(k_kept, v_kept, kept_pos, count, m + 1 if cap is None else max(m, int(cap.max())) + 1)
+        if cap is not None:
+            store.extra["cap"] = cap[:, None].expand(B, Hkv).contiguous()
+            store.extra["recent"] = window[:, None].expand(B, Hkv).contiguous()
+            store.host_cap = int(cap.max().item())
+        if acc is not None:
+            store.add_slot_state("score", acc.gather(2, idx.clamp(min=0)).masked_fill(idx < 0, 0))
 
     def after_decode(self, store, nq, probs=None) -> None:
         if "cap" not in store.extra:
@@ -418,6 +496,10 @@ class LowRankCompressor:
     @property
     def needs_probs(self) -> bool:
         return self.inner.needs_probs
+
+    @property
+    def prompt_eviction(self) -> bool:
+        return self.inner.prompt_eviction
 
     def describe_inner(self) -> str:
         return self.inner.name

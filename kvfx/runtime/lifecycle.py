@@ -16,6 +16,7 @@ from torch import Tensor
 
 from kvfx.runtime.attention import key_valid, prefill_attention
 from kvfx.runtime.state import KvfxStateError
+from kvfx.runtime.store import SiteStore
 
 
 def prefill_step(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None,
@@ -26,6 +27,7 @@ def prefill_step(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
     its inner store receives them) and CaliDrop's state."""
     B, _, nq, _ = q.shape
     store.reset()
+    store.decoded = False  # no single-token decode step yet: multi-token steps are prompt chunks
     scores = getattr(c, "kernel_scores", "none") if latents is None else "none"
     out, votes = prefill_attention(q, k, v, mask, scale=scale, is_causal=is_causal, scores=scores,
                                    window=max(getattr(c, "kernel_window", 1), 1))
@@ -37,7 +39,13 @@ def prefill_step(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
         else:
             c.prefill(store.lat, q, k, v, valid, scale, *latents)
     store.seen = nq
+    store.peak_bytes = 0
+    _note_peak(store)
     return out.contiguous()  # the layout the fake implementations promise
+
+
+def _note_peak(store) -> None:
+    store.peak_bytes = max(getattr(store, "peak_bytes", 0), store.held_bytes())
 
 
 def check_continues(store, past_len: int, B: int, where: str) -> None:
@@ -51,19 +59,49 @@ def check_continues(store, past_len: int, B: int, where: str) -> None:
 
 
 def decode_step(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_len: int,
-                scale: float | None, is_causal: bool) -> Tensor:
+                scale: float | None, is_causal: bool, where: str = "") -> Tensor:
     """The decode half of the lifecycle, the same for every representation (the
     :class:`kvfx.runtime.store.KVStore` protocol): append the step's tokens (``k``/``v``: what the
     store holds per token: keys and values, or latents), attend over the store (the store's own
     read: dense, quantized or latent, calibrated when ``c.calib``), then finish the step (flush the
     quantized residual, or let the compressor evict)."""
     nq = q.shape[2]
+    chunk = nq > 1 and getattr(c, "prompt_eviction", False)
+    if chunk:
+        why = _chunk_refusal(c, store)
+        if why and not getattr(store, "decoded", False):
+            raise KvfxStateError(
+                f"kvfx: site {where}: a prompt chunk of {nq} tokens (generate's prefill_chunk_size, or a "
+                f"prompt fed in several calls) under a policy whose {why}; prefill the prompt in one call "
+                "(no prefill_chunk_size) or use a policy without it. (After decoding started, a "
+                "multi-token turn is appended uncompressed.)")
+        chunk = not why
     with torch.no_grad():
         store.append(k, v, torch.arange(past_len, past_len + nq, device=q.device))
+        _note_peak(store)  # the high-water mark: the step's tokens appended, nothing evicted yet
         out, probs = store.attend_step(c, q, mask, is_causal, past_len, scale)
-        store.finish_step(c, nq, probs)
+        if chunk:
+            c.compress_chunk(store, q, scale)
+        else:
+            store.finish_step(c, nq, probs)
+    if nq == 1:
+        store.decoded = True
     store.seen += nq
     return out.contiguous()
+
+
+def _chunk_refusal(c, store) -> str:
+    """Why a prompt chunk cannot be compressed at this site ('' if it can)."""
+    if getattr(c, "lowrank", False):
+        return ("evicting low-rank latents cannot rescore a chunk (the store holds latents, the scorer "
+                "reads exact keys)")
+    if c.calib is not None:
+        return ("calibration (CaliDrop) keeps the statistics of the prompt's evicted tokens for stored "
+                "prompt queries; rebuilding them at each chunk is not implemented")
+    if not isinstance(store, SiteStore):
+        return ("quantized store (quant:) cannot re-select the tokens it already quantized; chunked "
+                "prefill works with quant: alone or with eviction alone")
+    return ""
 
 
 __all__ = ["check_continues", "decode_step", "prefill_step"]

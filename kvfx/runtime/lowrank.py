@@ -219,7 +219,7 @@ def lowrank_site_attention(c, store: LatentStore, table: RopeTable, q, x_k, w_k,
     with torch.no_grad():
         table.write(cos, sin, past_len, B)
         zk, zv = c.project(x_k, w_k, x_v, w_v)  # the step's latents: what the store appends
-    return decode_step(c, store, q, zk, zv, mask, past_len, scale, is_causal)
+    return decode_step(c, store, q, zk, zv, mask, past_len, scale, is_causal, where)
 
 
 __all__ = ["LatentStore", "RopeTable", "lowrank_attention", "lowrank_site_attention"]

@@ -91,7 +91,7 @@ def site_attention(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Non
         return prefill_step(c, store, q, k, v, mask, scale, is_causal)
     B = q.shape[0]
     check_continues(store, past_len, B, where)
-    return decode_step(c, store, q, k, v, mask, past_len, scale, is_causal)
+    return decode_step(c, store, q, k, v, mask, past_len, scale, is_causal, where)
 
 
 __all__ = ["attention", "decode_step", "make_store", "site_attention", "KvfxStateError"]

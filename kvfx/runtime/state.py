@@ -480,6 +480,9 @@ def memory(cache=None, model=None, all_ranks: bool = False) -> dict:
         dense bytes are for every token seen, in the model's dtype (``dense_bytes``) and in fp16
         (``dense_fp16_bytes``). ``shared_bytes`` (state several sites of a sequence share, e.g.
         the RoPE table of low-rank sites) is part of ``store_bytes``, counted once.
+        ``peak_store_bytes``: the sum of each store's high-water mark of held bytes over the
+        sequence (a prompt chunk's tokens before they are compressed included; per site:
+        ``peak_bytes``): an upper bound of the stores' joint peak.
         With ``cache``, layers kvfx left alone (sliding-window layers, sites a policy skips) hold
         their own uncompressed tensors: they are listed in ``left_alone`` (``{site: {"layer",
         "bytes", "fp16_bytes", "tokens", "reason"}}``, total ``left_alone_bytes``) and counted in
@@ -503,6 +506,7 @@ def memory(cache=None, model=None, all_ranks: bool = False) -> dict:
     labels = {id(s.session) for s in seqs}
     sites, store_total, dense_total, dense16_total, shared_total = {}, 0, 0, 0, 0
     ghosts = []
+    peak_total = 0  # the sum of each store's high-water mark (an upper bound of the joint peak)
     for seq in seqs:
         prefix = f"{seq.session.label}/" if len(labels) > 1 else ""
         ghosts += [g for refs in seq.ghosts.values() for g in (r() for r in refs) if g is not None]
@@ -519,8 +523,10 @@ def memory(cache=None, model=None, all_ranks: bool = False) -> dict:
             for k, val in (("held_bytes", held), ("kv_bytes", st.kv_bytes()), ("calib_bytes", st.calib_bytes()),
                            ("dense_bytes", dense), ("dense_fp16_bytes", per_token * 2),
                            ("tokens_seen", st.seen), ("tokens_held", st.tokens_held()),
-                           ("capacity", st.capacity), ("sequences", 1)):
-                e[k] += val
+                           ("capacity", st.capacity), ("sequences", 1),
+                           ("peak_bytes", max(getattr(st, "peak_bytes", 0), held))):
+                e[k] = e.get(k, 0) + val
+            peak_total += max(getattr(st, "peak_bytes", 0), held)
             store_total += held
             dense_total += dense
             dense16_total += per_token * 2
@@ -535,6 +541,7 @@ def memory(cache=None, model=None, all_ranks: bool = False) -> dict:
     dense16_total += sum(e["fp16_bytes"] for e in (left or {}).values())
     out = {
         "sites": sites, "store_bytes": store_total, "shared_bytes": shared_total,
+        "peak_store_bytes": peak_total + shared_total,
         "left_alone": left, "left_alone_bytes": sum(e["bytes"] for e in left.values()) if left is not None else None,
         "summary": _coverage(seqs, left, held_total),
         "model_cache_bytes": model_bytes, "sequences": len(seqs),

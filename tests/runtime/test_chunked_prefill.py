@@ -1,0 +1,97 @@
+"""Compression during chunked prefill: every prompt chunk (a multi-token continuation before
+decoding starts) is compressed to the budget of the tokens seen so far, so a store never holds
+more than the budget plus one chunk; `full` stays token-exact; what cannot be chunked refuses."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import kvfx
+from kvfx.methods import registry
+from kvfx.runtime.state import KvfxStateError, site_stores
+from zoo import clone_model, hf_model
+
+
+def _ids(n, seed=0):
+    return torch.randint(1, 90, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("policy,n,chunk", [("snapkv@0.25", 1024, 128), ("h2o@0.25", 384, 64),
+                                            ("keydiff@0.25", 384, 64), ("expected-attention@0.25", 384, 64),
+                                            ("tova@0.25", 384, 64), ("chunkkv@0.25", 384, 64), ("streaming", 384, 32)])
+def test_store_never_exceeds_budget_plus_one_chunk(policy, n, chunk):
+    """The issue's case: a 1024-token prompt in chunks of 128 (the first chunk is a prefill, the
+    others continuations). After each chunk the store holds the budget of the tokens seen so far
+    (round(keep * seen), at least sink + window and 16), never more: before this, 939 of 1031."""
+    model = hf_model("llama", layers=2)
+    kvfx.compile(model, policy, inner="eager")
+    ids = _ids(n)
+    cache = DynamicCache(config=model.config)
+    lp = kvfx.load_policy(policy).resolve(1, "model.layers.1.self_attn", 2)
+    with torch.no_grad():
+        for a in range(0, ids.shape[1], chunk):
+            model(input_ids=ids[:, a:a + chunk], past_key_values=cache, use_cache=True)
+            seen = a + chunk
+            for path, st in site_stores(cache).items():
+                held = int(st.count.max())
+                b = lp.budget
+                if b.keep is not None:
+                    budget = max(round(b.keep * seen), b.sink + b.window, registry.MIN_BUDGET)
+                else:  # streaming: sink + window
+                    budget = b.sink + b.window
+                assert held == min(budget, seen), (path, seen, held, budget)
+                assert st.capacity <= max(budget, seen if seen <= budget else 0) + chunk + 64, (st.capacity, budget)
+
+
+def test_full_chunked_is_token_exact_against_eager():
+    model = hf_model("llama", layers=2)
+    comp = clone_model(model)
+    kvfx.compile(comp, "full", inner="eager")
+    ids = _ids(300, 1)
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=8, do_sample=False)
+        got = comp.generate(ids, max_new_tokens=8, do_sample=False, prefill_chunk_size=64)
+    assert torch.equal(got, want)
+
+
+def test_generate_prefill_chunk_size_compresses():
+    """Through generate(prefill_chunk_size=...): the final store has the unchunked run's size."""
+    sizes = {}
+    for chunked in (None, 128):
+        model = hf_model("llama", layers=2)
+        kvfx.compile(model, "snapkv@0.25", inner="eager")
+        kw = {} if chunked is None else {"prefill_chunk_size": chunked}
+        with torch.no_grad():
+            out = model.generate(_ids(1024, 2), max_new_tokens=4, do_sample=False,
+                                 return_dict_in_generate=True, **kw)
+        sizes[chunked] = [int(st.count.max()) for st in site_stores(out.past_key_values).values()]
+    assert sizes[128] == sizes[None] == [round(0.25 * 1024) + 3] * 2  # the prompt's budget + 3 decoded
+
+
+@pytest.mark.parametrize("policy,why", [("snapkv-calidrop", "calibration"), ("snapkv-ott2", "quantized")])
+def test_what_cannot_be_chunked_refuses(policy, why):
+    model = hf_model("llama", layers=2, heads=2, kv_heads=1)  # head dim 32: quant groups fit
+    kvfx.compile(model, policy, inner="eager")
+    with pytest.raises(Exception, match="prefill_chunk_size") as info:
+        with torch.no_grad():
+            model.generate(_ids(400, 3), max_new_tokens=2, do_sample=False, prefill_chunk_size=128)
+    err = info.value if isinstance(info.value, KvfxStateError) else info.value.__cause__
+    assert isinstance(err, KvfxStateError) and why in str(err)
+
+
+def test_quant_alone_and_lagkv_chunk_natively():
+    """KIVI flushes and LagKV's recursive compression are incremental: chunked equals unchunked."""
+    for policy in ("kivi4", "lagkv@0.25"):
+        held = {}
+        for chunked in (None, 128):
+            model = hf_model("llama", layers=2, heads=2, kv_heads=1)
+            kvfx.compile(model, policy, inner="eager")
+            kw = {} if chunked is None else {"prefill_chunk_size": chunked}
+            with torch.no_grad():
+                out = model.generate(_ids(400, 4), max_new_tokens=3, do_sample=False,
+                                     return_dict_in_generate=True, **kw)
+            mem = kvfx.memory(out.past_key_values)
+            held[chunked] = (mem["store_bytes"], [s["tokens_held"] for s in mem["sites"].values()])
+        assert held[128][1] == held[None][1], (policy, held)   # the same tokens held per site
+        one_chunk = 2 * 2 * 128 * 1 * 32 * 4  # sites x (k, v) x chunk x KV heads x head dim x fp32
+        assert held[128][0] <= held[None][0] + one_chunk, (policy, held)  # buffers keep the chunk's slots
