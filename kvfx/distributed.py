@@ -19,12 +19,14 @@ Example (``torchrun --nproc_per_node 2 script.py``)::
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 
-__all__ = ["TPError", "init_from_env", "is_distributed", "rank", "world_size", "is_writer",
-           "load_model_tp", "all_ranks_memory", "broadcast_object", "barrier"]
+__all__ = ["TPError", "init_from_env", "is_distributed", "rank", "world_size", "is_writer", "tp_size",
+           "load_model_tp", "all_ranks_memory", "broadcast_object", "barrier", "check_tp_policy",
+           "check_tp_policies", "cli_session"]
 
 # byte and token counts of kvfx.memory() that add up over ranks (each rank holds its own heads)
 SUMMED = ("store_bytes", "shared_bytes", "model_cache_bytes", "held_bytes", "dense_bytes",
@@ -244,3 +246,79 @@ def check_tp_policy(model, policy) -> None:
                 f"KV heads of a head group and cover every KV head of the layer; splitting them over "
                 f"{world} tensor-parallel ranks is not implemented; fix: run lowrank policies without "
                 f"tp_plan, or use a per-head policy (snapkv, kivi4, ...) under tensor parallelism")
+
+
+def check_tp_policies(model, specs) -> None:
+    """:func:`check_tp_policy` for every policy spec of a command line (``NAME@KEEP`` included)."""
+    from kvfx.eval.harness import policy_from_spec
+
+    for spec in specs or ():
+        check_tp_policy(model, policy_from_spec(spec))
+
+
+@contextlib.contextmanager
+def cli_session(args):
+    """The CLI under ``torchrun``: when ``--tp N`` is given or ``WORLD_SIZE`` > 1, initialize the
+    process group (:func:`init_from_env`), make ``kvfx.models.load_model`` load each rank's shard
+    (``tp_plan="auto"``) and refuse policies that cannot be sharded (:func:`check_tp_policy`) as
+    soon as the model is loaded, and let only rank 0 write: the other ranks run the same work
+    (they must: every layer all-reduces) with ``--out`` in a private copy of rank 0's directory
+    (so that resumed runs skip the same samples) and their stdout discarded. Without TP, nothing
+    changes."""
+    tp = getattr(args, "tp", None)
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if (tp is None or tp == 1) and env_world <= 1 and not is_distributed():
+        yield
+        return
+    command = getattr(args, "bench_command", None) or getattr(args, "command", None)
+    if not hasattr(args, "tp"):
+        raise TPError(f"kvfx {command or ''}: runs on one process; tensor parallelism (torchrun, WORLD_SIZE="
+                      f"{env_world}) is supported by `kvfx eval` and `kvfx bench e2e`; fix: run it without torchrun")
+    if str(getattr(args, "model", "")).startswith("synthetic:"):
+        raise TPError(f"--model {args.model}: a synthetic model is built in each process, not loaded with "
+                      f"tp_plan, so it would not be sharded; fix: save it with save_pretrained and pass the "
+                      f"directory, or use a registry model")
+    started = not is_distributed()
+    world = init_from_env(tp)
+    from kvfx import models
+
+    real = models.load_model
+    specs = getattr(args, "policy", None)
+
+    def load_model(name_or_path, *, dtype=torch.float32, attn_implementation="sdpa", progress=True):
+        model, tok = load_model_tp(name_or_path, dtype=dtype, attn_implementation=attn_implementation,
+                                   progress=progress and is_writer())
+        check_tp_policies(model, specs)
+        return model, tok
+
+    out = getattr(args, "out", None)
+    private = None
+    if out is not None and not is_writer():
+        import shutil
+        import tempfile
+
+        private = tempfile.mkdtemp(prefix=f"kvfx-rank{rank()}-")
+        if os.path.isdir(out):
+            shutil.copytree(out, private, dirs_exist_ok=True)
+        args.out = private
+    barrier()  # every rank has read rank 0's directory before rank 0 writes to it
+    models.load_model = load_model
+    devnull = open(os.devnull, "w") if not is_writer() else None
+    if devnull:
+        os.environ["TQDM_DISABLE"] = "1"  # one set of progress bars: rank 0's
+    try:
+        with contextlib.redirect_stdout(devnull) if devnull else contextlib.nullcontext():
+            yield world
+        barrier()  # only on success: a rank that failed alone would leave the others waiting here
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    finally:
+        models.load_model = real
+        if devnull:
+            devnull.close()
+        if private:
+            import shutil
+
+            shutil.rmtree(private, ignore_errors=True)

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 import torch
 
 import kvfx
@@ -133,3 +135,30 @@ def test_every_preset_under_tp2_matches_single_process(tmp_path):
             assert r[name]["tp_error"].startswith("TPError") and "tensor parallel" in r[name]["tp_error"]
             assert "fix:" in r[name]["tp_error"]
     print(f"TP=2, {len(presets)} presets + {len(REFUSED) + 1} refused: {took:.0f} s")
+
+
+def test_without_a_process_group_tp_requests_are_refused_with_the_fix(monkeypatch):
+    """One process: memory(all_ranks=True), --tp 2 and load_model_tp refuse with the fix; memory()
+    reports rank 0 of 1; a model marked as sharded (tp_size 2) refuses ChunkKV and lowrank at
+    kvfx.compile, before anything is compiled, and accepts a per-head policy."""
+    from zoo import hf_model
+
+    from kvfx.distributed import TPError, check_tp_policy, init_from_env, load_model_tp
+
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(TPError, match="all_ranks.*fix: call it under torchrun"):
+        kvfx.memory(all_ranks=True)
+    assert (kvfx.memory()["rank"], kvfx.memory()["world_size"]) == (0, 1)
+    with pytest.raises(TPError, match="torchrun --nproc_per_node 2"):
+        init_from_env(2)
+    assert init_from_env(None) == 1
+    with pytest.raises(TPError, match="process group"):
+        load_model_tp("smollm2-135m")
+    model = hf_model("llama", layers=2)
+    model._tp_size = 2  # what from_pretrained(tp_plan="auto") sets on 2 ranks
+    for spec, why in (("chunkkv", "ChunkKV"), ({"kvfx": 1, "name": "lr", "lowrank": {"artifact": "x.safetensors"}},
+                                               "lowrank")):
+        with pytest.raises(TPError, match=f"{why}.*tensor.parallel.*fix:"):
+            kvfx.compile(model, spec, inner="eager")
+    check_tp_policy(model, "snapkv@0.25")
