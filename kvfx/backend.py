@@ -132,6 +132,9 @@ def compile(model: torch.nn.Module, policy="full", *, inner: str = "inductor", *
       ``fail_on_recompile_limit_hit``, set only while this model runs; other compiled code keeps
       its fallback).
 
+    On a model sharded with tensor parallelism (``tp_plan``), a policy whose state spans KV heads
+    (ChunkKV, lowrank) is refused here (:func:`kvfx.distributed.check_tp_policy`).
+
     ``compile_kwargs`` go to ``torch.compile``. Returns ``model``."""
     load_policy(policy)  # a malformed policy fails here, before anything is compiled
     from kvfx.distributed import check_tp_policy
