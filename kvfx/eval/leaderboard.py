@@ -119,10 +119,13 @@ def score_vs_compression(records: list[dict], path: str | Path, *, task: str = "
             if m == "full":
                 ax.axhline(pts[0][1], color="black", ls="--", lw=1, label="full cache")
                 continue
-            ax.plot(*zip(*pts), marker="osD^vP<>X"[i % 9], lw=1.4, color=_COLORS(i % 20), label=m)
+            # distinct colours, markers and dashes: methods with equal scores still show
+            ax.plot(*zip(*pts), marker="osD^vP<>X"[i % 9], ms=9 - 2 * (i % 3), lw=1.4,
+                    ls=("-", "--", ":")[i % 3], color=_COLORS(2 * (i % 10)), label=m, alpha=0.85)
         ax.set_xlabel("fraction of the KV cache removed")
         ax.set_title(f"{task} at {n} tokens", fontsize=10)
         ax.set_xlim(-0.02, 1.0)
+        ax.set_ylim(-3, 105)
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("score (string match, x100)")
     axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
