@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "ruler: RULER's budget per task (128 NIAH, 30 vt, 120 cwe, 50 fwe), capped by this")
     ev.add_argument("--chunk", type=int, default=1, help="perplexity: tokens per decode step")
     ev.add_argument("--inner", default="eager", choices=["eager", "inductor", "aot_eager"])
+    ev.add_argument("--tp", type=int, default=None,
+                    help="tensor parallelism over N processes: launch with `torchrun --nproc_per_node N -m "
+                         "kvfx.cli eval --tp N ...` (rank 0 writes; see README 'More than one device')")
     ev.set_defaults(func=_eval)
 
     rp = sub.add_parser("report", help="tables from an eval directory")
@@ -244,7 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args) or 0
+    from kvfx.distributed import cli_session  # under torchrun: process group, sharded model, rank 0 writes
+
+    with cli_session(args):
+        return args.func(args) or 0
 
 
 if __name__ == "__main__":
