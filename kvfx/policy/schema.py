@@ -255,7 +255,9 @@ def check_capabilities(p: Any) -> None:
         if cap == "evict" and rolling and not (cls.rolls or cls.partitioned):
             raise conflict("budget.max_tokens", p.budget.max_tokens,
                            f"null with {store}: it cannot drop held tokens during decode (rolling caps); "
-                           "prompt-time eviction (snapkv, pyramidkv, knorm, keydiff, ...) combines with it")
+                           "prompt-time eviction (" + ", ".join(
+                               n for n, c in _SCORERS.items() if c.budgeted and not c.needs(False)) +
+                           ") combines with it")
         what = {"evict": "evict during decode (or per partition)",
                 "probs": "read each decode step's attention probabilities"}[cap]
         fine = ", ".join(n for n, c in _SCORERS.items() if n != "none" and not (c.needs(False) - have))
