@@ -42,3 +42,16 @@ def test_grid_complete_for_every_policy_of_the_script(records):
                if count[(t, p, n)] != k]
     assert not missing, f"(policy, task, length, samples, expected): {missing}"
     assert {r["policy"] for r in records} == set(policies)
+
+
+def test_readme_ruler_tables_are_the_committed_ones():
+    from kvfx.eval.leaderboard import ruler_table, shared_context_table
+
+    d = ROOT / "results" / "smollm2-ruler-4k"
+    if not (d / "results.jsonl").exists():
+        pytest.skip("no committed results/smollm2-ruler-4k in this checkout")
+    recs = load_results(d)
+    readme = (ROOT / "README.md").read_text()
+    for name, table in (("ruler.md", ruler_table(recs)), ("shared_context.md", shared_context_table(recs))):
+        assert (d / name).read_text().strip() == table, f"rerun `kvfx report {d}`"
+        assert table in readme, f"paste {d / name} into the README"
