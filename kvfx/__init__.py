@@ -5,6 +5,7 @@
     out = model.generate(..., return_dict_in_generate=True)
     print(kvfx.explain(model))             # what happened to every attention site
     kvfx.memory(out.past_key_values)       # bytes this sequence holds vs the dense cache
+    with kvfx.appending(): model.generate(question_ids, past_key_values=cache)  # append, don't recompress
 
 State belongs to the sequence: each cache object owns its compressed stores (freed with it), so
 several models and sequences can run in one process (see :mod:`kvfx.runtime.state`).
@@ -13,6 +14,7 @@ several models and sequences can run in one process (see :mod:`kvfx.runtime.stat
 __version__ = "0.1.0"
 
 from kvfx.policy import Policy, PolicyError, load_policy  # noqa: E402
+from kvfx.runtime.lifecycle import appending  # noqa: E402
 from kvfx.runtime.state import KvfxStateError, memory, reset, sites  # noqa: E402
 
 
@@ -48,4 +50,4 @@ def explain(model=None) -> str:
 
 
 __all__ = ["Policy", "PolicyError", "KvfxStateError", "load_policy", "compile", "memory", "reset",
-           "sites", "explain", "__version__"]
+           "sites", "explain", "appending", "__version__"]

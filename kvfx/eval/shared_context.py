@@ -31,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import random
 import time
@@ -145,7 +146,10 @@ def evaluate_shared_context(model, tokenizer, sample: SharedContextSample, *, mo
             with torch.no_grad():
                 out = model(input_ids=ctx, use_cache=True, **{kw: cache}, **first)
             gen_kw[kw] = _returned_cache(out, cache)
-        with torch.no_grad():
+        import kvfx
+
+        # shared: the question is appended to the context compressed once (not a prompt chunk)
+        with torch.no_grad(), (kvfx.appending() if mode == "shared" else contextlib.nullcontext()):
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, return_dict_in_generate=True, **gen_kw)
         text = tokenizer.decode(gen.sequences[0, ids.shape[1]:], skip_special_tokens=True)

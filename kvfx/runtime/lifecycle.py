@@ -11,6 +11,9 @@ before calling these with the same store and compressor."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 from torch import Tensor
 
@@ -66,15 +69,15 @@ def decode_step(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, 
     read: dense, quantized or latent, calibrated when ``c.calib``), then finish the step (flush the
     quantized residual, or let the compressor evict)."""
     nq = q.shape[2]
-    chunk = nq > 1 and getattr(c, "prompt_eviction", False)
+    chunk = nq > 1 and getattr(c, "prompt_eviction", False) and not getattr(_APPEND, "on", False)
     if chunk:
         why = _chunk_refusal(c, store)
         if why and not getattr(store, "decoded", False):
             raise KvfxStateError(
                 f"kvfx: site {where}: a prompt chunk of {nq} tokens (generate's prefill_chunk_size, or a "
                 f"prompt fed in several calls) under a policy whose {why}; prefill the prompt in one call "
-                "(no prefill_chunk_size) or use a policy without it. (After decoding started, a "
-                "multi-token turn is appended uncompressed.)")
+                "(no prefill_chunk_size) or use a policy without it; to append the tokens uncompressed "
+                "(a question after a compressed context), run the step inside `with kvfx.appending():`")
         chunk = not why
     with torch.no_grad():
         store.append(k, v, torch.arange(past_len, past_len + nq, device=q.device))
@@ -88,6 +91,23 @@ def decode_step(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, 
         store.decoded = True
     store.seen += nq
     return out.contiguous()
+
+
+_APPEND = threading.local()
+
+
+@contextlib.contextmanager
+def appending():
+    """Inside this context, a multi-token step that continues a cache appends its tokens
+    uncompressed, as decode steps do (a question asked of a context compressed once, a new chat
+    turn). Outside it, such a step before decoding starts is a prompt chunk and is compressed
+    with the prompt (``generate(..., prefill_chunk_size=N)``). Thread-local; nests."""
+    old = getattr(_APPEND, "on", False)
+    _APPEND.on = True
+    try:
+        yield
+    finally:
+        _APPEND.on = old
 
 
 def _chunk_refusal(c, store) -> str:
@@ -104,4 +124,4 @@ def _chunk_refusal(c, store) -> str:
     return ""
 
 
-__all__ = ["check_continues", "decode_step", "prefill_step"]
+__all__ = ["appending", "check_continues", "decode_step", "prefill_step"]

@@ -95,3 +95,20 @@ def test_quant_alone_and_lagkv_chunk_natively():
         assert held[128][1] == held[None][1], (policy, held)   # the same tokens held per site
         one_chunk = 2 * 2 * 128 * 1 * 32 * 4  # sites x (k, v) x chunk x KV heads x head dim x fp32
         assert held[128][0] <= held[None][0] + one_chunk, (policy, held)  # buffers keep the chunk's slots
+
+
+def test_appending_keeps_a_continuation_uncompressed():
+    """kvfx.appending(): a question after a context compressed once is appended as decode
+    tokens are; without it the same step is a prompt chunk, compressed with the context."""
+    held = {}
+    for append in (False, True):
+        model = hf_model("llama", layers=2)
+        kvfx.compile(model, "snapkv@0.25", inner="eager")
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(input_ids=_ids(400, 5), past_key_values=cache, use_cache=True)
+            with kvfx.appending() if append else torch.no_grad():
+                model(input_ids=_ids(40, 6), past_key_values=cache, use_cache=True)
+        held[append] = [int(st.count.max()) for st in site_stores(cache).values()]
+    assert held[True] == [round(0.25 * 400) + 40] * 2
+    assert held[False] == [round(0.25 * 440)] * 2
