@@ -65,7 +65,7 @@ def _eval(args) -> int:
         records = run_eval(args.model, args.policy, task=args.task, lengths=_parse_lengths(args.lengths),
                            depths=depths, seeds=range(args.seeds), out=args.out, inner=args.inner,
                            max_new_tokens=args.max_new_tokens, chunk=args.chunk, subtasks=subtasks,
-                           questions=args.questions)
+                           questions=args.questions, prefill_chunk=args.prefill_chunk)
     except ValueError as e:
         if str(e).startswith("kvfx eval"):
             raise SystemExit(str(e)) from None
@@ -193,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default: 8 for passkey, 24 for needle, 32 for agreement and shared-context; "
                          "ruler: RULER's budget per task (128 NIAH, 30 vt, 120 cwe, 50 fwe), capped by this")
     ev.add_argument("--chunk", type=int, default=1, help="perplexity: tokens per decode step")
+    ev.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                    help="passkey/needle/ruler: prefill the prompt in chunks of N tokens "
+                         "(generate's prefill_chunk_size; kvfx compresses at every chunk boundary); the "
+                         "records' policy reads 'POLICY prefill-chunk=N'")
     ev.add_argument("--inner", default="eager", choices=["eager", "inductor", "aot_eager"])
     ev.add_argument("--tp", type=int, default=None,
                     help="tensor parallelism over N processes: launch with `torchrun --nproc_per_node N -m "

@@ -66,7 +66,7 @@ def _task_tools(task: str):
 def run_eval(model_name: str, policies: list[str], *, task: str = "passkey", lengths=(4096,),
              depths=(0.5,), seeds=(0,), out: str | Path = "runs/eval", inner: str = "eager",
              max_new_tokens: int | None = None, chunk: int = 1, progress: bool = True,
-             subtasks=None, questions: int = 4) -> list[dict]:
+             subtasks=None, questions: int = 4, prefill_chunk: int | None = None) -> list[dict]:
     """Run ``task`` for every (policy, length, depth, seed) not already in ``out``; every
     policy in this process, on the same samples. Returns all records of ``out``.
 
@@ -91,7 +91,11 @@ def run_eval(model_name: str, policies: list[str], *, task: str = "passkey", len
     subs = _subtasks(task, subtasks)
     done = {_sample_key(r) for r in load_results(out)}
     grid = [(p, n, d, s, b) for p in policies for n in lengths for d in depths for s in seeds for b in subs]
-    todo = [g for g in grid if (task, g[4], g[0], g[1], _depth_key(g[2]), g[3]) not in done]
+    if prefill_chunk is not None and task not in ("passkey", "needle", "ruler"):
+        raise ValueError(f"kvfx eval: --prefill-chunk applies to the passkey, needle and ruler tasks, not {task}")
+    label = (lambda spec: spec) if prefill_chunk is None else (lambda spec: f"{spec} prefill-chunk={prefill_chunk}")
+    gen_kw = {} if prefill_chunk is None else {"prefill_chunk_size": int(prefill_chunk)}
+    todo = [g for g in grid if (task, g[4], label(g[0]), g[1], _depth_key(g[2]), g[3]) not in done]
     if not todo:
         records = load_results(out)
         write_summary(records, out / "summary.csv")
@@ -114,13 +118,15 @@ def run_eval(model_name: str, policies: list[str], *, task: str = "passkey", len
                 kvfx.reset()
                 model.compile(backend="kvfx", options={"policy": policy, "inner": inner})
                 current = spec
-            rec = {"task": task, "model": model_name, "policy": spec, "policy_hash": policy.hash,
+            rec = {"task": task, "model": model_name, "policy": label(spec), "policy_hash": policy.hash,
                    "length": n, "depth": depth, "seed": seed, "kvfx": kvfx.__version__}
+            if prefill_chunk is not None:
+                rec["prefill_chunk"] = int(prefill_chunk)
             if sub is not None:
                 rec["subtask"] = sub
             rec["model_info"] = info
             if task == "ruler":
-                rec.update(_ruler_sample(model, tok, samples, sub, n, seed, max_new_tokens))
+                rec.update(_ruler_sample(model, tok, samples, sub, n, seed, max_new_tokens, gen_kw))
             elif task == "shared-context":
                 rec.update(_shared_context_sample(model, tok, samples, sub, n, seed, questions,
                                                   max_new_tokens or 32))
@@ -129,7 +135,7 @@ def run_eval(model_name: str, policies: list[str], *, task: str = "passkey", len
             elif task == "agreement":
                 rec.update(_agreement_sample(model, tok, samples[(n, seed)]))
             else:
-                rec.update(_generation_sample(model, tok, task, samples, n, depth, seed, max_new_tokens))
+                rec.update(_generation_sample(model, tok, task, samples, n, depth, seed, max_new_tokens, gen_kw))
             f.write(json.dumps(rec) + "\n")
             f.flush()
             if task == "perplexity":
@@ -177,7 +183,7 @@ def model_info(model, name: str) -> dict:
             "attn_implementation": getattr(cfg, "_attn_implementation", None)}
 
 
-def _ruler_sample(model, tok, samples, sub, n, seed, max_new_tokens) -> dict:
+def _ruler_sample(model, tok, samples, sub, n, seed, max_new_tokens, gen_kw=None) -> dict:
     from kvfx.eval.ruler import make_ruler_sample, ruler_score
 
     key = ("ruler", sub, n, seed)
@@ -188,7 +194,7 @@ def _ruler_sample(model, tok, samples, sub, n, seed, max_new_tokens) -> dict:
     t0 = time.perf_counter()
     with torch.no_grad():
         gen = model.generate(s.input_ids, attention_mask=torch.ones_like(s.input_ids), max_new_tokens=new,
-                             do_sample=False, return_dict_in_generate=True)
+                             do_sample=False, return_dict_in_generate=True, **(gen_kw or {}))
     seconds = time.perf_counter() - t0
     answer = tok.decode(gen.sequences[0, s.n_tokens:], skip_special_tokens=True)
     cache = gen["cache"] if "cache" in gen else gen.get("past_key_values")
@@ -222,7 +228,7 @@ def _memory_fields(cache) -> dict:
             "coverage": mem.get("summary") or None}  # e.g. "policy applied to 3 of 18 layers; ..."
 
 
-def _generation_sample(model, tok, task, samples, n, depth, seed, max_new_tokens) -> dict:
+def _generation_sample(model, tok, task, samples, n, depth, seed, max_new_tokens, gen_kw=None) -> dict:
     make, score, default_new = _task_tools(task)
     key = (task, n, depth, seed)
     if key not in samples:  # passkey: an independent passkey per (seed, length, depth) cell
@@ -233,7 +239,7 @@ def _generation_sample(model, tok, task, samples, n, depth, seed, max_new_tokens
     with torch.no_grad():
         gen = model.generate(sample.input_ids, attention_mask=torch.ones_like(sample.input_ids),
                              max_new_tokens=max_new_tokens or default_new, do_sample=False,
-                             return_dict_in_generate=True)
+                             return_dict_in_generate=True, **(gen_kw or {}))
     seconds = time.perf_counter() - t0
     answer = tok.decode(gen.sequences[0, sample.input_ids.shape[1]:], skip_special_tokens=True)
     cache = gen["cache"] if "cache" in gen else gen.get("past_key_values")

@@ -20,7 +20,9 @@ __all__ = ["compression_of", "ruler_table", "score_vs_compression", "shared_cont
 
 
 def compression_of(policy: str, held_over_dense: float | None = None) -> float:
-    """``1 - keep`` of ``NAME@KEEP``; 0 for ``full``; else ``1 - held_over_dense``."""
+    """``1 - keep`` of ``NAME@KEEP``; 0 for ``full``; else ``1 - held_over_dense``. A run
+    qualifier after a space (``snapkv@0.25 prefill-chunk=512``) is ignored."""
+    policy = policy.split()[0] if policy.strip() else policy
     if policy == "full":
         return 0.0
     if "@" in policy:

@@ -91,3 +91,24 @@ def test_eval_rejects_unknown_subtasks(tiny_dir, tmp_path):
     with pytest.raises(SystemExit, match="--subtasks is for ruler and shared-context"):
         main(["eval", "--model", str(tiny_dir), "--task", "passkey", "--subtasks", "vt", "--policy", "full",
               "--out", str(tmp_path)])
+
+
+@needs_words
+def test_eval_prefill_chunk(tiny_dir, tmp_path, capsys):
+    """--prefill-chunk N: the prompt is prefilled in chunks (compressed at every boundary), the
+    records say so, resuming skips them, and the report reads the policy label."""
+    out = tmp_path / "chunked"
+    args = ["eval", "--model", str(tiny_dir), "--task", "ruler", "--subtasks", "niah_single_1",
+            "--lengths", "512", "--policy", "snapkv@0.5", "--max-new-tokens", "3", "--out", str(out),
+            "--prefill-chunk", "128"]
+    assert main(args) == 0
+    recs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["policy"], r["prefill_chunk"]) for r in recs] == [("snapkv@0.5 prefill-chunk=128", 128)]
+    assert recs[0]["held_bytes"] < recs[0]["dense_bytes"]
+    assert main(args) == 0 and len((out / "results.jsonl").read_text().splitlines()) == 1
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    assert "snapkv@0.5 prefill-chunk=128" in (out / "ruler.md").read_text()
+    with pytest.raises(SystemExit, match="prefill-chunk"):
+        main(["eval", "--model", str(tiny_dir), "--task", "perplexity", "--lengths", "512", "--policy", "full",
+              "--out", str(out / "p"), "--prefill-chunk", "128"])
