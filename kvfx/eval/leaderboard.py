@@ -33,7 +33,7 @@ def compression_of(policy: str, held_over_dense: float | None = None) -> float:
 
 
 def _rows(records, task):
-    from kvfx.eval.harness import summarize
+    from kvfx.eval.summary import summarize
 
     return [r for r in summarize(records) if r["task"] == task or r["task"].startswith(task + "/")]
 

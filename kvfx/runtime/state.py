@@ -549,11 +549,11 @@ def memory(cache=None, model=None, all_ranks: bool = False) -> dict:
         "ratio": held_total / dense_total if dense_total else float("nan"),
         "ratio_fp16": held_total / dense16_total if dense16_total else float("nan"),
     }
-    from kvfx import distributed  # tensor parallelism: this rank's counts, and on request all ranks'
+    from kvfx.runtime import ranks  # tensor parallelism: this rank's counts, and on request all ranks'
 
-    out.update(rank=distributed.rank(), world_size=distributed.world_size())
+    out.update(rank=ranks.rank(), world_size=ranks.world_size())
     if all_ranks:
-        out["all_ranks"] = distributed.all_ranks_memory(out)
+        out["all_ranks"] = ranks.all_ranks_memory(out)
     return out
 
 

@@ -110,8 +110,8 @@ def test_unimplemented_policy_is_a_clear_error():
     model = HandDecoder(layers=1)
     policy = {"kvfx": 1, "name": "h2o-kivi", "extends": "h2o", "quant": {"values": {"group": 16}}}
     comp = torch.compile(model, backend="kvfx", options={"policy": policy, "inner": "eager"})
-    with pytest.raises(Exception, match="(?s)does not implement yet.*decode-time eviction|"
-                                        "decode-time eviction.*does not implement yet"):
+    with pytest.raises(kvfx.PolicyError, match="eviction.scorer: got 'h2o', expected a scorer that does not "
+                                               "evict during decode.* with a quantized store"):
         hand_decode(comp, torch.randint(1, 50, (1, 4)), 2)
 
 
