@@ -18,8 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-CONFIGS = [("full", None), ("snapkv@0.25", None), ("snapkv@0.25", 512), ("snapkv@0.25", 1024),
-           ("snapkv@0.125", None), ("snapkv@0.125", 512)]
+CONFIGS = [("full", None), ("snapkv@0.25", None), ("snapkv@0.25", 1024), ("snapkv@0.25", 512)]
 
 
 def _rss_mib() -> float:

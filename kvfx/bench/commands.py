@@ -46,6 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "(quanto and HQQ at 2 and 4 bits, those installed)")
     e.add_argument("--baseline", default="inductor",
                    help="dynamo backend of the compiled baseline the ratios use (default inductor)")
+    e.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="prefill the prompt in calls of N tokens continuing the cache (as generate's "
+                        "prefill_chunk_size; kvfx compresses at every boundary), for every configuration")
     e.add_argument("--tp", type=int, default=None,
                    help="tensor parallelism over N processes (torchrun --nproc_per_node N -m kvfx.cli bench e2e "
                         "--tp N ...); each rank times and measures its own shard, rank 0 writes")
@@ -141,7 +144,8 @@ def cmd_e2e(args) -> int:
                              warmup=args.warmup, rounds=args.rounds, inner=args.inner,
                              dynamic=None if args.dynamic == "auto" else True, greedy=args.greedy,
                              baseline=args.baseline, hf_quantized=args.hf_quantized,
-                             model_name=args.model, command=command, progress=not args.no_progress)
+                             model_name=args.model, command=command, progress=not args.no_progress,
+                             prefill_chunk=args.prefill_chunk)
     except ValueError as err:
         raise SystemExit(str(err)) from None
     paths = e2e.write_outputs(result, args.out)

@@ -165,7 +165,7 @@ def make_setups(model, policies, *, inner: str = "inductor", dynamic: bool | Non
 def run_e2e(model, ids: torch.Tensor, *, lengths, policies=(), steps: int = 32, warmup: int = 4,
             rounds: int = 2, inner: str = "inductor", dynamic: bool | None = None, greedy: bool = False,
             baseline: str = "inductor", model_name: str = "", command: str = "", progress: bool = True,
-            hf_quantized=()) -> dict:
+            hf_quantized=(), prefill_chunk: int | None = None) -> dict:
     """Measure every configuration at every length (see the module docstring).
 
     Args:
@@ -223,7 +223,8 @@ def run_e2e(model, ids: torch.Tensor, *, lengths, policies=(), steps: int = 32, 
                     for s in order:
                         bar.set_postfix_str(f"round {r}/{rounds} {s.name} L={n}")
                         graphs0 = counters["stats"]["unique_graphs"]
-                        rec = _sequence(s, model, ids, n, warmup, steps, kw, first_kw, greedy, probe, device)
+                        rec = _sequence(s, model, ids, n, warmup, steps, kw, first_kw, greedy, probe, device,
+                                        prefill_chunk)
                         rec["graphs"] = counters["stats"]["unique_graphs"] - graphs0
                         runs[(s.name, n)].append(rec)
                         bar.update()
@@ -235,6 +236,7 @@ def run_e2e(model, ids: torch.Tensor, *, lengths, policies=(), steps: int = 32, 
     meta = {"model": model_name or type(model).__name__, "lengths": lengths, "steps": steps,
             "warmup": warmup, "rounds": rounds, "inner": inner, "baseline": baseline_name(baseline),
             "dynamic": "auto" if dynamic is None else dynamic, "feed": "greedy" if greedy else "teacher-forced",
+            "prefill_chunk": prefill_chunk,
             "dtype": str(next(model.parameters()).dtype), "memory_measure": probe.what,
             "recompile_limit": limit, "command": command, **env}
     configs = [{"name": s.name, "kind": s.kind, "policy": s.policy, "policy_hash": s.policy_hash,
@@ -258,14 +260,27 @@ def _site_summary(s: Setup) -> dict:
     return {"sites": len(sites), "rewritten": sum(x.rewritten for x in sites), "left_alone": reasons}
 
 
-def _sequence(s: Setup, model, ids, n, warmup, steps, kw, first_kw, greedy, probe, device) -> dict:
-    """One prefill of n tokens and warmup + steps decode steps; times, memory, KV bytes."""
+def _prefill(s: Setup, ids, n, kw, first_kw, cache, chunk: int | None):
+    """The prompt's n tokens in one call, or in calls of ``chunk`` tokens continuing the cache
+    (what ``generate(prefill_chunk_size=chunk)`` does; kvfx compresses at every boundary)."""
+    if not chunk:
+        return s.fn(input_ids=ids[:, :n], use_cache=True, **{kw: cache}, **first_kw)
+    out = None
+    for a in range(0, n, chunk):
+        out = s.fn(input_ids=ids[:, a:min(a + chunk, n)], use_cache=True, **{kw: cache}, **first_kw)
+        cache = _returned_cache(out, cache)
+    return out
+
+
+def _sequence(s: Setup, model, ids, n, warmup, steps, kw, first_kw, greedy, probe, device,
+              prefill_chunk: int | None = None) -> dict:
+    """One prefill of n tokens (in chunks of ``prefill_chunk``) and warmup + steps decode steps;
+    times, memory, KV bytes."""
     import kvfx
 
     probe.reset()  # (the previous sequence's kvfx stores went with its cache)
     cache = s.cache(model) if s.cache is not None else _new_cache(model)
-    out, prefill_s = timed(partial(s.fn, input_ids=ids[:, :n], use_cache=True, **{kw: cache}, **first_kw),
-                           device)
+    out, prefill_s = timed(partial(_prefill, s, ids, n, kw, first_kw, cache, prefill_chunk), device)
     cache = _returned_cache(out, cache)
     mem_prefill = probe.read()
     probe.rearm(release=True)  # [Note] without it, heap pages the prefill freed count as decode's
@@ -283,6 +298,7 @@ def _sequence(s: Setup, model, ids, n, warmup, steps, kw, first_kw, greedy, prob
                               _dense_kv_bytes(model, n + warmup + steps) if s.kind == "hf-quantized"
                               else kv["held_bytes"]),
            "kv_store_bytes": kv["store_bytes"], "kv_model_cache_bytes": kv["model_cache_bytes"],
+           "kv_peak_store_bytes": kv.get("peak_store_bytes"),
            "tokens_held": (sum(held) / len(held)) if held else None}
     return rec
 

@@ -195,3 +195,21 @@ def test_hf_quantized_specs_name_the_missing_package(monkeypatch):
         e2e.hf_quantized_specs(["hqq:3"])
     assert e2e.hf_quantized_specs(["auto"]) == []
     assert e2e.hf_quantized_specs(["fp8", "fp8"]) == [("fp8", None)]
+
+
+def test_e2e_prefill_chunk(tmp_path):
+    """--prefill-chunk: every configuration prefills in chunks; kvfx's store after the prompt
+    is what an unchunked prefill keeps, and its peak store bytes are reported."""
+    from zoo import VOCAB, hf_model
+
+    model = hf_model("llama", layers=1)
+    ids = torch.randint(0, VOCAB, (1, 400), generator=torch.Generator().manual_seed(0))
+    rows = {}
+    for chunk in (None, 96):
+        result = e2e.run_e2e(model, ids, lengths=[384], steps=1, warmup=0, rounds=1, inner="eager",
+                             baseline="eager", policies=["snapkv@0.25"], progress=False, prefill_chunk=chunk)
+        assert result["meta"]["prefill_chunk"] == chunk
+        rows[chunk] = {r["config"]: r for r in result["rows"]}
+    a, b = rows[None]["kvfx:snapkv@0.25"], rows[96]["kvfx:snapkv@0.25"]
+    assert a["tokens_held"] == b["tokens_held"] == round(0.25 * 384) + 1
+    assert b["kv_held_bytes"] < b["kv_dense_bytes"]
