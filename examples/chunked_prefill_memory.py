@@ -36,8 +36,11 @@ def one(policy: str, chunk: int | None, length: int) -> dict:
     model, tok = load_model("smollm2-135m", progress=False)
     ids = torch.tensor([tokenize_prefix(tok, filler_text(), length, add_special_tokens=True)[:length]])
     kvfx.compile(model, policy, inner="eager")
-    with torch.no_grad():  # warm up (compile) on a short prompt, so compile memory is in the base
+    with torch.no_grad():  # warm up (compile every graph: prefill, chunk continuations with varying
+        # sizes, decode) on short prompts, so compile memory is in the base of every configuration
         model.generate(ids[:, :256], max_new_tokens=2, do_sample=False)
+        model.generate(ids[:, :256], max_new_tokens=2, do_sample=False, prefill_chunk_size=64)
+        model.generate(ids[:, :288], max_new_tokens=2, do_sample=False, prefill_chunk_size=96)
     base = _rss_mib()
     t = time.perf_counter()
     kw = {} if chunk is None else {"prefill_chunk_size": chunk}

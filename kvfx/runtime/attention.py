@@ -83,6 +83,9 @@ def sdpa(q, k, v, attn_mask, *, scale, is_causal=False):
                                           scale=scale, enable_gqa=g > 1)
 
 
+QUERY_BLOCK = 256  # queries per block of a prompt chunk's read (decode_attention)
+
+
 def decode_attention(store, q: torch.Tensor, mask, is_causal: bool, past_len: int,
                      scale: float | None, with_probs: bool = False):
     """Attention of q (B, Hq, nq, d) over the store's first ``length`` slots.
@@ -97,7 +100,20 @@ def decode_attention(store, q: torch.Tensor, mask, is_causal: bool, past_len: in
     kernel is what keeps kvfx ``full`` within 1.10× of inductor's decode (1.08×,
     results/bench-e2e-core-v2-4k). A grouped, non-upcasting reference has not been written and
     measured yet. Quantized stores do run the reference's math on CPU (compiled:
-    :mod:`kvfx.runtime.cpu_fused`)."""
+    :mod:`kvfx.runtime.cpu_fused`).
+
+    A prompt chunk (many queries) runs in blocks of :data:`QUERY_BLOCK` queries, so no
+    (queries x slots) mask or score matrix of the whole chunk exists at once (chunked prefill
+    bounds peak memory)."""
+    nq = q.shape[2]
+    if nq > QUERY_BLOCK and not with_probs and not is_causal and (mask is None or mask.shape[-2] in (1, nq)):
+        outs = []
+        for a in range(0, nq, QUERY_BLOCK):
+            b = min(a + QUERY_BLOCK, nq)
+            mb = mask if mask is None or mask.shape[-2] == 1 else mask[..., a:b, :]
+            # the block's mask still covers all past_len + nq logical keys
+            outs.append(decode_attention(store, q[:, :, a:b], mb, False, past_len + nq - (b - a), scale)[0])
+        return torch.cat(outs, dim=2), None
     n = store.length
     g = q.shape[1] // store.kv_heads
     keep = _store_mask(store, mask, is_causal, q.shape[2], past_len, g)

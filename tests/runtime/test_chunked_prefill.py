@@ -47,11 +47,12 @@ def test_full_chunked_is_token_exact_against_eager():
     model = hf_model("llama", layers=2)
     comp = clone_model(model)
     kvfx.compile(comp, "full", inner="eager")
-    ids = _ids(300, 1)
+    ids = _ids(700, 1)
     with torch.no_grad():
         want = model.generate(ids, max_new_tokens=8, do_sample=False)
-        got = comp.generate(ids, max_new_tokens=8, do_sample=False, prefill_chunk_size=64)
-    assert torch.equal(got, want)
+        for chunk in (64, 300):  # 300: a chunk's read runs in query blocks (QUERY_BLOCK 256)
+            got = comp.generate(ids, max_new_tokens=8, do_sample=False, prefill_chunk_size=chunk)
+            assert torch.equal(got, want), chunk
 
 
 def test_generate_prefill_chunk_size_compresses():
