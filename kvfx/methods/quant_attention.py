@@ -184,16 +184,7 @@ def quant_attention_reference(q: torch.Tensor, kv: QuantKV, *, scale: float,
         o += pv[..., nv:n] @ torch.nan_to_num(kv.rv[:, :, :n - nv].float())
     if C:
         o += pv[..., n:] @ torch.where(kv.pool_ok[..., None], kv.pool_v.float(), 0.0)
-    o = o.view(B, Hq, nq, -1)
-    if calib is not None:
-        if nq != 1:
-            raise ValueError(f"quant_attention_reference: calib needs one query per sequence, got nq={nq}")
-        from kvfx.methods.calidrop import merge
-
-        o_e, lse_e, use = calib
-        o, lse = merge(o, lse, o_e.to(q.device, torch.float32), lse_e.to(q.device, torch.float32),
-                       use.to(q.device) != 0)
-    return o.to(q.dtype), lse
+    return _finish(o.view(B, Hq, nq, -1), lse, q, calib, "quant_attention_reference")
 
 
 # --- the same math as two loop-free reductions (the CPU fast path) ---------------------------------
@@ -329,10 +320,14 @@ def quant_attention_split(q: torch.Tensor, kv: QuantKV, *, scale: float,
         o = o + pv[..., nv:n] @ torch.nan_to_num(kv.rv[:, :, :n - nv].float())
     if C:
         o = o + pv[..., n:] @ torch.where(kv.pool_ok[..., None], kv.pool_v.float(), 0.0)
-    o = o.view(B, Hq, nq, -1)
+    return _finish(o.view(B, Hq, nq, -1), lse, q, calib, "quant_attention_split")
+
+
+def _finish(o, lse, q, calib, who: str):
+    """Both reads' last step: CaliDrop's merge of the evicted partition (``calib``), then q's dtype."""
     if calib is not None:
-        if nq != 1:
-            raise ValueError(f"quant_attention_split: calib needs one query per sequence, got nq={nq}")
+        if q.shape[2] != 1:
+            raise ValueError(f"{who}: calib needs one query per sequence, got nq={q.shape[2]}")
         from kvfx.methods.calidrop import merge
 
         o_e, lse_e, use = calib

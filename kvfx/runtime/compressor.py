@@ -198,23 +198,31 @@ class Scored(Compressor):
         prio = priority(scores, valid, sink=self.sink, window=window, kv_heads=Hkv)
         m = int(budget.max().item()) if B else 0
         k_kept, v_kept, pos, count = compress.select_and_gather(prio, budget, k, v, m)
-        cap = None  # rolling: at the budget (not capped by this prompt's length), or at max_tokens
-        if self.roll_at_budget:
-            cap = self._raw_budget(n_valid)
-        elif self.max_tokens is not None:
-            cap = torch.full_like(budget, self.max_tokens)
-        store.write_kept(k_kept, v_kept, pos, count, m + 1 if cap is None else max(m, int(cap.max())) + 1)
+        self._write(store, k_kept, v_kept, pos, count, n_valid, budget, window)
         idx = pos.clamp(min=0)
         store.extra["seen_valid"] = n_valid.clone()  # valid prompt tokens so far (prompt chunks add)
-        if cap is not None:
-            store.extra["cap"] = cap[:, None].expand(B, Hkv).contiguous()
-            store.extra["recent"] = window[:, None].expand(B, Hkv).contiguous()
-            store.host_cap = int(cap.max().item())  # host bound of the store length
         if self.decode == "accumulated":
             store.add_slot_state("score", scores.gather(2, idx).masked_fill(
                 torch.arange(idx.shape[-1], device=k.device) >= count[..., None], 0))
 
     prompt_eviction = True
+
+    def _write(self, store, k_kept, v_kept, pos, count, n_valid, budget, window) -> None:
+        """Write the kept tokens and, for a rolling cache, its cap: at the budget of ``n_valid``
+        tokens (not capped by the prompt's length), or at ``max_tokens``; the allocation is
+        sized to the cap plus one decode step."""
+        B, Hkv, m = pos.shape
+        cap = None
+        if self.roll_at_budget:
+            cap = self._raw_budget(n_valid)
+        elif self.max_tokens is not None:
+            cap = torch.full_like(budget, self.max_tokens)
+        host_cap = 0 if cap is None else int(cap.max().item())  # host bound of the store length
+        store.write_kept(k_kept, v_kept, pos, count, max(m, host_cap) + 1)
+        if cap is not None:
+            store.extra["cap"] = cap[:, None].expand(B, Hkv).contiguous()
+            store.extra["recent"] = window[:, None].expand(B, Hkv).contiguous()
+            store.host_cap = host_cap
 
     def compress_chunk(self, store, q, scale=None) -> None:
         """A prompt chunk (a multi-token continuation: ``generate(..., prefill_chunk_size=N)``, or
@@ -277,16 +285,7 @@ class Scored(Compressor):
         m = int(budget.max().item())
         k_kept, v_kept, idx, count = compress.select_and_gather(prio, budget, k, v, m)
         kept_pos = pos.gather(2, idx.clamp(min=0)).masked_fill(idx < 0, -1)
-        cap = None
-        if self.roll_at_budget:
-            cap = self._raw_budget(seen)
-        elif self.max_tokens is not None:
-            cap = torch.full_like(budget, self.max_tokens)
-        store.write_kept(k_kept, v_kept, kept_pos, count, m + 1 if cap is None else max(m, int(cap.max())) + 1)
-        if cap is not None:
-            store.extra["cap"] = cap[:, None].expand(B, Hkv).contiguous()
-            store.extra["recent"] = window[:, None].expand(B, Hkv).contiguous()
-            store.host_cap = int(cap.max().item())
+        self._write(store, k_kept, v_kept, kept_pos, count, seen, budget, window)
         if acc is not None:
             store.add_slot_state("score", acc.gather(2, idx.clamp(min=0)).masked_fill(idx < 0, 0))
 

@@ -21,7 +21,7 @@ import traceback
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch.distributed as dist
 
 
 def run(model, policy, ids, new_tokens, all_ranks):
