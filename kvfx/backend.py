@@ -15,12 +15,20 @@ graph's :class:`kvfx.runtime.state.Program`; the compiled graph is wrapped so th
 the kvfx operators find their program and their caller's session (:mod:`kvfx.runtime.state`).
 Graphs without attention pass through unchanged. Nothing here is module state, and kvfx changes
 no process-wide torch setting.
+
+One hint reaches past kvfx's own frames (:func:`_install_generate_hint`): ``torch.compile(model)``
+returns a wrapper whose ``.generate()`` runs the uncompiled model, so a kvfx policy would silently
+compress nothing; when this module loads (dynamo loads it by name at ``torch.compile``), the
+wrapper class's attribute lookup is wrapped to warn once per wrapper, only for wrappers made with
+the kvfx backend and only for ``generate``. What every lookup returns is unchanged.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import warnings
+import weakref
 
 import torch
 
@@ -119,6 +127,54 @@ def kvfx_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
 
         compiled = compile_fx(gm, example_inputs)
     return program.wrap(compiled)
+
+
+GENERATE_HINT = (
+    "kvfx: torch.compile(model, backend='kvfx') returned a wrapper whose .generate() runs the "
+    "uncompiled model, so this generate() compresses nothing. Compile the model in place instead: "
+    "model.compile(backend='kvfx', options={...}) or kvfx.compile(model, policy); the wrapper itself "
+    "is for calling the model directly (your own decode loop)")
+_hinted: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def compiled_with_kvfx(module) -> bool:
+    """Whether ``module`` is a ``torch.compile`` wrapper made with the kvfx backend. Walks the
+    ``_torchdynamo_orig_backend`` chain from the wrapper's dynamo context down to the backend
+    (torch's documented way to recover the unwrapped backend of a convert-frame callback)."""
+    x = getattr(getattr(module, "__dict__", {}).get("dynamo_ctx"), "callback", None)
+    for _ in range(8):
+        if x is None:
+            return False
+        if x is kvfx_backend or getattr(x, "compiler_fn", None) is kvfx_backend:
+            return True
+        x = getattr(x, "_torchdynamo_orig_backend", None)
+    return False
+
+
+def _install_generate_hint() -> None:
+    """Wrap ``OptimizedModule.__getattr__`` (idempotent) so that reading ``.generate`` from a kvfx
+    wrapper warns once per wrapper (:data:`GENERATE_HINT`). Only lookups that fall through to the
+    wrapped module reach ``__getattr__``; the value returned is always the original one."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    orig = OptimizedModule.__getattr__
+    if getattr(orig, "_kvfx_generate_hint", False):
+        return
+
+    def __getattr__(self, name):
+        value = orig(self, name)
+        if name == "generate" and self not in _hinted and compiled_with_kvfx(self):
+            _hinted.add(self)
+            warnings.warn(GENERATE_HINT, UserWarning, stacklevel=2)
+        return value
+
+    __getattr__._kvfx_generate_hint = True
+    __getattr__.__wrapped__ = orig
+    __getattr__.__doc__ = orig.__doc__
+    OptimizedModule.__getattr__ = __getattr__
+
+
+_install_generate_hint()
 
 
 def compile(model: torch.nn.Module, policy="full", *, inner: str = "inductor", **compile_kwargs):

@@ -184,6 +184,50 @@ def decode_attention_reference(q, k, v, lengths, *, scale, bias=None, return_pro
     return o.to(q.dtype), lse.to(out_dtype), p[:, :, 0].to(out_dtype)
 
 
+def grouped_attention_reference(q, k, v, *, scale, keep=None, return_lse=False, return_probs=False):
+    """Attention of q over a store's slots that reads each KV head once for its whole query group.
+
+    q: (B, Hq, m, d); k, v: (B, Hkv, n, d) (a store's held slots), Hq % Hkv == 0.
+    keep: None (every slot visible to every query), or a mask broadcastable to (B, Hq, m, n),
+        its head dim 1 or Hq (query head h reads KV head h // g): bool (True = attend) or an
+        additive float bias (-inf masks).
+    Returns (o (B, Hq, m, dv) in q's dtype, lse (B, Hq, m) fp32 or None, probs (B, Hq, m, n)
+    fp32 or None): lse and probs only when asked for. A row that sees no slot has o = 0,
+    lse = -inf, probs 0.
+
+    This is the CPU execution of :func:`decode_attention_reference`'s semantics for a dense
+    store (DESIGN rule 5): the g query heads of a group are stacked as rows of one
+    (g·m, d) x (d, n) product per KV head, so no per-query-head copy of K/V exists, fp32 or
+    float64 input is read in place, and the softmax is one fused op. Half-precision K/V are
+    upcast to fp32 (a copy per step, the price of fp32 math). Unlike the slot-masked
+    reference, masked slots must hold finite K/V (a store's slots below its length always do).
+
+    >>> q = torch.randn(1, 4, 1, 8); k = v = torch.randn(1, 2, 5, 8)
+    >>> o, lse, _ = grouped_attention_reference(q, k, v, scale=0.35, return_lse=True)
+    >>> o2, lse2 = decode_attention_reference(q, k, v, torch.full((1, 2), 5), scale=0.35)
+    >>> torch.allclose(o, o2, atol=1e-6), torch.allclose(lse, lse2, atol=1e-6)
+    (True, True)
+    """
+    cd = _compute_dtype(q)
+    B, Hq, m, d = q.shape
+    Hkv, n = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    qg = (q.to(cd) * scale).reshape(B, Hkv, g * m, d)
+    s = torch.matmul(qg, k.to(cd).transpose(-1, -2)).view(B, Hkv, g, m, n)
+    if keep is not None:
+        kb = keep.reshape(keep.shape[0], 1, 1, *keep.shape[2:]) if keep.shape[1] == 1 \
+            else keep.reshape(keep.shape[0], Hkv, g, *keep.shape[2:])
+        s = s.masked_fill(~kb, float("-inf")) if kb.dtype == torch.bool else s + kb.to(cd)
+    lse = torch.logsumexp(s, dim=-1).reshape(B, Hq, m) if return_lse else None
+    p = torch.softmax(s, dim=-1)
+    if keep is not None:  # a row that sees no slot: softmax of all -inf is NaN, its p is 0
+        p = p.nan_to_num_(0.0)
+    o = torch.matmul(p.view(B, Hkv, g * m, n), v.to(cd)).view(B, Hq, m, v.shape[-1])
+    out_dtype = torch.float64 if cd == torch.float64 else torch.float32
+    return (o.to(q.dtype), None if lse is None else lse.to(out_dtype),
+            p.reshape(B, Hq, m, n).to(out_dtype) if return_probs else None)
+
+
 def merge_partitions(o1, lse1, o2, lse2):
     """Exact merge of attention over two disjoint key sets.
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kvfx.methods.attention import grouped_attention_reference
+from kvfx.methods.scoring import default_scale
 from kvfx.runtime.state import KvfxStateError
 
 
@@ -90,16 +92,14 @@ def decode_attention(store, q: torch.Tensor, mask, is_causal: bool, past_len: in
                      scale: float | None, with_probs: bool = False):
     """Attention of q (B, Hq, nq, d) over the store's first ``length`` slots.
 
-    Returns (out (B, Hq, nq, dv), probs (B, Hq, nq, n) fp32 or None). ``with_probs`` computes
-    the softmax explicitly (H2O/TOVA read it); otherwise SDPA (CPU) or the Triton split-K
-    decode kernel (CUDA) runs.
-
-    [Note] Dense CPU decode stays on SDPA rather than :mod:`kvfx.methods.attention`'s reference
-    (DESIGN rule 5 would have the CPU run the reference): that reference expands the KV heads
-    (a copy of the whole cache per step under GQA) and upcasts to fp32, and SDPA's grouped CPU
-    kernel is what keeps kvfx ``full`` within 1.10× of inductor's decode (1.08×,
-    results/bench-e2e-core-v2-4k). A grouped, non-upcasting reference has not been written and
-    measured yet. Quantized stores do run the reference's math on CPU (compiled:
+    Returns (out (B, Hq, nq, dv), probs (B, Hq, nq, n) fp32 or None; ``with_probs``: H2O/TOVA
+    read them). One decision (:func:`_use_kernel`): CUDA runs the Triton split-K decode kernel
+    (one query, no mask); everything else runs the ``methods/`` reference of the same semantics,
+    :func:`kvfx.methods.attention.grouped_attention_reference` (DESIGN rule 5: one semantics,
+    two executions). That reference reads each KV head once for its whole query group (no
+    expanded copy of the cache under GQA) and reads fp32 stores in place, which keeps kvfx
+    ``full`` near inductor's decode on CPU (README, "core v2" bench). Quantized stores run their
+    own reference (:mod:`kvfx.runtime.qstore`; its reductions compiled on CPU,
     :mod:`kvfx.runtime.cpu_fused`).
 
     A prompt chunk (many queries) runs in blocks of :data:`QUERY_BLOCK` queries, so no
@@ -124,22 +124,14 @@ def decode_attention(store, q: torch.Tensor, mask, is_causal: bool, past_len: in
         sm = scale if scale is not None else q.shape[-1] ** -0.5
         o, _, probs = kernel(q, k, v, store.count.to(torch.int32), scale=sm, return_probs=True)
         return o, probs[:, :, None, :]
-    if with_probs:
-        from kvfx.methods.scoring import default_scale, expand_kv
-
-        logits = torch.matmul(q.float(), expand_kv(k, q.shape[1]).float().transpose(-1, -2))
-        logits = logits * default_scale(q, scale)
-        if keep is not None:
-            logits = logits.masked_fill(~keep, float("-inf")) if keep.dtype == torch.bool else logits + keep
-        probs = torch.softmax(logits, dim=-1)
-        out = torch.matmul(probs.to(v.dtype), expand_kv(v, q.shape[1]))
-        return out, probs
-    if keep is None and q.shape[2] == 1 and _use_kernel(q, k):
+    if not with_probs and keep is None and q.shape[2] == 1 and _use_kernel(q, k):
         from kvfx.templates.launch import decode_attention as kernel
 
         sm = scale if scale is not None else q.shape[-1] ** -0.5
         return kernel(q, k, v, store.count.to(torch.int32), scale=sm)[0], None
-    return sdpa(q, k, v, keep, scale=scale), None
+    o, _, probs = grouped_attention_reference(q, k, v, scale=default_scale(q, scale), keep=keep,
+                                              return_probs=with_probs)
+    return o, probs
 
 
 def _use_kernel(q: torch.Tensor, k: torch.Tensor | None = None) -> bool:
@@ -219,15 +211,8 @@ def calibrated_decode(store, q: torch.Tensor, mask, is_causal: bool, past_len: i
             res = kernel(q, k, v, store.count.to(torch.int32), scale=sm, return_probs=with_probs,
                          calib=rows[0])
             return res[0], (res[2][:, :, None, :] if with_probs else None)
-        from kvfx.methods.scoring import expand_kv
-
-        logits = torch.matmul(q.float(), expand_kv(k, q.shape[1]).float().transpose(-1, -2)) * sm
-        if keep is not None:
-            logits = logits.masked_fill(~keep, float("-inf")) if keep.dtype == torch.bool else logits + keep
-        lse_c = torch.logsumexp(logits, dim=-1)
-        probs = torch.exp(logits - torch.where(lse_c == float("-inf"), 0.0, lse_c)[..., None])
-        o_c = torch.matmul(probs.to(v.dtype), expand_kv(v, q.shape[1]))
-        probs = probs if with_probs else None
+        o_c, lse_c, probs = grouped_attention_reference(q, k, v, scale=sm, keep=keep, return_lse=True,
+                                                        return_probs=with_probs)
     outs = []
     for t, (o_e, lse_e, use) in enumerate(rows):
         o_t, _ = merge(o_c[:, :, t:t + 1], lse_c[:, :, t:t + 1], o_e, lse_e, use)

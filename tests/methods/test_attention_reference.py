@@ -233,3 +233,54 @@ def test_decode_return_probs_must_be_bool():
     q, k = _rand(1, 2, 1, 8, seed=0), _rand(1, 1, 4, 8, seed=1)
     with pytest.raises(ValueError, match="return_probs got 1, expected True or False"):
         decode_attention_reference(q, k, k, torch.tensor([[4]]), scale=0.3, return_probs=1)
+
+
+@SETTINGS
+@given(B=st.integers(1, 3), Hkv=st.integers(1, 3), g=st.integers(1, 4), m=st.integers(1, 5),
+       n=st.integers(1, 30), mask=st.sampled_from(["none", "bool_all", "bool_1", "bias_all"]),
+       data=st.data())
+def test_grouped_reference_is_expanded_masked_attention(B, Hkv, g, m, n, mask, data):
+    """The dense CPU read (grouped, no K/V expansion) equals attention with expanded KV heads in
+    float64: o, lse and probs, for bool and additive masks of 1 or Hq heads, empty rows
+    included (o = 0, lse = -inf, probs 0)."""
+    seed = data.draw(st.integers(0, 1000))
+    Hq = Hkv * g
+    q, k, v = _rand(B, Hq, m, 8, seed=seed), _rand(B, Hkv, n, 8, seed=seed + 1), _rand(B, Hkv, n, 8, seed=seed + 2)
+    keep = None
+    s = _logits(q, k, 0.3)
+    if mask != "none":
+        heads = 1 if mask == "bool_1" else Hq
+        gen = torch.Generator().manual_seed(seed + 3)
+        vis = torch.rand(B, heads, m, n, generator=gen) < 0.6
+        vis[0, 0, 0] = False  # one row that sees nothing
+        if mask == "bias_all":
+            bias = torch.randn(B, heads, m, n, generator=gen, dtype=torch.float64)
+            keep = bias.masked_fill(~vis, NINF)
+            s = s + keep
+        else:
+            keep = vis
+            s = s.masked_fill(~vis, NINF)
+    o, lse, probs = attention.grouped_attention_reference(q, k, v, scale=0.3, keep=keep,
+                                                          return_lse=True, return_probs=True)
+    want_lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(want_lse == NINF, 0.0, want_lse)[..., None])
+    want_o = p @ v.repeat_interleave(g, dim=1)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(probs, p, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(o, want_o, rtol=1e-12, atol=1e-12)
+    if mask != "none":
+        assert float(o[0, 0, 0].abs().sum()) == 0.0 and lse[0, 0, 0] == NINF
+
+
+def test_grouped_reference_dtypes():
+    """fp32 agrees with float64; bf16 returns bf16 output with
+    fp32 lse, close to the float64 answer."""
+    q, k, v = (torch.randn(1, 6, 1, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16))
+    o32, lse32, _ = attention.grouped_attention_reference(q, k, v, scale=0.25, return_lse=True)
+    o64, lse64, _ = attention.grouped_attention_reference(q.double(), k.double(), v.double(), scale=0.25,
+                                                          return_lse=True)
+    torch.testing.assert_close(o32.double(), o64, rtol=1e-5, atol=1e-5)
+    ob, lseb, _ = attention.grouped_attention_reference(q.bfloat16(), k.bfloat16(), v.bfloat16(), scale=0.25,
+                                                        return_lse=True)
+    assert ob.dtype == torch.bfloat16 and lseb.dtype == torch.float32
+    torch.testing.assert_close(ob.double(), o64, rtol=0.05, atol=0.05)
