@@ -1,13 +1,15 @@
 #!/bin/bash
-# KeyDiff, Expected Attention and ChunkKV on the passkey grid's samples at 2k. The eval code of
-# commit 938c6ec draws the passkeys of results/smollm2-grid (later commits draw one per depth cell),
-# so it runs from a worktree of that commit; results go to results/smollm2-grid-new-methods.
+# KeyDiff, Expected Attention and ChunkKV (over SnapKV and over KNorm) on the README grid's samples:
+# passkey 2k/4k (5 depths), needle 2k/4k (5 depths), perplexity 4k, keep 0.5 / 0.25 / 0.125.
+# `--passkeys per-seed` draws the passkeys results/smollm2-grid was evaluated on, so the rows compare
+# with that grid's SnapKV/KNorm rows. Resumable (kvfx eval skips samples already in results.jsonl).
+# Usage: examples/new_methods_grid.sh [POLICY ...]   (default: all twelve)
 set -e
 cd "$(dirname "$0")/.."
-OUT="$PWD/results/smollm2-grid-new-methods"
-WT=$(mktemp -d)/kvfx-938c6ec
-git worktree add -q "$WT" 938c6ec
-trap 'git worktree remove --force "$WT"' EXIT
-P="keydiff@0.25 expected-attention@0.25 chunkkv@0.25 keydiff@0.125 expected-attention@0.125 chunkkv@0.125"
-(cd "$WT" && PYTHONPATH="$WT" python -c "import sys; from kvfx.cli import main; sys.exit(main())" \
-    eval --model smollm2-135m --out "$OUT" --policy $P --task passkey --lengths 2k --depths 0.05,0.25,0.45,0.65,0.85)
+OUT=results/smollm2-grid-new-methods
+P="${*:-keydiff@0.5 keydiff@0.25 keydiff@0.125 chunkkv@0.5 chunkkv@0.25 chunkkv@0.125 chunkkv-knorm@0.5 chunkkv-knorm@0.25 chunkkv-knorm@0.125 expected-attention@0.5 expected-attention@0.25 expected-attention@0.125}"
+ev() { kvfx eval --model smollm2-135m --out "$OUT" --policy $P "$@"; }
+ev --task passkey --lengths 2k,4k --depths 0.05,0.25,0.45,0.65,0.85 --passkeys per-seed
+ev --task needle --lengths 2k,4k --depths 5
+ev --task perplexity --lengths 4k --chunk 16
+kvfx report "$OUT" --pivot

@@ -65,7 +65,8 @@ def _eval(args) -> int:
         records = run_eval(args.model, args.policy, task=args.task, lengths=_parse_lengths(args.lengths),
                            depths=depths, seeds=range(args.seeds), out=args.out, inner=args.inner,
                            max_new_tokens=args.max_new_tokens, chunk=args.chunk, subtasks=subtasks,
-                           questions=args.questions, prefill_chunk=args.prefill_chunk)
+                           questions=args.questions, prefill_chunk=args.prefill_chunk,
+                           passkeys=args.passkeys)
     except ValueError as e:
         if str(e).startswith("kvfx eval"):
             raise SystemExit(str(e)) from None
@@ -197,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="passkey/needle/ruler: prefill the prompt in chunks of N tokens "
                          "(generate's prefill_chunk_size; kvfx compresses at every chunk boundary); the "
                          "records' policy reads 'POLICY prefill-chunk=N'")
+    ev.add_argument("--passkeys", default="per-cell", choices=["per-cell", "per-seed"],
+                    help="passkey: one key per (seed, length, depth) cell (default), or one per seed as "
+                         "results/smollm2-grid drew them (to add rows comparable with that grid)")
     ev.add_argument("--inner", default="eager", choices=["eager", "inductor", "aot_eager"])
     ev.add_argument("--tp", type=int, default=None,
                     help="tensor parallelism over N processes: launch with `torchrun --nproc_per_node N -m "

@@ -68,14 +68,18 @@ def _task_tools(task: str):
 def run_eval(model_name: str, policies: list[str], *, task: str = "passkey", lengths=(4096,),
              depths=(0.5,), seeds=(0,), out: str | Path = "runs/eval", inner: str = "eager",
              max_new_tokens: int | None = None, chunk: int = 1, progress: bool = True,
-             subtasks=None, questions: int = 4, prefill_chunk: int | None = None) -> list[dict]:
+             subtasks=None, questions: int = 4, prefill_chunk: int | None = None,
+             passkeys: str = "per-cell") -> list[dict]:
     """Run ``task`` for every (policy, length, depth, seed) not already in ``out``; every
     policy in this process, on the same samples. Returns all records of ``out``.
 
     ``task="ruler"``: ``subtasks`` are RULER task names (default: all of
     :data:`kvfx.eval.ruler.RULER_TASKS`), one sample per seed; ``max_new_tokens`` caps each
     task's RULER generation budget. ``task="shared-context"``: ``questions`` questions per
-    context, both modes (``subtasks``: ``shared``, ``joint``); ``max_new_tokens`` default 32."""
+    context, both modes (``subtasks``: ``shared``, ``joint``); ``max_new_tokens`` default 32.
+    ``passkeys``: ``"per-cell"`` (default) draws one passkey per (seed, length, depth);
+    ``"per-seed"`` one per seed, as grids written before per-cell keys did (results/smollm2-grid),
+    so that new rows are comparable with them (records then carry ``"passkeys": "per-seed"``)."""
     import torch._dynamo
     from tqdm.auto import tqdm
 
@@ -84,6 +88,8 @@ def run_eval(model_name: str, policies: list[str], *, task: str = "passkey", len
 
     if task not in TASKS:
         raise ValueError(f"kvfx eval: task {task!r} is not one of {', '.join(TASKS)}")
+    if passkeys not in ("per-cell", "per-seed"):
+        raise ValueError(f"kvfx eval: --passkeys got {passkeys!r}, expected per-cell or per-seed")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if task == "perplexity":
@@ -124,6 +130,8 @@ def run_eval(model_name: str, policies: list[str], *, task: str = "passkey", len
                    "length": n, "depth": depth, "seed": seed, "kvfx": kvfx.__version__}
             if prefill_chunk is not None:
                 rec["prefill_chunk"] = int(prefill_chunk)
+            if task == "passkey" and passkeys == "per-seed":
+                rec["passkeys"] = "per-seed"
             if sub is not None:
                 rec["subtask"] = sub
             rec["model_info"] = info
@@ -137,7 +145,8 @@ def run_eval(model_name: str, policies: list[str], *, task: str = "passkey", len
             elif task == "agreement":
                 rec.update(_agreement_sample(model, tok, samples[(n, seed)]))
             else:
-                rec.update(_generation_sample(model, tok, task, samples, n, depth, seed, max_new_tokens, gen_kw))
+                rec.update(_generation_sample(model, tok, task, samples, n, depth, seed, max_new_tokens, gen_kw,
+                                              per_cell=passkeys == "per-cell"))
             f.write(json.dumps(rec) + "\n")
             f.flush()
             if task == "perplexity":
@@ -230,11 +239,12 @@ def _memory_fields(cache) -> dict:
             "coverage": mem.get("summary") or None}  # e.g. "policy applied to 3 of 18 layers; ..."
 
 
-def _generation_sample(model, tok, task, samples, n, depth, seed, max_new_tokens, gen_kw=None) -> dict:
+def _generation_sample(model, tok, task, samples, n, depth, seed, max_new_tokens, gen_kw=None,
+                       per_cell: bool = True) -> dict:
     make, score, default_new = _task_tools(task)
     key = (task, n, depth, seed)
     if key not in samples:  # passkey: an independent passkey per (seed, length, depth) cell
-        kw = {"key_seed": passkey_cell_seed(seed, n, depth)} if task == "passkey" else {}
+        kw = {"key_seed": passkey_cell_seed(seed, n, depth)} if task == "passkey" and per_cell else {}
         samples[key] = make(tok, n, depth, seed, **kw)
     sample = samples[key]
     t0 = time.perf_counter()

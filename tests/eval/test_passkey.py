@@ -228,3 +228,35 @@ def test_eval_draws_an_independent_passkey_per_cell(tok):
     assert again == keys[1] and passkey_cell_seed(0, 512, 0.3) != passkey_cell_seed(0, 1024, 0.3)
     # without key_seed the library function keeps its meaning: the seed alone draws the key
     assert len({make_passkey_sample(tok, 512, d, seed=0).passkey for d in (0.1, 0.9)}) == 1
+
+
+def test_eval_per_seed_passkeys_reproduce_the_committed_grid(tok, monkeypatch):
+    """`kvfx eval --passkeys per-seed` draws the keys results/smollm2-grid was evaluated on (its
+    seed-0 records expect 60494 at every depth), so new policy rows compare with that grid; the
+    default stays one key per cell."""
+    import json
+    from pathlib import Path
+
+    from kvfx.eval import harness
+
+    class Drawn(Exception):
+        pass
+
+    def make(tok_, n, depth, seed, **kw):
+        raise Drawn(make_passkey_sample(tok_, n, depth, seed=seed, **kw).passkey)
+
+    monkeypatch.setattr(harness, "_task_tools", lambda task: (make, None, 8))
+
+    def key(depth, per_cell):
+        with pytest.raises(Drawn) as e:
+            harness._generation_sample(None, tok, "passkey", {}, 2048, depth, 0, 8, per_cell=per_cell)
+        return str(e.value)
+
+    grid = Path(__file__).parents[2] / "results" / "smollm2-grid" / "results.jsonl"
+    want = {json.loads(line)["expected"] for line in grid.open()
+            if '"task": "passkey"' in line and '"seed": 0' in line and '"length": 2048' in line}
+    assert want == {"60494"}
+    assert key(0.05, False) == key(0.45, False) == "60494"
+    assert key(0.05, True) != key(0.45, True)
+    with pytest.raises(ValueError, match="--passkeys"):
+        harness.run_eval("smollm2-135m", ["full"], passkeys="per-row", out=Path("/nonexistent-kvfx-test"))
