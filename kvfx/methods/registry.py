@@ -117,6 +117,7 @@ class Scorer:
     rolls: ClassVar[bool] = False
     kernel_scores: ClassVar[str] = "none"
     partitioned: ClassVar[bool] = False
+    rotary: ClassVar[bool] = False  # scores(..., rope=(cos, sin)): the site's RoPE, when the pass finds it
 
     def scores(self, q, k, v, valid, scale):
         """q (B, Hq, n, d), k/v (B, Hkv, n, d), valid (B, n) bool -> (B, Hkv, n), higher = keep;

@@ -13,7 +13,7 @@ from torch.fx import GraphModule
 
 from kvfx.passes import graph_utils as gu
 from kvfx.passes.find_attention import AttentionMatch, find_attention
-from kvfx.passes.lowrank import check_lowrank
+from kvfx.passes.lowrank import check_lowrank, match_rope
 from kvfx.passes.rewrite import SitePlan, check, rewrite_site
 from kvfx.passes.trace_kv import trace_kv_source
 from kvfx.policy import PolicyError
@@ -36,6 +36,17 @@ def _site_info(m: AttentionMatch, key: str, path: str, index: int, provenance: s
     d = gu.static_int(qs[-1]) if qs else None
     return SiteInfo(key=key, module_path=path, layer_index=index, pattern=m.pattern,
                     provenance=provenance, q_heads=hq, kv_heads=hkv, head_dim=d, rewritten=False)
+
+
+def _query_rope(m: AttentionMatch) -> tuple[tuple | None, str]:
+    """For a scorer that reads the site's RoPE (``Scorer.rotary``): (cos, sin) nodes if the
+    queries are ``q_pre·cos + rotate_half(q_pre)·sin`` (HF's apply_rotary_pos_emb), and what the
+    report says either way."""
+    found = match_rope(m.q)
+    if isinstance(found, tuple):
+        return (found[1], found[2]), "scorer reads the queries' RoPE (statistics before rotation)"
+    return None, ("scorer uses the queries as they are: " + found.replace("keys", "queries")
+                  + "; exact only without rotary embeddings")
 
 
 def _check_quant_fits(compressor, info: SiteInfo, policy_name: str) -> None:
@@ -121,10 +132,13 @@ def run_passes(gm: GraphModule, policy) -> Program:
                         "without quant:, lowrank: or calibration: on this model")
             if getattr(compressor, "lowrank", False):
                 lowrank, reason = check_lowrank(m, ks, vs, compressor, info, rope_owner)
+        rope = None
+        if not reason and lowrank is None and getattr(getattr(compressor, "scorer", None), "rotary", False):
+            rope, info.rope = _query_rope(m)
         if not reason:
-            info.policy = lp.describe()
+            info.policy = lp.describe() + (f"; {info.rope}" if info.rope else "")
             info.rewritten = True
-            plans.append(SitePlan(m, ks, vs, len(plans), lowrank=lowrank))
+            plans.append(SitePlan(m, ks, vs, len(plans), lowrank=lowrank, rope=rope))
             sites.append(SiteProgram(info, compressor, lowrank is not None))
         else:
             info.reason = reason

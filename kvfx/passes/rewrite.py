@@ -5,7 +5,7 @@ For a site whose K/V are ``cat([past, new])`` (see :mod:`kvfx.passes.trace_kv`):
     out = attention(q, repeat(cat(pk, nk)), repeat(cat(pv, nv)), mask)     # before
     cache_k, cache_v = cat(pk, nk), cat(pv, nv)
 
-    out, gk, gv = kvfx::attention(q, nk, nv, mask, pk, pv, site, scale, is_causal, softcap)   # after
+    out, gk, gv = kvfx::attention(q, nk, nv, mask, pk, pv, site, scale, is_causal, softcap[, cos, sin])   # after
     cache_k, cache_v = gk, gv
 
 ``pk`` / ``pv`` (the model's cache entries: empty, or kvfx's ghosts from the previous step) are
@@ -42,6 +42,7 @@ class SitePlan:
     index: int  # the site's index in the graph's program (the operators' ``site`` argument)
     reason: str = ""
     lowrank: object = None  # low-rank sites: a kvfx.passes.lowrank.LowRankPlan
+    rope: tuple | None = None  # (cos, sin) nodes of the queries' RoPE, for a scorer that reads it
 
 
 def check(match: AttentionMatch, ks: KVSource, vs: KVSource) -> str:
@@ -100,7 +101,7 @@ def rewrite_site(gm: GraphModule, plan: SitePlan) -> None:
         else:
             res = g.call_function(torch.ops.kvfx.attention.default,
                                   (q, ks.new, vs.new, mask, ks.past, vs.past, plan.index, m.scale, m.is_causal,
-                                   m.softcap))
+                                   m.softcap, *(plan.rope or ())))
         attn = g.call_function(operator.getitem, (res, 0))
         ghosts = [g.call_function(operator.getitem, (res, i)) for i in (1, 2)]
     m.out.replace_all_uses_with(attn)

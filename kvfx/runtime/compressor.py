@@ -164,8 +164,9 @@ class Scored(Compressor):
                                  torch.full_like(n_valid, self.window))
         return torch.full_like(n_valid, self.window)
 
-    def prefill(self, store, q, k, v, valid, scale=None, votes=None, payload=None) -> None:
+    def prefill(self, store, q, k, v, valid, scale=None, votes=None, payload=None, rope=None) -> None:
         """``votes``: the raw scores the fused prefill kernel emitted (CUDA), if any.
+        ``rope``: the queries' (cos, sin), given to a scorer that reads them (``rotary``).
         ``payload``: (k', v') (B, H', n, ·) to gather and store instead of k, v, with H' dividing
         the KV heads (low-rank latents: H' = 1): the scores of the H' // Hkv heads each payload
         head stands for are reduced with ``group_reduce`` (a key-norm scorer scores the payload keys)."""
@@ -183,6 +184,8 @@ class Scored(Compressor):
             scores = self.scorer.from_votes(votes, valid, Hkv)
         elif self.scorer.kernel_scores == "key_norm":  # attention-free: the kv_stats kernel on CUDA
             scores = compress.knorm_scores(k if payload is None else payload[0])
+        elif self.scorer.rotary:
+            scores = self.scorer.scores(q, k, v, valid, default_scale(q, scale), rope=rope)
         else:
             scores = self.scorer.scores(q, k, v, valid, default_scale(q, scale))
         if payload is not None:
@@ -224,7 +227,7 @@ class Scored(Compressor):
             store.extra["recent"] = window[:, None].expand(B, Hkv).contiguous()
             store.host_cap = host_cap
 
-    def compress_chunk(self, store, q, scale=None) -> None:
+    def compress_chunk(self, store, q, scale=None, rope=None) -> None:
         """A prompt chunk (a multi-token continuation: ``generate(..., prefill_chunk_size=N)``, or
         a new turn) was appended and attended: compress what the store holds (the tokens kept so
         far and the chunk) to the budget of the valid tokens seen so far, so the store never holds
@@ -274,7 +277,12 @@ class Scored(Compressor):
         else:
             q_full = q.new_zeros(B, q.shape[1], L, q.shape[-1])
             q_full[:, :, L - nq:] = q
-            scores = self.scorer.chunk_scores(q_full, k, v, valid, valid & (j >= L - nq), sm)
+            kw = {}
+            if self.scorer.rotary:  # the chunk's RoPE, right-aligned like its queries
+                kw["rope"] = None if rope is None else tuple(  # earlier rows: angle 0 (no queries)
+                    torch.cat([torch.full((*t.shape[:2], L - nq, t.shape[-1]), fill, dtype=t.dtype,
+                                          device=t.device), t], dim=2) for t, fill in zip(rope, (1.0, 0.0)))
+            scores = self.scorer.chunk_scores(q_full, k, v, valid, valid & (j >= L - nq), sm, **kw)
             if scores is not None:
                 scores = scores.masked_fill(~valid[:, None], float("-inf"))
         if self.chunk is not None and scores is not None:

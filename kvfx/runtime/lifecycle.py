@@ -23,11 +23,12 @@ from kvfx.runtime.store import SiteStore
 
 
 def prefill_step(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None,
-                 is_causal: bool, latents: tuple | None = None) -> Tensor:
+                 is_causal: bool, latents: tuple | None = None, rope: tuple | None = None) -> Tensor:
     """A new sequence: exact attention of the prompt (``k``, ``v``: its exact keys and values), with
     the scores the compressor needs fused into the prefill kernel where it runs; then the
     compressor writes the kept tokens (``latents``: (zk, zv) a latent store holds instead, and
-    its inner store receives them) and CaliDrop's state."""
+    its inner store receives them) and CaliDrop's state. ``rope``: the queries' RoPE (cos, sin),
+    for a scorer that reads it (``Scorer.rotary``)."""
     B, _, nq, _ = q.shape
     store.reset()
     store.decoded = False  # no single-token decode step yet: multi-token steps are prompt chunks
@@ -37,7 +38,7 @@ def prefill_step(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
     with torch.no_grad():
         valid = key_valid(mask, B, nq, q.device)
         if latents is None:
-            c.prefill(store, q, k, v, valid, scale, votes)
+            c.prefill(store, q, k, v, valid, scale, votes, **({"rope": rope} if rope is not None else {}))
             c.init_calibration(store, q, k, v, valid, scale)  # CaliDrop's state, if any
         else:
             c.prefill(store.lat, q, k, v, valid, scale, *latents)
@@ -62,7 +63,7 @@ def check_continues(store, past_len: int, B: int, where: str) -> None:
 
 
 def decode_step(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_len: int,
-                scale: float | None, is_causal: bool, where: str = "") -> Tensor:
+                scale: float | None, is_causal: bool, where: str = "", rope: tuple | None = None) -> Tensor:
     """The decode half of the lifecycle, the same for every representation (the
     :class:`kvfx.runtime.store.KVStore` protocol): append the step's tokens (``k``/``v``: what the
     store holds per token: keys and values, or latents), attend over the store (the store's own
@@ -84,7 +85,7 @@ def decode_step(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, 
         _note_peak(store)  # the high-water mark: the step's tokens appended, nothing evicted yet
         out, probs = store.attend_step(c, q, mask, is_causal, past_len, scale)
         if chunk:
-            c.compress_chunk(store, q, scale)
+            c.compress_chunk(store, q, scale, **({"rope": rope} if rope is not None else {}))
         else:
             store.finish_step(c, nq, probs)
     if nq == 1:

@@ -1,6 +1,6 @@
 """The kvfx custom operators the rewrite pass inserts into graphs.
 
-``kvfx::attention(q, k_new, v_new, mask, past_k, past_v, site, scale, is_causal, softcap=None) -> (out, ghost_k, ghost_v)``
+``kvfx::attention(q, k_new, v_new, mask, past_k, past_v, site, scale, is_causal, softcap=None, rope_cos=None, rope_sin=None) -> (out, ghost_k, ghost_v)``
     Attention of the site's queries over its compressed store plus the new tokens, and the
     store update (prefill compression or decode append/evict). ``past_k`` / ``past_v`` are what
     the model's cache held for the site (an empty tensor, None, or the ghosts this operator
@@ -48,14 +48,18 @@ def _ghost_shape(new: Tensor, past: Tensor | None) -> list:
 @torch.library.custom_op("kvfx::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_k: Tensor | None,
               past_v: Tensor | None, site: int, scale: float | None,
-              is_causal: bool, softcap: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+              is_causal: bool, softcap: float | None = None, rope_cos: Tensor | None = None,
+              rope_sin: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """q (B, Hq, nq, d), k/v (B, Hkv, nq, d) the *new* tokens only; mask over the logical keys
-    (past_len + nq columns). Returns (out (B, Hq, nq, dv), ghost_k, ghost_v)."""
+    (past_len + nq columns). ``rope_cos`` / ``rope_sin`` (B | 1, 1, nq, d): the RoPE the queries
+    were rotated by, for a scorer that reads it (Expected Attention). Returns
+    (out (B, Hq, nq, dv), ghost_k, ghost_v)."""
     ctx = current()
     sp = ctx.program.sites[site]
     seq, store, past_len = find_store(ctx, sp, past_k, past_v, q.shape[0], _new_store)
+    rope = (rope_cos, rope_sin) if rope_cos is not None and rope_sin is not None else None
     out = site_attention(sp.compressor, store, q, k, v, mask, past_len, scale, is_causal,
-                         sp.info.module_path, softcap)
+                         sp.info.module_path, softcap, rope)
     if ctx.tap is not None:
         if softcap is not None:  # the recorded calls are replayed without the cap
             raise KvfxStateError(f"kvfx: site {sp.info.module_path} has soft-capped logits (cap "
@@ -70,28 +74,29 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_k: Tens
 
 
 @attention.register_fake
-def _(q, k, v, mask, past_k, past_v, site, scale, is_causal, softcap=None):
+def _(q, k, v, mask, past_k, past_v, site, scale, is_causal, softcap=None, rope_cos=None, rope_sin=None):
     return (q.new_empty(*q.shape[:-1], v.shape[-1]), ghost_fake(k, _ghost_shape(k, past_k)),
             ghost_fake(v, _ghost_shape(v, past_v)))
 
 
 def site_attention(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_len: int,
                    scale: float | None, is_causal: bool, where: str = "",
-                   softcap: float | None = None) -> Tensor:
+                   softcap: float | None = None, rope: tuple | None = None) -> Tensor:
     """One call of a site: its compressor ``c`` and store. Prefill (``past_len == 0``): exact
     attention on the prompt, then compression (and CaliDrop's state). Decode: :func:`decode_step`.
     Also used to replay recorded calls. (Low-rank sites: :func:`kvfx.runtime.lowrank.lowrank_site_attention`,
     which differs only in what it projects before the same steps.) ``softcap``: the site's logits
-    are soft-capped (:func:`kvfx.runtime.softcap.capped_site_attention`)."""
+    are soft-capped (:func:`kvfx.runtime.softcap.capped_site_attention`). ``rope``: the queries'
+    (cos, sin), for a scorer that reads them."""
     if softcap is not None:
         from kvfx.runtime.softcap import capped_site_attention
 
         return capped_site_attention(c, store, q, k, v, mask, past_len, scale, is_causal, softcap, where)
     if past_len == 0:  # a new sequence: exact attention on the prompt, then compress
-        return prefill_step(c, store, q, k, v, mask, scale, is_causal)
+        return prefill_step(c, store, q, k, v, mask, scale, is_causal, rope=rope)
     B = q.shape[0]
     check_continues(store, past_len, B, where)
-    return decode_step(c, store, q, k, v, mask, past_len, scale, is_causal, where)
+    return decode_step(c, store, q, k, v, mask, past_len, scale, is_causal, where, rope=rope)
 
 
 __all__ = ["attention", "decode_step", "make_store", "site_attention", "KvfxStateError"]

@@ -65,6 +65,7 @@ class SiteInfo:
     graphs: int = 1  # graphs in which the site was seen
     softcap: float | None = None  # logits soft-capped as cap * tanh(s / cap) (Gemma-2)
     window: int | None = None  # a sliding-window layer: the tokens its cache keeps
+    rope: str = ""  # for a scorer that reads the queries' RoPE: whether the pass found it
 
 
 @dataclass

@@ -112,3 +112,38 @@ def test_padded_batch_rows_equal_rows_alone(policy):
             assert torch.equal(batch.sequences[b, 230:], alone.sequences[0, len(r):])
             for x, y in zip(batch.logits, alone.logits):
                 torch.testing.assert_close(x[b], y[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_expected_attention_reads_the_sites_rope(attn, monkeypatch):
+    """The pass hands Expected Attention the RoPE the model rotated its queries by: rotated back
+    with it, the operator's queries are exactly the model's pre-RoPE queries (q_proj's output), in a
+    left-padded batch, at prefill and at a prompt chunk; the report says so."""
+    from kvfx.methods import expected_attention as ea
+
+    model = hf_model("llama", attn, layers=2)
+    pre = []
+    hook = model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda mod, i, o: pre.append(o.detach()))
+    seen = []
+    orig = ea.expected_attention_scores
+
+    def spy(q, k, v, valid, **kw):
+        seen.append((q.detach().clone(), kw.get("rope"), kw.get("q_valid")))
+        return orig(q, k, v, valid, **kw)
+
+    monkeypatch.setattr(ea, "expected_attention_scores", spy)
+    kvfx.compile(model, "expected-attention@0.5", inner="eager")
+    ids, mask = _padded(n=120)
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, prefill_chunk_size=64)
+    hook.remove()
+    assert all("reads the queries' RoPE" in s.policy for s in kvfx.sites(model))
+    d = model.config.hidden_size // model.config.num_attention_heads
+    for call, (q, rope, q_valid) in enumerate(seen[::2][:2]):  # layer 0's prefill chunk, then the next chunk
+        assert rope is not None
+        cos, sin = rope
+        want = pre[call].view(2, -1, model.config.num_attention_heads, d).transpose(1, 2).float()
+        rows = slice(q.shape[2] - want.shape[2], None)  # a chunk's queries are the last rows
+        got = ea.unrotate(q[:, :, rows].float(), cos[:, :, rows].float(), sin[:, :, rows].float())
+        real = (mask[:, 64 * call:64 * call + want.shape[2]] == 1)[:, None, :, None]
+        torch.testing.assert_close(torch.where(real, got, 0), torch.where(real, want, 0), rtol=1e-4, atol=1e-4)

@@ -99,21 +99,44 @@ def test_keydiff_matches_definition(seed):
 
 # ---- Expected Attention --------------------------------------------------------------------------
 
-def naive_expected_attention(q, k, v, valid, queries, sink, covariance, vnorm, epsilon):
-    B, Hq, n, d = q.shape
+def _rope_tables(n_pos, d, base=10000.0, scaling=1.0):
+    """HF's default RoPE: cos / sin (n_pos, d) of emb = cat(θ, θ), θ_i = base^(-2i/d)."""
+    theta = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = torch.arange(n_pos, dtype=torch.float64)[:, None] * torch.cat([theta, theta])[None]
+    return torch.cos(ang) * scaling, torch.sin(ang) * scaling
+
+
+def _rot(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def naive_expected_attention(q_pre, k, v, valid, queries, sink, covariance, vnorm, epsilon, future=None,
+                             base=10000.0, scaling=1.0):
+    """kvpress ExpectedAttentionPress, one row and one head at a time, in float64: the statistics of
+    the pre-RoPE queries after the sinks (or the last `queries`), R̄ = the mean over the next `future`
+    positions of cos·I + sin·P (P x = rotate_half(x)), built as matrices; `future=None`: no RoPE."""
+    B, Hq, n, d = q_pre.shape
     Hkv = k.shape[1]
     g = Hq // Hkv
     out = torch.full((B, Hkv, n), -math.inf, dtype=torch.float64)
+    P = torch.zeros(d, d, dtype=torch.float64)
+    P[d // 2:, :d // 2], P[:d // 2, d // 2:] = torch.eye(d // 2), -torch.eye(d // 2)
     for b in range(B):
         idx = [j for j in range(n) if valid[b, j]]
-        recent = idx[-queries:]
+        used = idx[sink:] if queries is None else idx[-queries:]
         scored = idx[sink:]
+        R = torch.eye(d, dtype=torch.float64)
+        if future is not None:
+            cos, sin = _rope_tables(len(idx) + future, d, base, scaling)
+            R = sum(torch.diag(cos[t]) + torch.diag(sin[t]) @ P for t in range(len(idx), len(idx) + future)) / future
         for hk in range(Hkv):
             acc = {j: 0.0 for j in idx}
             for hq in range(hk * g, (hk + 1) * g):
-                Q = torch.stack([q[b, hq, i].double() for i in recent])
+                Q = torch.stack([q_pre[b, hq, i].double() for i in used])
                 mu = Q.mean(0)
-                sigma = (Q - mu).T @ (Q - mu) / len(recent)
+                sigma = (Q - mu).T @ (Q - mu) / len(used)
+                mu, sigma = R @ mu, R @ sigma @ R.T
                 z = {}
                 for j in scored:
                     kj = k[b, hk, j].double()
@@ -129,22 +152,51 @@ def naive_expected_attention(q, k, v, valid, queries, sink, covariance, vnorm, e
     return out
 
 
-@pytest.mark.parametrize("covariance,vnorm,epsilon,queries", [(True, True, 0.0, 64), (False, True, 0.01, 5),
-                                                               (True, False, 0.0, 7)])
-def test_expected_attention_matches_definition(covariance, vnorm, epsilon, queries):
-    g = torch.Generator().manual_seed(3)
-    B, Hkv, gq, n, d = 2, 2, 3, 24, 8
+def _ea_inputs(seed=3, B=2, Hkv=2, gq=3, n=24, d=8):
+    g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hkv * gq, n, d, generator=g)
     k = torch.randn(B, Hkv, n, d, generator=g)
     v = torch.randn(B, Hkv, n, d, generator=g)
     valid = torch.ones(B, n, dtype=torch.bool)
-    valid[0, :5] = False
+    valid[0, :5] = False  # a left-padded row
+    return q, k, v, valid
+
+
+@pytest.mark.parametrize("covariance,vnorm,epsilon,queries", [(True, True, 0.0, None), (False, True, 0.01, 5),
+                                                               (True, False, 0.0, 7)])
+def test_expected_attention_without_rope_matches_definition(covariance, vnorm, epsilon, queries):
+    """A site without rotary embeddings: the queries are the statistics' queries, R̄ = I."""
+    q, k, v, valid = _ea_inputs()
     got = expected_attention_scores(q, k, v, valid, queries=queries, sink=4, covariance=covariance,
                                     vnorm=vnorm, epsilon=epsilon)
     want = naive_expected_attention(q, k, v, valid, queries, 4, covariance, vnorm, epsilon)
     m = valid[:, None].expand_as(got)
     torch.testing.assert_close(got[m].double(), want[m], rtol=1e-4, atol=1e-6)
     assert torch.isinf(got[~m]).all()
+
+
+@pytest.mark.parametrize("scaling,future,base", [(1.0, 512, 10000.0), (1.3, 37, 100.0)])
+def test_expected_attention_with_rope_matches_kvpress_definition(scaling, future, base):
+    """The paper's method as kvpress runs it: the scorer gets post-RoPE queries and keys and the
+    site's cos / sin (HF layout (B, 1, n, d), positions counted from each row's first real token,
+    scaled by an attention_scaling), and equals the float64 loop over pre-RoPE queries with the
+    RoPE matrix averaged over the next `future` positions."""
+    q_pre, k_pre, v, valid = _ea_inputs(seed=5, d=16)
+    B, _, n, d = q_pre.shape
+    pos = (valid.long().cumsum(-1) - 1).clamp(min=0)                     # HF generate's position ids
+    cos_t, sin_t = _rope_tables(n, d, base, scaling)
+    cos, sin = cos_t[pos][:, None].float(), sin_t[pos][:, None].float()  # (B, 1, n, d)
+    q = (q_pre * cos + _rot(q_pre) * sin).float()
+    k = (k_pre * cos + _rot(k_pre) * sin).float()
+    got = expected_attention_scores(q, k, v, valid, future=future, sink=4, rope=(cos, sin))
+    # kvpress: pre-RoPE query statistics (its rotary_emb scales R̄, so the scale rides along)
+    want = naive_expected_attention(q_pre * scaling, k, v, valid, None, 4, True, True, 0.0, future=future,
+                                    base=base)
+    m = valid[:, None].expand_as(got)
+    torch.testing.assert_close(got[m].double(), want[m], rtol=2e-4, atol=1e-6)
+    # reading the RoPE changes the ranking: without it the scores differ
+    plain = expected_attention_scores(q, k, v, valid, future=future, sink=4)
+    assert not torch.allclose(plain[m], got[m], rtol=1e-2, atol=1e-4)
 
 
 # ---- ChunkKV -------------------------------------------------------------------------------------
