@@ -32,6 +32,7 @@ def prefill_step(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
     B, _, nq, _ = q.shape
     store.reset()
     store.decoded = False  # no single-token decode step yet: multi-token steps are prompt chunks
+    store.chunked = False
     scores = getattr(c, "kernel_scores", "none") if latents is None else "none"
     out, votes = prefill_attention(q, k, v, mask, scale=scale, is_causal=is_causal, scores=scores,
                                    window=max(getattr(c, "kernel_window", 1), 1))
@@ -80,6 +81,12 @@ def decode_step(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, 
                 "(no prefill_chunk_size) or use a policy without it; to append the tokens uncompressed "
                 "(a question after a compressed context), run the step inside `with kvfx.appending():`")
         chunk = not why
+    if nq > 1 and not getattr(store, "decoded", False):
+        store.chunked = True  # a prompt fed in several calls: its buffers may hold a chunk's slack
+    elif nq == 1 and getattr(store, "chunked", False) and not getattr(store, "decoded", False):
+        store.chunked = False
+        if hasattr(store, "shrink_to_fit"):  # decoding starts: drop the largest chunk's slots
+            store.shrink_to_fit()
     with torch.no_grad():
         store.append(k, v, torch.arange(past_len, past_len + nq, device=q.device))
         _note_peak(store)  # the high-water mark: the step's tokens appended, nothing evicted yet

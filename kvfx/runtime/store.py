@@ -142,6 +142,14 @@ class SiteStore:
         self.k, self.v, self.pos = k, v, pos
         self.batch, self.kv_heads, self.dtype = B, H, like_k.dtype
 
+    def shrink_to_fit(self) -> None:
+        """Give back the slots a prompt chunk needed and the kept tokens no longer fill: capacity
+        back to what a one-call prefill allocates (the held tokens, or the rolling cap, plus one
+        step). Called once, at the first decode step after a chunked prefill."""
+        want = max(self.length, self.host_cap) + 1
+        if self.k is not None and self.capacity > want:
+            self.allocate(self.k, self.v, want)
+
     def ensure_capacity(self, needed: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
         if needed > self.capacity:
             grow = _round_up(needed + max(_GROW_MIN, self.capacity // 32), _GROW_QUANTUM)

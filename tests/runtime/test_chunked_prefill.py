@@ -81,7 +81,8 @@ def test_what_cannot_be_chunked_refuses(policy, why):
 
 
 def test_quant_alone_and_lagkv_chunk_natively():
-    """KIVI flushes and LagKV's recursive compression are incremental: chunked equals unchunked."""
+    """KIVI flushes and LagKV's recursive compression are incremental: chunked equals unchunked,
+    and a chunked LagKV holds the same bytes once decoding starts (its buffers shrink back)."""
     for policy in ("kivi4", "lagkv@0.25"):
         held = {}
         for chunked in (None, 128):
@@ -94,8 +95,11 @@ def test_quant_alone_and_lagkv_chunk_natively():
             mem = kvfx.memory(out.past_key_values)
             held[chunked] = (mem["store_bytes"], [s["tokens_held"] for s in mem["sites"].values()])
         assert held[128][1] == held[None][1], (policy, held)   # the same tokens held per site
-        one_chunk = 2 * 2 * 128 * 1 * 32 * 4  # sites x (k, v) x chunk x KV heads x head dim x fp32
-        assert held[128][0] <= held[None][0] + one_chunk, (policy, held)  # buffers keep the chunk's slots
+        if policy.startswith("lagkv"):  # decoding gives back the largest chunk's slots (they were
+            assert held[128][0] <= held[None][0], (policy, held)  # kept: 0.412 vs 0.333 of dense at 4k)
+        else:  # KIVI's residual buffer keeps its chunk-sized slots
+            one_chunk = 2 * 2 * 128 * 1 * 32 * 4  # sites x (k, v) x chunk x KV heads x head dim x fp32
+            assert held[128][0] <= held[None][0] + one_chunk, (policy, held)
 
 
 def test_appending_keeps_a_continuation_uncompressed():
