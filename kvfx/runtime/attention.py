@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kvfx.methods.attention import grouped_attention_reference
+from kvfx.methods.ragged_attention import ragged_decode_reference
 from kvfx.methods.scoring import default_scale
 from kvfx.runtime.state import KvfxStateError
 
@@ -132,6 +133,29 @@ def decode_attention(store, q: torch.Tensor, mask, is_causal: bool, past_len: in
     o, _, probs = grouped_attention_reference(q, k, v, scale=default_scale(q, scale), keep=keep,
                                               return_probs=with_probs)
     return o, probs
+
+
+def ragged_decode_attention(store, q: torch.Tensor, mask, is_causal: bool, past_len: int,
+                            scale: float | None) -> torch.Tensor:
+    """Attention of q (B, Hq, nq, d) over a head-wise ragged store
+    (:class:`kvfx.runtime.ragged.RaggedStore`): each KV head reads its own segment of the pool.
+    One decision (:func:`_use_kernel`): the Triton ``ragged_decode_attention`` kernel for one
+    query without a mask (it reads the pool in place); else the ``methods/`` reference
+    :func:`kvfx.methods.ragged_attention.ragged_decode_reference` with the model's mask gathered
+    at each slot's logical position (:func:`positions_mask`)."""
+    nq, d = q.shape[2], q.shape[-1]
+    sm = default_scale(q, scale)
+    if mask is None and nq == 1 and store.k.dtype == q.dtype and \
+            _use_kernel(q, q.new_empty(1, store.kv_heads, 0, d)):
+        from kvfx.templates.launch_ragged import ragged_decode_attention as kernel
+
+        return kernel(q, store.k, store.v, store.start, store.count, scale=sm)[0]
+    g = q.shape[1] // store.kv_heads
+    keep = None
+    if mask is not None or (is_causal and nq > 1):
+        keep = positions_mask(store.positions(), mask, is_causal, nq, past_len, g)
+    return ragged_decode_reference(q, store.k, store.v, store.start, store.count, scale=sm,
+                                   length=store.length, keep=keep)[0]
 
 
 def _use_kernel(q: torch.Tensor, k: torch.Tensor | None = None) -> bool:

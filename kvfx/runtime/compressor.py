@@ -439,7 +439,9 @@ def build_compressor(layer_policy, layer: int = 0, num_layers: int = 1, factors:
         check_capabilities(c, QuantStore.CAPS, "a quantized store (quant:)")
         c.quant = QuantConfig.from_policy(lp.quant)
     elif getattr(c, "ragged", False):
-        check_capabilities(c, registry.STORE_CAPS["ragged"], "a head-wise ragged store (budget.allocation: adaptive)")
+        from kvfx.runtime.ragged import RaggedStore
+
+        check_capabilities(c, RaggedStore.CAPS, "a head-wise ragged store (budget.allocation: adaptive)")
     else:
         check_capabilities(c, SiteStore.CAPS, "a dense store")
     return c

@@ -1,0 +1,85 @@
+"""Attention over a head-wise ragged store (AdaKV budgets): the semantic reference of the
+``ragged_decode_attention`` kernel and the CPU execution.
+
+Layout (:class:`kvfx.runtime.ragged.RaggedStore`): one flat token pool per site,
+
+    k_pool (P, d), v_pool (P, dv)   the tokens of every (row, KV head) segment
+    start  (B, Hkv) long            segment offsets into the pool
+    count  (B, Hkv) long            valid tokens of each segment: slots [start, start + count)
+
+so the bytes held are the *sum* over heads of their token counts (plus each segment's decode
+headroom), not the maximum times the number of heads. Query head h reads KV head h // g.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvfx.methods.attention import grouped_attention_reference
+
+
+def segment_slots(start: torch.Tensor, count: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool slots of each segment padded to ``length`` (>= count.max()): (idx (B, H, L) long,
+    valid (B, H, L) bool); idx is ``start`` past a segment's count (a finite slot, masked)."""
+    j = torch.arange(length, device=start.device)
+    valid = j < count[..., None]
+    idx = torch.where(valid, start[..., None] + j, start[..., None])
+    return idx, valid
+
+
+def gather_segments(pool: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """pool (P, ...) and slots idx (B, H, L) -> (B, H, L, ...)."""
+    return pool[idx]
+
+
+def ragged_decode_reference(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                            start: torch.Tensor, count: torch.Tensor, *, scale: float,
+                            length: int | None = None, keep: torch.Tensor | None = None,
+                            return_lse: bool = False, return_probs: bool = False):
+    """Attention of q (B, Hq, m, d) over each KV head's own segment of the pool.
+
+    k_pool (P, d), v_pool (P, dv); start, count (B, Hkv) long (segments in the pool, P >= start +
+    count); ``length``: a host bound >= count.max() (computed when None: a device sync); ``keep``:
+    an optional mask over the first ``length`` slots of each segment, broadcastable to
+    (B, Hq, m, length), bool (True = attend) or additive float (-inf masks); slots past a
+    segment's count are never attended.
+    Returns (o (B, Hq, m, dv) in q's dtype, lse (B, Hq, m) fp32 or None, probs (B, Hq, m, length)
+    fp32 or None); a head with no visible slot has o = 0, lse = -inf.
+
+    It gathers the segments into a (B, Hkv, length, d) working copy for one step (the CPU path;
+    the kernel reads the pool in place) and runs
+    :func:`kvfx.methods.attention.grouped_attention_reference`.
+
+    >>> k = torch.arange(6.0).view(6, 1).expand(6, 16).contiguous()
+    >>> q = torch.zeros(1, 2, 1, 16)
+    >>> o, _, _ = ragged_decode_reference(q, k, k, torch.tensor([[0, 4]]), torch.tensor([[3, 0]]), scale=1.0)
+    >>> o[0, :, 0, 0].tolist()  # head 0: mean of slots 0..2; head 1: no token
+    [1.0, 0.0]
+    """
+    if length is None:
+        length = int(count.max().item()) if count.numel() else 0
+    B, Hq, m, _ = q.shape
+    idx, valid = segment_slots(start, count, length)
+    k = gather_segments(k_pool, idx)
+    v = gather_segments(v_pool, idx)
+    g = Hq // start.shape[1]
+    seg = valid[:, :, None, :].repeat_interleave(g, dim=1) if g > 1 else valid[:, :, None, :]
+    if keep is None:
+        mask = seg
+    elif keep.dtype == torch.bool:
+        mask = seg & keep
+    else:
+        mask = keep.masked_fill(~seg, float("-inf"))
+    return grouped_attention_reference(q, k, v, scale=scale, keep=mask.expand(B, Hq, m, length),
+                                       return_lse=return_lse, return_probs=return_probs)
+
+
+def pack_segments(x: torch.Tensor, count: torch.Tensor, start: torch.Tensor, pool: torch.Tensor) -> None:
+    """Write the first ``count`` slots of dense per-head rows x (B, H, m, ...) into ``pool``
+    (P, ...) at each segment's ``start`` (in place); the prompt's kept tokens after select+gather."""
+    m = x.shape[2]
+    idx, valid = segment_slots(start, count.clamp(max=m), m)
+    pool[idx[valid]] = x[valid]
+
+
+__all__ = ["gather_segments", "pack_segments", "ragged_decode_reference", "segment_slots"]

@@ -1,0 +1,153 @@
+"""The head-wise ragged store (kvfx.runtime.ragged): segments hold exactly what a dense per-head
+store would, its pool is sized by the sum over heads, and AdaKV end to end on a tiny GQA model:
+left padding, each row alone, the same logits as the dense store holding the same tokens, bytes
+held = the per-head budgets + headroom + fixed overhead, below the dense store's."""
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo.utils as dutils
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kvfx
+import kvfx.runtime.ops as ops
+from kvfx.runtime.ragged import RaggedStore
+from kvfx.runtime.state import sequences_of_cache
+from kvfx.runtime.store import SiteStore
+from zoo import hf_model
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(0, 12), st.lists(st.integers(1, 40), min_size=1,
+       max_size=6), st.integers(0, 2**16))
+def test_segments_hold_what_a_dense_store_holds(B, H, m, steps, seed):
+    """write_kept then appends of 1..40 tokens (crossing growth): every segment holds its kept
+    tokens then the appended ones, positions included; the pool is sized by the sum over heads."""
+    g = torch.Generator().manual_seed(seed)
+    count = torch.randint(0, m + 1, (B, H), generator=g)
+    d = 4
+    k = torch.randn(B, H, m, d, generator=g)
+    pos = torch.arange(m).expand(B, H, m).masked_fill(torch.arange(m) >= count[..., None], -1)
+    s = RaggedStore("t")
+    s.write_kept(k, -k, pos, count, m + 1)
+    want = {(b, h): [(k[b, h, j].tolist(), j) for j in range(int(count[b, h]))] for b in range(B) for h in range(H)}
+    assert s.capacity == int(count.sum()) + B * H  # one slot of headroom per segment
+    p = m
+    for q in steps:
+        new = torch.randn(B, H, q, d, generator=g)
+        s.append(new, -new, torch.arange(p, p + q))
+        for b in range(B):
+            for h in range(H):
+                want[b, h] += [(new[b, h, j].tolist(), p + j) for j in range(q)]
+        p += q
+    assert torch.equal(s.count, count + sum(steps))
+    assert s.capacity == int(s.count.sum()) + s.slack * B * H  # the sum over heads, + headroom
+    positions = s.positions()
+    for (b, h), toks in want.items():
+        a = int(s.start[b, h])
+        n = len(toks)
+        assert s.k[a:a + n].tolist() == [t for t, _ in toks]
+        assert (-s.v[a:a + n]).tolist() == [t for t, _ in toks]
+        assert positions[b, h, :n].tolist() == [j for _, j in toks]
+        assert bool((positions[b, h, n:] == -1).all())
+    assert bool((s.start.reshape(-1).diff() >= 0).all())
+
+
+PROMPTS = (300, 260)
+STEPS = 40  # crosses the headroom once (1 slot after prefill, then 64 per segment)
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(1, 90, (n,), generator=g) for n in PROMPTS]
+    L = max(PROMPTS)
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, L - len(r):], mask[b, L - len(r):] = r, 1
+    return rows, ids, mask
+
+
+def _generate(model, policy, ids, mask):
+    model = copy.deepcopy(model)
+    model.compile(backend="kvfx", options={"policy": policy, "inner": "eager"})
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=STEPS, min_new_tokens=STEPS,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True)
+    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, 1), out
+
+
+@pytest.fixture(scope="module")
+def runs():
+    torch._dynamo.reset()
+    model = hf_model("llama", "sdpa", layers=2)  # GQA 4:2, head dim 16
+    rows, ids, mask = _prompts()
+    dutils.counters.clear()
+    ragged = _generate(model, "adakv-snapkv", ids, mask)
+    graphs = dutils.counters["stats"]["unique_graphs"]
+    alone = [_generate(model, "adakv-snapkv", r[None], torch.ones(1, len(r), dtype=torch.long)) for r in rows]
+    with pytest.MonkeyPatch.context() as mp:  # the same allocation held by the dense store
+        mp.setattr(ops, "RaggedStore", SiteStore)
+        dense = _generate(model, "adakv-snapkv", ids, mask)
+    uniform = _generate(model, "snapkv", ids, mask)
+    return dict(model=model, rows=rows, ragged=ragged, alone=alone, dense=dense, uniform=uniform, graphs=graphs)
+
+
+def _stores(out):
+    (seq,) = sequences_of_cache(out.past_key_values)
+    return list(seq.stores.values())
+
+
+def test_rows_alone_and_dense_store_agree(runs):
+    tokens, logits, out = runs["ragged"]
+    assert torch.isfinite(logits).all()
+    assert all(isinstance(s, RaggedStore) for s in _stores(out))
+    assert runs["graphs"] <= 3  # no per-step recompiles (growth included)
+    for b, r in enumerate(runs["rows"]):
+        t_alone, l_alone, _ = runs["alone"][b]
+        assert torch.equal(tokens[b], t_alone[0]), f"row {b}: greedy tokens differ from the row alone"
+        torch.testing.assert_close(logits[b], l_alone[0], atol=1e-5, rtol=1e-5)
+    d_tokens, d_logits, d_out = runs["dense"]
+    assert all(isinstance(s, SiteStore) for s in _stores(d_out))
+    torch.testing.assert_close(logits, d_logits, atol=1e-5, rtol=1e-5)
+    # AdaKV really changed something (else the comparisons above would prove little)
+    assert (logits - runs["uniform"][1]).abs().max() > 1e-3
+
+
+def test_bytes_held_are_the_per_head_budgets(runs):
+    """held = (Σ_h kept_h + headroom) · (key + value + position bytes) + start/count/seen_valid;
+    the per-head kept counts sum to the uniform total H · budget; fewer bytes than the dense store
+    with the same allocation (max head × heads) and than uniform SnapKV."""
+    _, _, out = runs["ragged"]
+    B = len(PROMPTS)
+    mem = kvfx.memory(out.past_key_values)
+    snap = _stores(runs["uniform"][2])
+    for st_, u in zip(_stores(out), snap):
+        H = st_.kv_heads
+        d, dv = st_.head_dims()
+        kept = st_.count - STEPS  # the prompt's kept tokens per (row, head)
+        budget = u.count[:, 0] - STEPS  # uniform SnapKV's per-head budget of each row
+        assert torch.equal(kept.sum(1), H * budget)  # AdaKV keeps the uniform total
+        assert len(set(kept.reshape(-1).tolist())) > 1  # heads differ
+        P = int(st_.count.sum()) + st_.slack * B * H
+        assert st_.capacity == P
+        fixed = 2 * B * H * 8 + B * 8  # start, count (int64), seen_valid
+        assert st_.held_bytes() == P * (d + dv) * st_.dtype.itemsize + P * 8 + fixed
+        # the dense layout of the same tokens and headroom: the longest head's slots in every head
+        assert P < B * H * (int(st_.count.max()) + st_.slack)
+    site_bytes = [s["held_bytes"] for s in mem["sites"].values()]
+    assert site_bytes == [s.held_bytes() for s in _stores(out)]
+    dense_mem = kvfx.memory(runs["dense"][2].past_key_values)
+    assert mem["held_bytes"] < dense_mem["held_bytes"], (mem["held_bytes"], dense_mem["held_bytes"])
+    assert mem["held_bytes"] < kvfx.memory(runs["uniform"][2].past_key_values)["held_bytes"]
+
+
+def test_prompt_chunks_refused_with_reason():
+    model = hf_model("llama", "sdpa", layers=1)
+    model.compile(backend="kvfx", options={"policy": "adakv-snapkv", "inner": "eager"})
+    ids = torch.randint(1, 90, (1, 200), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(Exception, match=r"head-wise budgets \(budget.allocation: adaptive\)"):
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, prefill_chunk_size=64)
