@@ -20,10 +20,10 @@ from kvfx.methods.attention import grouped_attention_reference
 
 def segment_slots(start: torch.Tensor, count: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pool slots of each segment padded to ``length`` (>= count.max()): (idx (B, H, L) long,
-    valid (B, H, L) bool); idx is ``start`` past a segment's count (a finite slot, masked)."""
+    valid (B, H, L) bool); idx is 0 past a segment's count (to be masked)."""
     j = torch.arange(length, device=start.device)
     valid = j < count[..., None]
-    idx = torch.where(valid, start[..., None] + j, start[..., None])
+    idx = torch.where(valid, start[..., None] + j, 0)
     return idx, valid
 
 
@@ -58,10 +58,14 @@ def ragged_decode_reference(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     """
     if length is None:
         length = int(count.max().item()) if count.numel() else 0
+    if k_pool.shape[0] == 0:  # an empty pool: every count is 0
+        length = 0
     B, Hq, m, _ = q.shape
     idx, valid = segment_slots(start, count, length)
-    k = gather_segments(k_pool, idx)
-    v = gather_segments(v_pool, idx)
+    # [Note] slots past a segment's count may hold anything (NaN included): zero them, since a
+    # masked logit still multiplies its value in p @ v
+    k = gather_segments(k_pool, idx).masked_fill(~valid[..., None], 0)
+    v = gather_segments(v_pool, idx).masked_fill(~valid[..., None], 0)
     g = Hq // start.shape[1]
     seg = valid[:, :, None, :].repeat_interleave(g, dim=1) if g > 1 else valid[:, :, None, :]
     if keep is None:

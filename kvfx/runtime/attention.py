@@ -149,7 +149,7 @@ def ragged_decode_attention(store, q: torch.Tensor, mask, is_causal: bool, past_
             _use_kernel(q, q.new_empty(1, store.kv_heads, 0, d)):
         from kvfx.templates.launch_ragged import ragged_decode_attention as kernel
 
-        return kernel(q, store.k, store.v, store.start, store.count, scale=sm)[0]
+        return kernel(q, store.k, store.v, store.start, store.count, scale=sm, length=store.length)[0]
     g = q.shape[1] // store.kv_heads
     keep = None
     if mask is not None or (is_causal and nq > 1):
