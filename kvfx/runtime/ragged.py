@@ -16,10 +16,11 @@ by the same amortized chunk (``max(64, length / 32)`` rounded to 16, as the dens
 one new pool, one copy; no reallocation on the other steps. ``length`` is a host upper bound of
 the longest segment (the width of the padded read on the CPU path).
 
-Capabilities (:data:`kvfx.methods.registry.STORE_CAPS` ``"ragged"``): none of ``evict``,
-``probs``, ``calibration``, ``quantized``: the policy schema refuses rolling caps (H2O, TOVA,
-streaming, LagKV, ``max_tokens``), quantization and CaliDrop with head-wise budgets, with the
-reason, before anything runs.
+Capabilities (:data:`kvfx.methods.registry.STORE_CAPS` ``"ragged"``): ``calibration`` (CaliDrop's
+state of the prompt's per-head evicted tokens, merged with each read; nothing is evicted during
+decode, so nothing is folded); not ``evict``, ``probs``, ``quantized``: the policy schema refuses
+rolling caps (H2O, TOVA, streaming, LagKV, ``max_tokens``) and quantization with head-wise budgets,
+with the reason, before anything runs.
 """
 
 from __future__ import annotations
@@ -135,12 +136,28 @@ class RaggedStore:
         return self.pos[idx].masked_fill(~valid, -1)
 
     # ---- a decode step ---------------------------------------------------------------------
-    def attend_step(self, c, q, mask, is_causal: bool, past_len: int, scale):
+    def attend(self, q: torch.Tensor, mask, is_causal: bool, past_len: int, scale,
+               return_lse: bool = False, calib=None):
+        """Attention of q (B, Hq, nq, d) over every head's segment: out (B, Hq, nq, dv), or (out,
+        lse (B, Hq, nq) fp32) with ``return_lse``. ``calib``: CaliDrop's partition (o_e, lse_e, use)
+        of the one query, merged after the read (the ragged kernel has no calibration variant)."""
         from kvfx.runtime.attention import ragged_decode_attention
 
-        if c.calib is not None or c.needs_probs:  # refused by the policy schema (STORE_CAPS)
-            raise NotImplementedError("kvfx: a head-wise ragged store has no calibration or probabilities")
-        return ragged_decode_attention(self, q, mask, is_causal, past_len, scale), None
+        o, lse = ragged_decode_attention(self, q, mask, is_causal, past_len, scale, return_lse=True)
+        if calib is not None:
+            from kvfx.methods.calidrop import merge
+
+            o, lse = merge(o, lse, *calib)
+        return (o, lse) if return_lse else o
+
+    def attend_step(self, c, q, mask, is_causal: bool, past_len: int, scale):
+        if c.needs_probs:  # refused by the policy schema (STORE_CAPS: no "probs")
+            raise NotImplementedError("kvfx: a head-wise ragged store returns no attention probabilities")
+        if c.calib is not None:  # CaliDrop: the prompt's evicted partition merged with the read
+            from kvfx.runtime.attention import calibrated_decode
+
+            return calibrated_decode(self, q, mask, is_causal, past_len, scale, False, c.calib)
+        return self.attend(q, mask, is_causal, past_len, scale), None
 
     def finish_step(self, c, nq: int, probs) -> None:
         c.after_decode(self, nq, probs)  # prompt-time eviction only: nothing to do (no "cap")

@@ -144,10 +144,11 @@ def test_lowrank_decode_runs_the_latent_kernel(monkeypatch, tmp_path):
     torch.testing.assert_close(runs["1"][0], runs["0"][0], rtol=1e-4, atol=1e-4)
 
 
-def test_adakv_decode_runs_the_ragged_kernel(monkeypatch, tmp_path):
+@pytest.mark.parametrize("calibration", [False, True])
+def test_adakv_decode_runs_the_ragged_kernel(monkeypatch, tmp_path, calibration):
     """AdaKV (head-wise ragged store) on the kernel path: decode reads the pool with the ragged
     kernel (no mask: every step), the store holds the same per-head tokens and the logits equal
-    the PyTorch path's."""
+    the PyTorch path's; with CaliDrop the evicted partition is merged after the kernel's read."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set")
     import kvfx.templates.launch_ragged as launch_ragged
@@ -160,6 +161,8 @@ def test_adakv_decode_runs_the_ragged_kernel(monkeypatch, tmp_path):
     model = hf_model("llama", "sdpa")  # head_dim 16, GQA 2
     ids = torch.randint(1, 90, (1, 200), generator=torch.Generator().manual_seed(5))
     pol = {"kvfx": 1, "name": "ada", "extends": "adakv-snapkv", "budget": {"keep": 0.25}}
+    if calibration:
+        pol["calibration"] = {"threshold": 0.5}
     runs = _both_paths(monkeypatch, model, pol, ids, 4, lambda ss: {
         path: (type(st), st.count.clone(), st.positions().clone()) for path, st in ss.items()})
     assert len(calls) == 2 * 3, calls  # two sites, three decode steps, kernel path only

@@ -151,3 +151,32 @@ def test_prompt_chunks_refused_with_reason():
     with pytest.raises(Exception, match=r"head-wise budgets \(budget.allocation: adaptive\)"):
         with torch.no_grad():
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, prefill_chunk_size=64)
+
+
+def test_calidrop_with_head_wise_budgets():
+    """CaliDrop over AdaKV: the evicted partition of each head is its own (per-head counts); rows of
+    a padded batch equal their runs alone, logits equal the dense store holding the same tokens with
+    the same CaliDrop state, and the state is counted."""
+    pol = {"kvfx": 1, "name": "ada-cd", "extends": "adakv-snapkv", "calibration": {"threshold": 0.5}}
+    model = hf_model("llama", "sdpa", layers=2)
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(1, 90, (n,), generator=g) for n in (200, 150)]
+    ids = torch.zeros(2, 200, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, 200 - len(r):], mask[b, 200 - len(r):] = r, 1
+    torch._dynamo.reset()
+    tokens, logits, out = _generate(model, pol, ids, mask)
+    assert all(isinstance(s, RaggedStore) and s.calib is not None for s in _stores(out))
+    assert kvfx.memory(out.past_key_values)["sites"] and all(
+        s["calib_bytes"] > 0 for s in kvfx.memory(out.past_key_values)["sites"].values())
+    for b, r in enumerate(rows):
+        t_alone, l_alone, _ = _generate(model, pol, r[None], torch.ones(1, len(r), dtype=torch.long))
+        assert torch.equal(tokens[b], t_alone[0])
+        torch.testing.assert_close(logits[b], l_alone[0], atol=1e-5, rtol=1e-5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "RaggedStore", SiteStore)
+        d_tokens, d_logits, _ = _generate(model, pol, ids, mask)
+    torch.testing.assert_close(logits, d_logits, atol=1e-5, rtol=1e-5)
+    plain = _generate(model, "adakv-snapkv", ids, mask)[1]
+    assert (logits - plain).abs().max() > 1e-4  # calibration changed the output
