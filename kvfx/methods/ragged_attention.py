@@ -1,5 +1,6 @@
-"""Attention over a head-wise ragged store (AdaKV budgets): the semantic reference of the
-``ragged_decode_attention`` kernel and the CPU execution.
+"""Reading and writing a head-wise ragged store (AdaKV budgets): the semantic references of the
+ragged decode kernel (``decode_attention`` with ``ragged``) and of the ragged select+gather
+(``select_gather`` with ``ragged``), and the CPU execution of both.
 
 Layout (:class:`kvfx.runtime.ragged.RaggedStore`): one flat token pool per site,
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from kvfx.methods.attention import grouped_attention_reference
+from kvfx.methods.select import select_gather_reference
 
 
 def segment_slots(start: torch.Tensor, count: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,4 +88,30 @@ def pack_segments(x: torch.Tensor, count: torch.Tensor, start: torch.Tensor, poo
     pool[idx[valid]] = x[valid]
 
 
-__all__ = ["gather_segments", "pack_segments", "ragged_decode_reference", "segment_slots"]
+def select_gather_ragged_reference(prio: torch.Tensor, budget: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                   start: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                                   pos_pool: torch.Tensor) -> torch.Tensor:
+    """Select + gather straight into a ragged pool: the ``budget`` (B, Hkv) highest-priority
+    tokens of every (row, KV head) (:func:`kvfx.methods.select.select_gather_reference`'s kept
+    set: a stable descending sort, -inf never kept), in position order, written to the pools
+    (k_pool (P, d), v_pool (P, dv), pos_pool (P,) long) at slots [start, start + count) of each
+    segment; every other slot is left as it is. Returns count (B, Hkv) long = min(budget, tokens
+    that are not -inf); the segments must have room for it.
+
+    >>> prio = torch.tensor([[[0.5, float("inf"), 0.5, float("-inf"), 2.0], [1., 2., 3., 4., 5.]]])
+    >>> k = torch.arange(10.0).view(1, 2, 5, 1)
+    >>> kp, pp = torch.zeros(6, 1), torch.full((6,), -1)
+    >>> select_gather_ragged_reference(prio, torch.tensor([[3, 2]]), k, k, torch.tensor([[0, 3]]), kp, kp, pp).tolist()
+    [[3, 2]]
+    >>> pp.tolist(), kp[:, 0].tolist()
+    ([0, 1, 4, 3, 4, -1], [0.0, 1.0, 4.0, 8.0, 9.0, 0.0])
+    """
+    m = int(budget.max().item()) if budget.numel() else 0
+    k_kept, v_kept, pos, count = select_gather_reference(prio, budget, k, v, m)
+    for src, pool in ((k_kept, k_pool), (v_kept, v_pool), (pos, pos_pool)):
+        pack_segments(src, count, start, pool)
+    return count
+
+
+__all__ = ["gather_segments", "pack_segments", "ragged_decode_reference", "segment_slots",
+           "select_gather_ragged_reference"]

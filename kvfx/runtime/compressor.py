@@ -203,10 +203,13 @@ class Scored(Compressor):
         # Select + gather (the select_gather kernel on CUDA): count = budget <= n_valid, since
         # only pads carry -inf (a -inf score from a scorer would be dropped); pos -1 past count.
         prio = priority(scores, valid, sink=self.sink, window=window, kv_heads=Hkv)
-        # AdaKV: the same total, shared by the heads by their scores: a (B, Hkv) budget
-        kept = budget if self.safeguard is None else head_budgets(prio, budget, self.safeguard)
-        m = int(kept.max().item()) if B else 0
-        k_kept, v_kept, pos, count = compress.select_and_gather(prio, kept, k, v, m)
+        if self.ragged:  # AdaKV: the same total shared by the heads by their scores, (B, Hkv) counts,
+            # selected straight into the store's layout (never rolling: the schema refuses caps)
+            store.write_selection(prio, head_budgets(prio, budget, self.safeguard), k, v)
+            store.extra["seen_valid"] = n_valid.clone()
+            return
+        m = int(budget.max().item()) if B else 0
+        k_kept, v_kept, pos, count = compress.select_and_gather(prio, budget, k, v, m)
         self._write(store, k_kept, v_kept, pos, count, n_valid, budget, window)
         idx = pos.clamp(min=0)
         store.extra["seen_valid"] = n_valid.clone()  # valid prompt tokens so far (prompt chunks add)

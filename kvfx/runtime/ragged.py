@@ -96,6 +96,28 @@ class RaggedStore:
         self.count = count.clone()
         self.length = m
 
+    def write_selection(self, prio: torch.Tensor, budget: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        slack: int = 1) -> None:
+        """The prompt's kept tokens selected straight into the pool (no dense per-head copy): the
+        ``budget`` (B, Hkv) highest ``prio`` (B, Hkv, n) tokens of each head (the select+gather
+        kernel on CUDA, :func:`kvfx.runtime.compress.select_and_gather_ragged`), segments of
+        ``budget + slack`` slots."""
+        from kvfx.runtime.compress import select_and_gather_ragged
+
+        B, H = prio.shape[:2]
+        dev = k.device
+        self.batch, self.kv_heads, self.dtype = B, H, k.dtype
+        self.slack = max(slack, 1)
+        budget = budget.to(device=dev, dtype=torch.long).clamp(min=0)
+        sizes = (budget + self.slack).reshape(-1)
+        self.start = (sizes.cumsum(0) - sizes).view(B, H)
+        P = int(sizes.sum().item())  # prefill: one host sync, as the compressor's budgets
+        self.k = k.new_zeros(P, k.shape[-1])
+        self.v = v.new_zeros(P, v.shape[-1])
+        self.pos = torch.full((P,), -1, dtype=torch.long, device=dev)
+        self.count = select_and_gather_ragged(prio, budget, k, v, self.start, self.k, self.v, self.pos)
+        self.length = int(budget.max().item()) if budget.numel() else 0
+
     def _grow(self, q: int) -> None:
         """Every segment gains the same ``G`` slots: one new pool, old slot i moves to i + G · s."""
         B, H = self.batch, self.kv_heads

@@ -165,6 +165,17 @@ class SiteStore:
         self.length = m
         self.ragged = bool(m) and not _all_full(pos)
 
+    def write_selection(self, prio: torch.Tensor, budget: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        slack: int = 1) -> None:
+        """The ``budget`` (B, Hkv) highest ``prio`` (B, Hkv, n) tokens of each head, gathered and
+        written (capacity: the largest budget + ``slack``); what a head-wise (AdaKV) compressor
+        calls, as on :class:`kvfx.runtime.ragged.RaggedStore`."""
+        from kvfx.runtime import compress
+
+        m = int(budget.max().item()) if budget.numel() else 0
+        k_kept, v_kept, pos, count = compress.select_and_gather(prio, budget, k, v, m)
+        self.write_kept(k_kept, v_kept, pos, count, m + slack)
+
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """Append q new tokens (B, Hkv, q, d) at each row's own ``count`` (no host sync)."""
         q = k.shape[2]

@@ -174,8 +174,9 @@ class KernelSpec:
     outlier_pool: quant_decode_attention attends an outlier pool as one more partition.
     outlier_norm: quant_compress traces outliers by the smallest "l1"/"l2" key norm ("none": no).
     key_rank, value_rank: latent_decode_attention's latent widths r_k, r_v (0 on every other kind).
-    ragged: decode_attention over a head-wise ragged pool (kvfx.runtime.ragged): K, V are (P, D)
-        pools and each (row, KV head) reads its segment from START[b, h] (scores none, no calibration).
+    ragged: a head-wise ragged pool (kvfx.runtime.ragged): K, V are (P, D) pools and each (row, KV
+        head) owns the segment from START[b, h]; decode_attention reads it (scores none, no
+        calibration), select_gather writes its kept tokens into it.
     """
 
     kind: str
@@ -228,10 +229,12 @@ class KernelSpec:
             raise ValueError(f"KernelSpec.scores: got {self.scores!r} for select_gather, expected 'none'")
         _check_latent_fields(self)
         _check_bool("ragged", self.ragged)
-        if self.ragged and (self.kind, self.scores, self.calibration) != ("decode_attention", "none", False):
+        if self.ragged and (self.kind not in ("decode_attention", "select_gather") or self.scores != "none"
+                            or self.calibration):
             raise ValueError(f"KernelSpec.ragged: got True for {self.kind} (scores={self.scores!r}, calibration="
-                             f"{self.calibration}), expected decode_attention with scores='none' and "
-                             "calibration=False (the head-wise ragged store reads without probabilities or CaliDrop)")
+                             f"{self.calibration}), expected decode_attention or select_gather with scores='none' "
+                             "and calibration=False (the head-wise ragged store reads without probabilities or "
+                             "CaliDrop)")
 
     @property
     def uri(self) -> str:

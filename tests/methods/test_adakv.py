@@ -88,8 +88,9 @@ class _Capture:
     def __init__(self):
         self.extra = {}
 
-    def write_kept(self, k, v, pos, count, capacity):
-        self.pos, self.count = pos, count
+    def write_selection(self, prio, budget, k, v, slack=1):
+        m = int(budget.max())
+        _, _, self.pos, self.count = select_gather_reference(prio, budget, k, v, m)
 
 
 def _policy(keep, alpha):

@@ -55,6 +55,28 @@ def test_segments_hold_what_a_dense_store_holds(B, H, m, steps, seed):
     assert bool((s.start.reshape(-1).diff() >= 0).all())
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 30), st.integers(0, 2**16))
+def test_write_selection_equals_write_kept(B, H, n, seed):
+    """Selecting straight into the pool gives the same store as the dense select+gather then
+    write_kept (pads, per-head budgets)."""
+    from kvfx.methods.select import priority, select_gather_reference
+
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.rand(B, n, generator=g) > 0.2
+    prio = priority(torch.randn(B, H, n, generator=g), valid, sink=1, window=1, kv_heads=H)
+    budget = torch.minimum(torch.randint(0, n + 1, (B, H), generator=g), valid.sum(-1, keepdim=True))
+    k = torch.randn(B, H, n, 8, generator=g)
+    a, b = RaggedStore("a"), RaggedStore("b")
+    a.write_selection(prio, budget, k, -k)
+    m = int(budget.max())
+    kk, vv, pos, count = select_gather_reference(prio, budget, k, -k, m)
+    b.write_kept(kk, vv, pos, count, m + 1)
+    for name in ("k", "v", "pos", "start", "count"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert (a.length, a.slack) == (b.length, b.slack)
+
+
 PROMPTS = (300, 260)
 STEPS = 40  # crosses the headroom once (1 slot after prefill, then 64 per segment)
 
