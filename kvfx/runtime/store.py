@@ -43,7 +43,8 @@ class KVStore(Protocol):
 
     Lifecycle (:func:`kvfx.runtime.ops.site_attention`, :func:`kvfx.runtime.lowrank.lowrank_site_attention`):
     ``reset()`` for a new sequence; the compressor's ``prefill`` writes the kept prompt tokens with
-    ``write_kept(k, v, pos, count, capacity)``; each decode step ``append(k, v, positions)``, attends
+    ``write_kept(k, v, pos, count, capacity)`` (head-wise AdaKV budgets: ``write_selection(prio,
+    budget, k, v)``, which the dense and the ragged store (:mod:`kvfx.runtime.ragged`) implement); each decode step ``append(k, v, positions)``, attends
     with ``attend_step`` (dense, quantized or latent read; calibrated when the policy has CaliDrop),
     then ``finish_step`` (quantized: flush the residual; dense: the compressor's ``after_decode``,
     eviction through ``evict``): :func:`kvfx.runtime.ops.decode_step`.

@@ -153,3 +153,11 @@ def test_preset_and_keep_suffix():
     lp = load_policy("adakv-snapkv@0.125").resolve(0, "m", 1)
     assert lp.budget.allocation == "adaptive" and lp.budget.keep == 0.125 and lp.budget.safeguard == 0.2
     assert "adaptive(safeguard=0.2)" in lp.describe()
+
+
+def test_uniform_policies_keep_their_hash():
+    """Policies without head-wise allocation hash as before the fields existed (results keep their
+    policy_hash); an adaptive one hashes differently from its uniform twin."""
+    assert load_policy("snapkv@0.25").hash == "369fb587a699"  # the hash at commit 9bbdf64
+    assert load_policy("adakv-snapkv@0.25").hash != load_policy(
+        {"kvfx": 1, "name": "adakv-snapkv", "extends": "snapkv", "budget": {"keep": 0.25}}).hash
