@@ -202,3 +202,14 @@ def test_calidrop_with_head_wise_budgets():
     torch.testing.assert_close(logits, d_logits, atol=1e-5, rtol=1e-5)
     plain = _generate(model, "adakv-snapkv", ids, mask)[1]
     assert (logits - plain).abs().max() > 1e-4  # calibration changed the output
+
+
+def test_softcapped_sites_refuse_head_wise_budgets():
+    """The soft-capped path reads a dense store: the pass refuses AdaKV there (check_policy)."""
+    from kvfx.policy import load_policy
+    from kvfx.runtime.compressor import build_compressor
+    from kvfx.runtime.softcap import check_policy
+
+    assert check_policy(build_compressor(load_policy("adakv-snapkv").resolve(0, "m", 1))) == \
+        "a head-wise ragged store (budget.allocation: adaptive)"
+    assert check_policy(build_compressor(load_policy("snapkv").resolve(0, "m", 1))) == ""
