@@ -155,6 +155,8 @@ def check_tp_policy(model, policy) -> None:
 
     * ``eviction.chunk`` (ChunkKV): a chunk's score is summed over all KV heads of the layer and
       every head keeps the same chunks; a rank would sum its own heads only and keep other chunks.
+    * ``budget.allocation: adaptive`` (AdaKV): a layer's budget goes to the top scores over all its
+      KV heads jointly; a rank would share it among its own heads only.
     * ``lowrank:`` (ReCalKV): the calibrated factors of a head group project the hidden state to
       one latent shared by the group's KV heads, and the artifact holds every KV head of the
       layer; splitting factors per rank is not implemented.
@@ -178,6 +180,12 @@ def check_tp_policy(model, policy) -> None:
                 f"scores summed over all KV heads of a layer, but under tensor parallelism ({world} ranks) "
                 f"each rank holds only its own KV heads, so the ranks would keep different chunks than one "
                 f"process; fix: drop eviction.chunk (e.g. snapkv instead of chunkkv) or run without tp_plan")
+        if getattr(lp.budget, "allocation", "uniform") == "adaptive" and lp.eviction.scorer != "none":
+            raise TPError(
+                f"policy {pol.name!r} at {path}: AdaKV (budget.allocation: adaptive) shares a layer's budget "
+                f"among all its KV heads by their scores, but under tensor parallelism ({world} ranks) each rank "
+                f"holds only its own KV heads, so the ranks would keep other tokens than one process; fix: "
+                f"budget.allocation: uniform (e.g. snapkv instead of adakv-snapkv) or run without tp_plan")
         if getattr(lp, "lowrank", None) is not None:
             raise TPError(
                 f"policy {pol.name!r} at {path}: lowrank (ReCalKV) factors project to latents shared by the "

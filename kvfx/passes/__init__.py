@@ -129,7 +129,7 @@ def run_passes(gm: GraphModule, policy) -> Program:
                         f"kvfx: policy {policy.name!r} asks site {path} (layer {index}) for {what}, "
                         f"but the site's logits are soft-capped (tanh, cap {m.softcap}) and kvfx "
                         "applies the cap only with a dense store; use full or an eviction policy "
-                        "without quant:, lowrank: or calibration: on this model")
+                        "without quant:, lowrank:, calibration: or budget.allocation: adaptive on this model")
             if getattr(compressor, "lowrank", False):
                 lowrank, reason = check_lowrank(m, ks, vs, compressor, info, rope_owner)
         rope = None

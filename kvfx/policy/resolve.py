@@ -160,6 +160,10 @@ class Policy:
                      **{s: (None if getattr(doc, s) is None else getattr(doc, s).model_dump(mode="json"))
                         for s in SECTIONS},
                      "layers": [_plain(r) for r in raw_layers]}
+        budget = canonical.get("budget") or {}
+        if budget.get("allocation") == "uniform" and budget.get("safeguard") == 0.2:
+            # head-wise allocation (AdaKV) came later: a policy without it keeps its earlier hash
+            canonical["budget"] = {k: v for k, v in budget.items() if k not in ("allocation", "safeguard")}
         text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         for k, v in dict(name=doc.name, hash=hashlib.sha256(text.encode()).hexdigest()[:12], source=source,
                          _label=label, _doc=doc, _base=base, _raw_layers=raw_layers,

@@ -50,6 +50,12 @@ class Budget(_Model):
     schedule: Literal["uniform", "pyramid"] = Field(
         "uniform", description="pyramid: PyramidKV per-layer budgets (beta 20), resolved by the consumer")
     max_tokens: Optional[int] = Field(None, gt=0, description="cap during decode (rolling eviction)")
+    allocation: Literal["uniform", "adaptive"] = Field(
+        "uniform", description="how a layer's budget is shared by its KV heads: uniform (each head keeps "
+        "the budget) or adaptive (AdaKV, arXiv 2407.11550: the top budget x heads scores over all heads "
+        "jointly, each head at least safeguard x budget; a head-wise ragged store holds them)")
+    safeguard: float = Field(0.2, ge=0, le=1, description="allocation adaptive: the fraction of the budget "
+                             "every head keeps at least (AdaKV's alpha, kvpress alpha_safeguard 0.20)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Budget":
@@ -63,6 +69,9 @@ class Budget(_Model):
         if self.max_tokens is not None and self.max_tokens < fixed:
             raise conflict("max_tokens", self.max_tokens, f">= sink + window = {fixed} (raise "
                            "max_tokens or lower sink/window)")
+        if self.allocation == "uniform" and self.safeguard != 0.2:
+            raise conflict("safeguard", self.safeguard, "allocation: adaptive to go with it (the per-head "
+                           "floor of AdaKV; remove safeguard or set allocation: adaptive)")
         if self.schedule == "pyramid" and self.keep is None and self.tokens is None:
             raise conflict("schedule", "pyramid", "budget.keep or budget.tokens to go with it "
                            "(pyramid spreads that budget over layers)")
@@ -229,14 +238,22 @@ class LowRank(_Model):
         return v
 
 
+def adaptive(p: Any) -> bool:
+    """The (layer) policy allocates its budget head-wise (AdaKV) with a scorer that evicts."""
+    return p.budget.allocation == "adaptive" and p.eviction.scorer != "none"
+
+
 def store_kind(p: Any) -> str:
     """The cache representation a (layer) policy asks for: a key of ``registry.STORE_CAPS``."""
     if p.lowrank is not None:
         return "latent-quantized" if p.quant is not None else "latent"
-    return "quantized" if p.quant is not None else "dense"
+    if p.quant is not None:
+        return "quantized"
+    return "ragged" if adaptive(p) else "dense"
 
 
-_STORE_WHAT = {"quantized": ("quant", "a quantized store (quant:)"),
+_STORE_WHAT = {"ragged": ("budget.allocation", "a head-wise ragged store (budget.allocation: adaptive)"),
+               "quantized": ("quant", "a quantized store (quant:)"),
                "latent": ("lowrank", "a low-rank latent store (lowrank:)"),
                "latent-quantized": ("quant", "quantized low-rank latents (lowrank: + quant:)")}
 
@@ -252,6 +269,12 @@ def check_capabilities(p: Any) -> None:
     have = registry.STORE_CAPS[kind]
     key, store = _STORE_WHAT[kind]
     for cap in sorted(cls.needs(rolling) - have):
+        if kind == "ragged":  # per-head rolling eviction in the ragged store is not implemented
+            at, got = ("budget.max_tokens", p.budget.max_tokens) if rolling else ("eviction.scorer", p.eviction.scorer)
+            raise conflict(at, got, f"{'null' if rolling else 'a prompt-time scorer (snapkv, knorm, ...)'} with "
+                           f"{store}: it evicts at prefill only; dropping a held token of one head during "
+                           "decode (rolling caps: h2o, tova, streaming, lagkv, max_tokens) is not implemented "
+                           "for head-wise budgets (store capability " f"{cap!r}); or set budget.allocation: uniform")
         if cap == "evict" and rolling and not (cls.rolls or cls.partitioned):
             raise conflict("budget.max_tokens", p.budget.max_tokens,
                            f"null with {store}: it cannot drop held tokens during decode (rolling caps); "
@@ -283,6 +306,17 @@ def check_sections(p: Any) -> None:
     if scorer == "none" and b.max_tokens is not None:
         raise conflict("budget.max_tokens", b.max_tokens, "null with eviction.scorer none (rolling "
                        "eviction needs a scorer, e.g. streaming)")
+    if adaptive(p) and p.eviction.chunk is not None:
+        raise conflict("budget.allocation", "adaptive", f"uniform with eviction.chunk {p.eviction.chunk} (ChunkKV "
+                       "keeps the same chunks in every KV head; AdaKV gives each head its own tokens)")
+    if adaptive(p) and p.quant is not None:
+        raise conflict("budget.allocation", "adaptive", "uniform with quant: (KIVI quantizes R-token key groups "
+                       "and flushes its residual at the same step for every head; a head-wise ragged store "
+                       "holds a different number of tokens per head, which the quantized store cannot hold); "
+                       "or remove quant")
+    if adaptive(p) and p.lowrank is not None:
+        raise conflict("budget.allocation", "adaptive", "uniform with lowrank: (a low-rank latent row is "
+                       "shared by all KV heads, so every head keeps the same tokens)")
     if p.eviction.chunk is not None and scorer != "none" and (not cls.budgeted or cls.partitioned):
         raise conflict("eviction.chunk", p.eviction.chunk, f"null with eviction.scorer {scorer} (ChunkKV "
                        "ranks chunks by a scorer's token scores; use a top-k scorer such as snapkv or knorm)")
@@ -324,6 +358,7 @@ class LayerPolicy(_Model):
         elif ev.scorer != "none":
             amount = f"keep={_g(b.keep)}" if b.keep is not None else f"tokens={b.tokens}"
             s = f"{ev.scorer} {amount}" + (" pyramid" if b.schedule == "pyramid" else "")
+            s += f" adaptive(safeguard={_g(b.safeguard)})" if b.allocation == "adaptive" else ""
             s += f" sink={b.sink} window={b.window}" + scorer_of(ev, b).describe()
             s += f" chunk={ev.chunk}" if ev.chunk is not None else ""
             parts.append(s + (" group_reduce=max" if ev.group_reduce == "max" else ""))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kvfx.methods.attention import grouped_attention_reference
+from kvfx.methods.ragged_attention import ragged_decode_reference
 from kvfx.methods.scoring import default_scale
 from kvfx.runtime.state import KvfxStateError
 
@@ -134,6 +135,32 @@ def decode_attention(store, q: torch.Tensor, mask, is_causal: bool, past_len: in
     return o, probs
 
 
+def ragged_decode_attention(store, q: torch.Tensor, mask, is_causal: bool, past_len: int,
+                            scale: float | None, return_lse: bool = False):
+    """Attention of q (B, Hq, nq, d) over a head-wise ragged store
+    (:class:`kvfx.runtime.ragged.RaggedStore`): each KV head reads its own segment of the pool.
+    One decision (:func:`_use_kernel`): the Triton ``ragged_decode_attention`` kernel for one
+    query without a mask (it reads the pool in place); else the ``methods/`` reference
+    :func:`kvfx.methods.ragged_attention.ragged_decode_reference` with the model's mask gathered
+    at each slot's logical position (:func:`positions_mask`). Returns out (B, Hq, nq, dv), or
+    (out, lse (B, Hq, nq) fp32) with ``return_lse``."""
+    nq, d = q.shape[2], q.shape[-1]
+    sm = default_scale(q, scale)
+    if mask is None and nq == 1 and store.k.dtype == q.dtype and \
+            _use_kernel(q, q.new_empty(1, store.kv_heads, 0, d)):
+        from kvfx.templates.launch_ragged import ragged_decode_attention as kernel
+
+        o, lse = kernel(q, store.k, store.v, store.start, store.count, scale=sm, length=store.length)
+        return (o, lse) if return_lse else o
+    g = q.shape[1] // store.kv_heads
+    keep = None
+    if mask is not None or (is_causal and nq > 1):
+        keep = positions_mask(store.positions(), mask, is_causal, nq, past_len, g)
+    o, lse, _ = ragged_decode_reference(q, store.k, store.v, store.start, store.count, scale=sm,
+                                        length=store.length, keep=keep, return_lse=return_lse)
+    return (o, lse) if return_lse else o
+
+
 def _use_kernel(q: torch.Tensor, k: torch.Tensor | None = None) -> bool:
     """CUDA runs the Triton kernels where they support the shapes; ``KVFX_FORCE_TRITON=1``
     (with ``TRITON_INTERPRET=1``) routes CPU runs through them too, which the tests use to
@@ -195,7 +222,7 @@ def calibrated_decode(store, q: torch.Tensor, mask, is_causal: bool, past_len: i
     for t in range(nq):
         o_e, lse_e, use, store.calib = calib.calibrate(store.calib, q[:, :, t:t + 1], scale=sm)
         rows.append((o_e, lse_e, use))
-    if hasattr(store, "attend"):  # quantized store: fused kernel, or attention then merge
+    if hasattr(store, "attend"):  # quantized or ragged store: its read with the merge (fused: quantized)
         if nq == 1 and mask is None and _use_kernel(q):
             return store.attend(q, mask, is_causal, past_len, scale, calib=rows[0]), None
         o_c, lse_c = store.attend(q, mask, is_causal, past_len, scale, return_lse=True)

@@ -13,6 +13,7 @@ import torch
 
 from kvfx.methods.knorm import knorm_scores as _knorm_reference
 from kvfx.methods.lagkv import partition_scores as _lagkv_reference
+from kvfx.methods.ragged_attention import select_gather_ragged_reference
 from kvfx.methods.select import select_gather_reference
 from kvfx.runtime.attention import _use_kernel
 
@@ -52,3 +53,16 @@ def select_and_gather(scores: torch.Tensor, budget: torch.Tensor, k: torch.Tenso
 
         return kernel(scores, budget, k, v, cap)
     return select_gather_reference(scores, budget, k, v, cap)
+
+
+def select_and_gather_ragged(scores: torch.Tensor, budget: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             start: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                             pos_pool: torch.Tensor) -> torch.Tensor:
+    """Kept tokens of every (row, KV head) written in position order straight into a ragged pool
+    at each segment's ``start``: count (B, Hkv). See
+    :func:`kvfx.methods.ragged_attention.select_gather_ragged_reference`."""
+    if _kernel(k) and k.shape == v.shape:
+        from kvfx.templates.launch_evict import select_gather_ragged as kernel
+
+        return kernel(scores, budget, k, v, start, k_pool, v_pool, pos_pool)
+    return select_gather_ragged_reference(scores, budget, k, v, start, k_pool, v_pool, pos_pool)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from kvfx.methods import registry
+from kvfx.methods.adakv import head_budgets
 from kvfx.methods.lagkv import lagkv_keep_indices
 from kvfx.methods.lowrank import latent_basis
 from kvfx.methods.recalkv import LayerFactors
@@ -115,8 +116,11 @@ class Scored(Compressor):
     budget, so a short prompt's cache grows to it first."""
 
     def __init__(self, scorer, *, keep, tokens, sink, window, max_tokens=None, layer=0, num_layers=1,
-                 pyramid=False, group_reduce="mean", chunk=None, rolls=None):
+                 pyramid=False, group_reduce="mean", chunk=None, rolls=None, safeguard=None):
         self.scorer = scorer
+        # AdaKV (budget.allocation: adaptive): the per-head floor; None = uniform allocation
+        self.safeguard = safeguard
+        self.ragged = safeguard is not None  # per-head token counts: the head-wise ragged store
         self.name = scorer.name
         self.keep, self.tokens, self.sink, self.window = keep, tokens, sink, window
         self.max_tokens, self.chunk = max_tokens, chunk
@@ -199,6 +203,11 @@ class Scored(Compressor):
         # Select + gather (the select_gather kernel on CUDA): count = budget <= n_valid, since
         # only pads carry -inf (a -inf score from a scorer would be dropped); pos -1 past count.
         prio = priority(scores, valid, sink=self.sink, window=window, kv_heads=Hkv)
+        if self.ragged:  # AdaKV: the same total shared by the heads by their scores, (B, Hkv) counts,
+            # selected straight into the store's layout (never rolling: the schema refuses caps)
+            store.write_selection(prio, head_budgets(prio, budget, self.safeguard), k, v)
+            store.extra["seen_valid"] = n_valid.clone()
+            return
         m = int(budget.max().item()) if B else 0
         k_kept, v_kept, pos, count = compress.select_and_gather(prio, budget, k, v, m)
         self._write(store, k_kept, v_kept, pos, count, n_valid, budget, window)
@@ -432,6 +441,10 @@ def build_compressor(layer_policy, layer: int = 0, num_layers: int = 1, factors:
 
         check_capabilities(c, QuantStore.CAPS, "a quantized store (quant:)")
         c.quant = QuantConfig.from_policy(lp.quant)
+    elif getattr(c, "ragged", False):
+        from kvfx.runtime.ragged import RaggedStore
+
+        check_capabilities(c, RaggedStore.CAPS, "a head-wise ragged store (budget.allocation: adaptive)")
     else:
         check_capabilities(c, SiteStore.CAPS, "a dense store")
     return c
@@ -469,7 +482,8 @@ def _build_evictor(lp, layer: int, num_layers: int) -> Compressor:
                                name=scorer.name)
     common = dict(keep=bud.keep, tokens=bud.tokens, sink=bud.sink, window=bud.window,
                   max_tokens=bud.max_tokens, layer=layer, num_layers=num_layers,
-                  pyramid=bud.schedule == "pyramid", group_reduce=ev.group_reduce, chunk=ev.chunk)
+                  pyramid=bud.schedule == "pyramid", group_reduce=ev.group_reduce, chunk=ev.chunk,
+                  safeguard=bud.safeguard if bud.allocation == "adaptive" else None)
     if not scorer.budgeted and bud.keep is None and bud.tokens is None:
         # StreamingLLM: sink + window, rolling at it
         common.update(tokens=bud.sink + bud.window, max_tokens=bud.max_tokens or bud.sink + bud.window)

@@ -126,6 +126,9 @@ def _chunk_refusal(c, store) -> str:
     if c.calib is not None:
         return ("calibration (CaliDrop) keeps the statistics of the prompt's evicted tokens for stored "
                 "prompt queries; rebuilding them at each chunk is not implemented")
+    if getattr(c, "ragged", False):
+        return ("head-wise budgets (budget.allocation: adaptive) re-selecting the held tokens of a chunk is not "
+                "implemented (each head holds its own number of tokens)")
     if not isinstance(store, SiteStore):
         return ("quantized store (quant:) cannot re-select the tokens it already quantized; chunked "
                 "prefill works with quant: alone or with eviction alone")

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from kvfx.runtime.lowrank import LatentStore
 from kvfx.runtime.qstore import QuantStore
+from kvfx.runtime.ragged import RaggedStore
 from kvfx.runtime.state import (KvfxStateError, current, find_store, ghost_fake, make_ghost,
                                 past_length)
 from kvfx.runtime.lifecycle import check_continues, decode_step, prefill_step
@@ -32,6 +33,8 @@ def make_store(key: str, compressor) -> object:
     if getattr(compressor, "lowrank", False):  # ReCalKV latents (kvfx.runtime.lowrank)
         return LatentStore(key, compressor.kv_heads, compressor.head_dim, compressor.quant)
     quant = getattr(compressor, "quant", None)
+    if quant is None and getattr(compressor, "ragged", False):  # head-wise budgets (AdaKV)
+        return RaggedStore(key)
     return SiteStore(key) if quant is None else QuantStore(key, quant)
 
 

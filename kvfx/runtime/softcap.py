@@ -53,6 +53,8 @@ def check_policy(compressor) -> str:
         return "a quantized (quant:) store"
     if getattr(compressor, "calib", None) is not None:
         return "calibration (calibration:)"
+    if getattr(compressor, "ragged", False):
+        return "a head-wise ragged store (budget.allocation: adaptive)"
     return ""
 
 

@@ -43,7 +43,8 @@ class KVStore(Protocol):
 
     Lifecycle (:func:`kvfx.runtime.ops.site_attention`, :func:`kvfx.runtime.lowrank.lowrank_site_attention`):
     ``reset()`` for a new sequence; the compressor's ``prefill`` writes the kept prompt tokens with
-    ``write_kept(k, v, pos, count, capacity)``; each decode step ``append(k, v, positions)``, attends
+    ``write_kept(k, v, pos, count, capacity)`` (head-wise AdaKV budgets: ``write_selection(prio,
+    budget, k, v)``, which the dense and the ragged store (:mod:`kvfx.runtime.ragged`) implement); each decode step ``append(k, v, positions)``, attends
     with ``attend_step`` (dense, quantized or latent read; calibrated when the policy has CaliDrop),
     then ``finish_step`` (quantized: flush the residual; dense: the compressor's ``after_decode``,
     eviction through ``evict``): :func:`kvfx.runtime.ops.decode_step`.
@@ -172,6 +173,17 @@ class SiteStore:
         self.count = count.clone()
         self.length = m
         self.ragged = bool(m) and not _all_full(pos)
+
+    def write_selection(self, prio: torch.Tensor, budget: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        slack: int = 1) -> None:
+        """The ``budget`` (B, Hkv) highest ``prio`` (B, Hkv, n) tokens of each head, gathered and
+        written (capacity: the largest budget + ``slack``); what a head-wise (AdaKV) compressor
+        calls, as on :class:`kvfx.runtime.ragged.RaggedStore`."""
+        from kvfx.runtime import compress
+
+        m = int(budget.max().item()) if budget.numel() else 0
+        k_kept, v_kept, pos, count = compress.select_and_gather(prio, budget, k, v, m)
+        self.write_kept(k_kept, v_kept, pos, count, m + slack)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """Append q new tokens (B, Hkv, q, d) at each row's own ``count`` (no host sync)."""

@@ -16,6 +16,7 @@ import torch
 from kvfx.methods.knorm import knorm_scores as knorm_reference
 from kvfx.methods.lagkv import EPS as LAG_EPS
 from kvfx.methods.lagkv import partition_scores as lagkv_reference
+from kvfx.methods.ragged_attention import select_gather_ragged_reference
 from kvfx.methods.select import select_gather_reference
 from kvfx.templates import configs
 from kvfx.templates.launch import _device_ctx, _triton_or_none, _warn_no_triton
@@ -112,6 +113,61 @@ def select_gather(scores, budget, k, v, cap):
             HEAD_DIM=d, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=configs.EVICT_NUM_WARPS,
         )
     return k_out, v_out, pos_out, count
+
+
+def select_gather_ragged(scores, budget, k, v, start, k_pool, v_pool, pos_pool):
+    """Select + gather straight into a head-wise ragged pool (:mod:`kvfx.runtime.ragged`): the
+    ``budget`` (B, Hkv) highest-scoring tokens of every (row, KV head), in position order, written
+    to k_pool (P, d), v_pool (P, dv), pos_pool (P,) int64 at [start[b, h], start[b, h] + count);
+    every other slot is left as it is. Same kept set as :func:`select_gather`. Returns count
+    (B, Hkv) int64. The semantics: :func:`kvfx.methods.ragged_attention.select_gather_ragged_reference`.
+
+    >>> prio = torch.tensor([[[0.5, float("inf"), 0.5, float("-inf"), 2.0]]])
+    >>> kv = torch.arange(5.0).view(1, 1, 5, 1).expand(1, 1, 5, 16)
+    >>> kp, pp = torch.zeros(4, 16), torch.full((4,), -1)
+    >>> select_gather_ragged(prio, torch.tensor([[2]]), kv, kv, torch.tensor([[1]]), kp, kp.clone(), pp).tolist()
+    [[2]]
+    >>> pp.tolist()
+    [-1, 1, 4, -1]
+    """
+    op = "select_gather_ragged"
+    _check_kv(op, k, v, "(B, Hkv, n, d)")
+    B, H, n = k.shape[:3]
+    if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (B, H, n) or not scores.dtype.is_floating_point:
+        raise ValueError(f"{op}: scores must be a float tensor of shape (B, Hkv, n) = ({B}, {H}, {n})")
+    for name, t in (("budget", budget), ("start", start)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (B, H) or t.dtype.is_floating_point \
+                or t.dtype == torch.bool:
+            got = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else t
+            raise ValueError(f"{op}: {name} must be an integer tensor of shape (B, Hkv) = ({B}, {H}), got {got}")
+    for name, t, w in (("k_pool", k_pool, k.shape[-1]), ("v_pool", v_pool, v.shape[-1])):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[1] != w or t.dtype != k.dtype:
+            got = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else t
+            raise ValueError(f"{op}: {name} must be a (P, {w}) {k.dtype} pool, got {got}")
+    if not isinstance(pos_pool, torch.Tensor) or pos_pool.dim() != 1 or pos_pool.dtype != torch.long:
+        raise ValueError(f"{op}: pos_pool must be a (P,) int64 tensor")
+    triton = _kernel_triton(op, k, v)
+    if triton is None or min(B, H, n, k_pool.shape[0]) == 0:
+        return select_gather_ragged_reference(scores, budget, k, v, start, k_pool, v_pool, pos_pool)
+
+    from kvfx.templates.render import load
+
+    d = k.shape[-1]
+    kernel = load(KernelSpec("select_gather", DTYPE_NAMES[k.dtype], d, ragged=True))._kvfx_select_gather_kernel
+    s = scores.to(device=k.device, dtype=torch.float32)
+    bud = budget.to(device=k.device, dtype=torch.int32)
+    seg = start.to(device=k.device, dtype=torch.int64)
+    count = torch.empty((B, H), dtype=torch.long, device=k.device)
+    block_n, block_c = configs.select_blocks(n, d)
+    with _device_ctx(k):
+        kernel[(B * H,)](
+            s, bud, k, v, k_pool, v_pool, pos_pool, count, seg,
+            *s.stride(), *bud.stride(), *k.stride(), *v.stride(), 0, 0, *k_pool.stride(),
+            0, 0, *v_pool.stride(), 0, 0, *pos_pool.stride(), *count.stride(), *seg.stride(),
+            H, n, n,
+            HEAD_DIM=d, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=configs.EVICT_NUM_WARPS,
+        )
+    return count
 
 
 def _rows(x):

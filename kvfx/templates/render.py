@@ -83,6 +83,7 @@ def render(spec: KernelSpec) -> str:
         outlier_norm=spec.outlier_norm,
         key_rank=spec.key_rank,
         value_rank=spec.value_rank,
+        ragged=spec.ragged,
     )
     return _env().get_template(f"{spec.kind}.py.jinja").render(**context)
 

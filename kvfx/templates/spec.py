@@ -174,6 +174,9 @@ class KernelSpec:
     outlier_pool: quant_decode_attention attends an outlier pool as one more partition.
     outlier_norm: quant_compress traces outliers by the smallest "l1"/"l2" key norm ("none": no).
     key_rank, value_rank: latent_decode_attention's latent widths r_k, r_v (0 on every other kind).
+    ragged: a head-wise ragged pool (kvfx.runtime.ragged): K, V are (P, D) pools and each (row, KV
+        head) owns the segment from START[b, h]; decode_attention reads it (scores none, no
+        calibration), select_gather writes its kept tokens into it.
     """
 
     kind: str
@@ -192,6 +195,7 @@ class KernelSpec:
     outlier_norm: str = "none"
     key_rank: int = 0
     value_rank: int = 0
+    ragged: bool = False
 
     def __post_init__(self) -> None:
         _check_enum("kind", self.kind, KINDS)
@@ -224,6 +228,13 @@ class KernelSpec:
         if self.kind == "select_gather" and self.scores != "none":
             raise ValueError(f"KernelSpec.scores: got {self.scores!r} for select_gather, expected 'none'")
         _check_latent_fields(self)
+        _check_bool("ragged", self.ragged)
+        if self.ragged and (self.kind not in ("decode_attention", "select_gather") or self.scores != "none"
+                            or self.calibration):
+            raise ValueError(f"KernelSpec.ragged: got True for {self.kind} (scores={self.scores!r}, calibration="
+                             f"{self.calibration}), expected decode_attention or select_gather with scores='none' "
+                             "and calibration=False (the head-wise ragged store reads without probabilities or "
+                             "CaliDrop)")
 
     @property
     def uri(self) -> str:
@@ -236,6 +247,7 @@ class KernelSpec:
                f"_pool_{int(self.outlier_pool)}_onorm_{self.outlier_norm}"
                if self.kind in QUANT_KINDS else "")
             + (f"_rk_{self.key_rank}_rv_{self.value_rank}" if self.kind in LATENT_KINDS else "")
+            + ("_ragged_1" if self.ragged else "")
         )
 
     @property

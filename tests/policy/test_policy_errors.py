@@ -18,7 +18,7 @@ CASES = {
                       "one of " + ", ".join(registry.scorers()) + "$"),  # every registered scorer
     "bad_extends.yaml": ("3:10", "extends", "'snapkb'",
                          r"a preset name \(did you mean snapkv\?\) or a path to a \.yaml file; "
-                         r"presets: chunkkv, .*\bfull, "),
+                         r"presets: adakv-snapkv, chunkkv, .*\bfull, "),
     "bad_extends_path.yaml": ("3:10", "extends", "'./missing/base.yaml'",
                               r"a preset name or an existing \.yaml file"),
     "bad_yaml.yaml": ("5:8", None, None, "mapping values are not allowed here$"),

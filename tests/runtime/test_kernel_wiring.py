@@ -142,3 +142,38 @@ def test_lowrank_decode_runs_the_latent_kernel(monkeypatch, tmp_path):
                        lambda bs: None)
     assert len(calls) == 2 * 4  # 2 layers x 4 decode steps, kernel path only
     torch.testing.assert_close(runs["1"][0], runs["0"][0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("calibration", [False, True])
+def test_adakv_decode_runs_the_ragged_kernel(monkeypatch, tmp_path, calibration):
+    """AdaKV (head-wise ragged store) on the kernel path: prefill selects into the pool with the
+    ragged select+gather kernel, decode reads it with the ragged kernel (no mask: every step), the
+    store holds the same per-head tokens and the logits equal
+    the PyTorch path's; with CaliDrop the evicted partition is merged after the kernel's read."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set")
+    import kvfx.templates.launch_ragged as launch_ragged
+    from kvfx.runtime.ragged import RaggedStore
+
+    monkeypatch.setenv("KVFX_CACHE_DIR", str(tmp_path))
+    import kvfx.templates.launch_evict as launch_evict
+
+    calls, selects = [], []
+    real = launch_ragged.ragged_decode_attention
+    monkeypatch.setattr(launch_ragged, "ragged_decode_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real_select = launch_evict.select_gather_ragged
+    monkeypatch.setattr(launch_evict, "select_gather_ragged",
+                        lambda *a, **kw: selects.append(1) or real_select(*a, **kw))
+    model = hf_model("llama", "sdpa")  # head_dim 16, GQA 2
+    ids = torch.randint(1, 90, (1, 200), generator=torch.Generator().manual_seed(5))
+    pol = {"kvfx": 1, "name": "ada", "extends": "adakv-snapkv", "budget": {"keep": 0.25}}
+    if calibration:
+        pol["calibration"] = {"threshold": 0.5}
+    runs = _both_paths(monkeypatch, model, pol, ids, 4, lambda ss: {
+        path: (type(st), st.count.clone(), st.positions().clone()) for path, st in ss.items()})
+    assert len(calls) == 2 * 3, calls  # two sites, three decode steps, kernel path only
+    assert len(selects) == 2, selects  # the prompt selected straight into each site's pool
+    torch.testing.assert_close(runs["1"][0], runs["0"][0], rtol=1e-4, atol=1e-4)
+    for key, (kind, count, pos) in runs["0"][1].items():
+        assert kind is RaggedStore and len(set(count.reshape(-1).tolist())) > 1, (kind, count)
+        assert torch.equal(count, runs["1"][1][key][1]) and torch.equal(pos, runs["1"][1][key][2]), key

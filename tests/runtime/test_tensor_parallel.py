@@ -158,7 +158,7 @@ def test_without_a_process_group_tp_requests_are_refused_with_the_fix(monkeypatc
     model = hf_model("llama", layers=2)
     model._tp_size = 2  # what from_pretrained(tp_plan="auto") sets on 2 ranks
     for spec, why in (("chunkkv", "ChunkKV"), ({"kvfx": 1, "name": "lr", "lowrank": {"artifact": "x.safetensors"}},
-                                               "lowrank")):
+                                               "lowrank"), ("adakv-snapkv@0.25", "AdaKV")):
         with pytest.raises(TPError, match=f"{why}.*tensor.parallel.*fix:"):
             kvfx.compile(model, spec, inner="eager")
     check_tp_policy(model, "snapkv@0.25")

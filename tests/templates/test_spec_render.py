@@ -35,7 +35,10 @@ def test_uri_spells_every_field():
     # the latent ranks only on latent_decode_attention (below).
     quant_fields = {"key_bits", "key_group", "value_bits", "value_group", "outlier_pool", "outlier_norm"}
     latent_fields = {"key_rank", "value_rank"}
-    assert set(variants) | quant_fields | latent_fields == {f.name for f in dataclasses.fields(KernelSpec)}
+    # ragged only on decode_attention / select_gather (tests/templates/test_ragged_kernel.py; below)
+    assert set(variants) | quant_fields | latent_fields | {"ragged"} == {f.name for f in dataclasses.fields(KernelSpec)}
+    for spec in (KernelSpec("decode_attention", "fp16", 64, 2), KernelSpec("select_gather", "fp16", 64)):
+        assert dataclasses.replace(spec, ragged=True).uri != spec.uri
     for name, value in variants.items():
         assert dataclasses.replace(base, **{name: value}).uri != base.uri, name
     latent = KernelSpec("latent_decode_attention", "fp16", 64, 2, key_rank=48, value_rank=32)

@@ -1,0 +1,204 @@
+"""The head-wise ragged store: each KV head of each row holds its own number of tokens (AdaKV
+budgets, ``budget.allocation: adaptive``), in one flat token pool per site.
+
+Layout (segments in (row, head) order; ``S = B · Hkv`` segments):
+
+    k, v     (P, d), (P, dv)   the pool: segment s owns slots [start[s], start[s] + count[s] + slack)
+    pos      (P,) long         logical position of each slot, -1 = empty
+    start    (B, Hkv) long     segment offsets
+    count    (B, Hkv) long     valid tokens of each segment (a segment's first slots)
+
+``P = Σ_s (kept_s + slack)``: the bytes held are the *sum* over heads of their token counts plus
+a headroom of ``slack`` slots per segment, not ``max_h kept_h · Hkv`` as in the dense store. Every
+decode step appends the same number of tokens to every segment, so all segments have the same
+headroom, a host int known without a device sync. When a step does not fit, every segment grows
+by the same amortized chunk (``max(64, length / 32)`` rounded to 16, as the dense store grows):
+one new pool, one copy; no reallocation on the other steps. ``length`` is a host upper bound of
+the longest segment (the width of the padded read on the CPU path).
+
+Capabilities (:data:`kvfx.methods.registry.STORE_CAPS` ``"ragged"``): ``calibration`` (CaliDrop's
+state of the prompt's per-head evicted tokens, merged with each read; nothing is evicted during
+decode, so nothing is folded); not ``evict``, ``probs``, ``quantized``: the policy schema refuses
+rolling caps (H2O, TOVA, streaming, LagKV, ``max_tokens``) and quantization with head-wise budgets,
+with the reason, before anything runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvfx.methods.ragged_attention import pack_segments, segment_slots
+from kvfx.methods.registry import STORE_CAPS
+
+_GROW_QUANTUM = 16
+_GROW_MIN = 64
+
+
+def _round_up(n: int, q: int) -> int:
+    return -(-n // q) * q
+
+
+class RaggedStore:
+    """One site's head-wise ragged store (the :class:`kvfx.runtime.store.KVStore` protocol)."""
+
+    CAPS = STORE_CAPS["ragged"]
+    ragged = True
+
+    def __init__(self, site_id: str):
+        self.site_id = site_id
+        self.reset()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.k = self.v = self.pos = self.start = self.count = None
+        self.length = self.seen = 0
+        self.slack = 0  # free slots at the end of every segment (host; the same for all)
+        self.batch = self.kv_heads = 0
+        self.dtype: torch.dtype | None = None
+        self.extra: dict[str, torch.Tensor] = {}
+        self.slot_state: dict[str, torch.Tensor] = {}
+        self.extra_host: dict = {}
+        self.host_cap = 0
+        self.calib = None
+        self.calib_scale = 1.0
+
+    @property
+    def empty(self) -> bool:
+        return self.k is None
+
+    @property
+    def capacity(self) -> int:
+        """Slots of the pool (all segments together)."""
+        return 0 if self.k is None else self.k.shape[0]
+
+    def head_dims(self) -> tuple[int, int]:
+        return self.k.shape[-1], self.v.shape[-1]
+
+    # ---- writes ----------------------------------------------------------------------------
+    def write_kept(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, count: torch.Tensor,
+                   capacity: int) -> None:
+        """The prompt's kept tokens, dense per head (k (B, Hkv, m, d), pos (B, Hkv, m) with -1 past
+        ``count`` (B, Hkv)), packed into segments of ``count + slack`` slots, ``slack = capacity - m``
+        (at least 1: the first decode step)."""
+        B, H, m = pos.shape
+        dev = k.device
+        self.batch, self.kv_heads, self.dtype = B, H, k.dtype
+        self.slack = max(capacity - m, 1)
+        count = count.to(device=dev, dtype=torch.long)
+        sizes = (count + self.slack).reshape(-1)
+        self.start = (sizes.cumsum(0) - sizes).view(B, H)
+        P = int(sizes.sum().item())  # prefill: one host sync, as the compressor's budgets
+        self.k = k.new_zeros(P, k.shape[-1])
+        self.v = v.new_zeros(P, v.shape[-1])
+        self.pos = torch.full((P,), -1, dtype=torch.long, device=dev)
+        for src, pool in ((k, self.k), (v, self.v), (pos, self.pos)):
+            pack_segments(src, count, self.start, pool)
+        self.count = count.clone()
+        self.length = m
+
+    def write_selection(self, prio: torch.Tensor, budget: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        slack: int = 1) -> None:
+        """The prompt's kept tokens selected straight into the pool (no dense per-head copy): the
+        ``budget`` (B, Hkv) highest ``prio`` (B, Hkv, n) tokens of each head (the select+gather
+        kernel on CUDA, :func:`kvfx.runtime.compress.select_and_gather_ragged`), segments of
+        ``budget + slack`` slots."""
+        from kvfx.runtime.compress import select_and_gather_ragged
+
+        B, H = prio.shape[:2]
+        dev = k.device
+        self.batch, self.kv_heads, self.dtype = B, H, k.dtype
+        self.slack = max(slack, 1)
+        budget = budget.to(device=dev, dtype=torch.long).clamp(min=0)
+        sizes = (budget + self.slack).reshape(-1)
+        self.start = (sizes.cumsum(0) - sizes).view(B, H)
+        P = int(sizes.sum().item())  # prefill: one host sync, as the compressor's budgets
+        self.k = k.new_zeros(P, k.shape[-1])
+        self.v = v.new_zeros(P, v.shape[-1])
+        self.pos = torch.full((P,), -1, dtype=torch.long, device=dev)
+        self.count = select_and_gather_ragged(prio, budget, k, v, self.start, self.k, self.v, self.pos)
+        self.length = int(budget.max().item()) if budget.numel() else 0
+
+    def _grow(self, q: int) -> None:
+        """Every segment gains the same ``G`` slots: one new pool, old slot i moves to i + G · s."""
+        B, H = self.batch, self.kv_heads
+        G = _round_up(max(_GROW_MIN, q, self.length // 32), _GROW_QUANTUM)
+        P = self.k.shape[0]
+        dev = self.k.device
+        seg = torch.searchsorted(self.start.reshape(-1), torch.arange(P, device=dev), right=True) - 1
+        moved = torch.arange(P, device=dev) + G * seg
+        grown = P + B * H * G
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(grown, old.shape[-1])
+            new[moved] = old
+            setattr(self, name, new)
+        pos = torch.full((grown,), -1, dtype=torch.long, device=dev)
+        pos[moved] = self.pos
+        self.pos = pos
+        self.start = self.start + G * torch.arange(B * H, device=dev).view(B, H)
+        self.slack += G
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """Append q new tokens (B, Hkv, q, d) to every segment (no host sync)."""
+        B, H, q = k.shape[:3]
+        if q > self.slack:
+            self._grow(q)
+        slot = (self.start + self.count)[..., None] + torch.arange(q, device=k.device)  # (B, H, q)
+        flat = slot.reshape(-1)
+        self.k.index_copy_(0, flat, k.reshape(-1, k.shape[-1]).to(self.k.dtype))
+        self.v.index_copy_(0, flat, v.reshape(-1, v.shape[-1]).to(self.v.dtype))
+        self.pos.index_copy_(0, flat, positions.to(self.pos.device).expand(B, H, q).reshape(-1))
+        self.count += q
+        self.length += q
+        self.slack -= q
+
+    def positions(self) -> torch.Tensor:
+        """(B, Hkv, length) logical positions of each segment's slots, -1 past its count."""
+        idx, valid = segment_slots(self.start, self.count, self.length)
+        return self.pos[idx].masked_fill(~valid, -1)
+
+    # ---- a decode step ---------------------------------------------------------------------
+    def attend(self, q: torch.Tensor, mask, is_causal: bool, past_len: int, scale,
+               return_lse: bool = False, calib=None):
+        """Attention of q (B, Hq, nq, d) over every head's segment: out (B, Hq, nq, dv), or (out,
+        lse (B, Hq, nq) fp32) with ``return_lse``. ``calib``: CaliDrop's partition (o_e, lse_e, use)
+        of the one query, merged after the read (the ragged kernel has no calibration variant)."""
+        from kvfx.runtime.attention import ragged_decode_attention
+
+        o, lse = ragged_decode_attention(self, q, mask, is_causal, past_len, scale, return_lse=True)
+        if calib is not None:
+            from kvfx.methods.calidrop import merge
+
+            o, lse = merge(o, lse, *calib)
+        return (o, lse) if return_lse else o
+
+    def attend_step(self, c, q, mask, is_causal: bool, past_len: int, scale):
+        if c.needs_probs:  # refused by the policy schema (STORE_CAPS: no "probs")
+            raise NotImplementedError("kvfx: a head-wise ragged store returns no attention probabilities")
+        if c.calib is not None:  # CaliDrop: the prompt's evicted partition merged with the read
+            from kvfx.runtime.attention import calibrated_decode
+
+            return calibrated_decode(self, q, mask, is_causal, past_len, scale, False, c.calib)
+        return self.attend(q, mask, is_causal, past_len, scale), None
+
+    def finish_step(self, c, nq: int, probs) -> None:
+        c.after_decode(self, nq, probs)  # prompt-time eviction only: nothing to do (no "cap")
+
+    # ---- accounting ------------------------------------------------------------------------
+    def held_bytes(self) -> int:
+        tensors = [t for t in (self.k, self.v, self.pos, self.start, self.count) if t is not None]
+        tensors += list(self.extra.values())
+        return sum(t.untyped_storage().nbytes() for t in tensors) + self.calib_bytes()
+
+    def calib_bytes(self) -> int:
+        return 0 if self.calib is None else self.calib.nbytes()
+
+    def kv_bytes(self) -> int:
+        return sum(t.untyped_storage().nbytes() for t in (self.k, self.v) if t is not None)
+
+    def tokens_held(self) -> int:
+        """The longest segment's tokens (as the dense store's ``count.max()``)."""
+        return 0 if self.count is None else int(self.count.max().item())
+
+
+__all__ = ["RaggedStore"]
