@@ -198,7 +198,9 @@ def grouped_attention_reference(q, k, v, *, scale, keep=None, return_lse=False, 
     This is the CPU execution of :func:`decode_attention_reference`'s semantics for a dense
     store (DESIGN rule 5): the g query heads of a group are stacked as rows of one
     (g·m, d) x (d, n) product per KV head, so no per-query-head copy of K/V exists, fp32 or
-    float64 input is read in place, and the softmax is one fused op. Half-precision K/V are
+    float64 input is read in place, and the softmax is one fused op. Without a mask, lse or
+    probabilities (a plain decode step), fp32/float64 input runs torch's fused
+    ``scaled_dot_product_attention`` (grouped), the same math in one pass. Half-precision K/V are
     upcast to fp32 (a copy per step, the price of fp32 math). Unlike the slot-masked
     reference, masked slots must hold finite K/V (a store's slots below its length always do).
 
@@ -212,6 +214,11 @@ def grouped_attention_reference(q, k, v, *, scale, keep=None, return_lse=False, 
     B, Hq, m, d = q.shape
     Hkv, n = k.shape[1], k.shape[2]
     g = Hq // Hkv
+    if keep is None and not return_lse and not return_probs and n and q.dtype == cd:
+        # every slot visible to every query (no empty row): torch's fused kernel computes this
+        # same softmax(scale·q·kᵀ)·v in one pass over K/V (grouped, no expansion)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, scale=scale, enable_gqa=g > 1), None, None
     qg = (q.to(cd) * scale).reshape(B, Hkv, g * m, d)
     s = torch.matmul(qg, k.to(cd).transpose(-1, -2)).view(B, Hkv, g, m, n)
     if keep is not None:
