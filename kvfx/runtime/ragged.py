@@ -29,6 +29,7 @@ import torch
 
 from kvfx.methods.ragged_attention import pack_segments, segment_slots
 from kvfx.methods.registry import STORE_CAPS
+from kvfx.runtime.store import Accounting
 
 _GROW_QUANTUM = 16
 _GROW_MIN = 64
@@ -38,7 +39,7 @@ def _round_up(n: int, q: int) -> int:
     return -(-n // q) * q
 
 
-class RaggedStore:
+class RaggedStore(Accounting):
     """One site's head-wise ragged store (the :class:`kvfx.runtime.store.KVStore` protocol)."""
 
     CAPS = STORE_CAPS["ragged"]
@@ -85,16 +86,22 @@ class RaggedStore:
         self.batch, self.kv_heads, self.dtype = B, H, k.dtype
         self.slack = max(capacity - m, 1)
         count = count.to(device=dev, dtype=torch.long)
-        sizes = (count + self.slack).reshape(-1)
-        self.start = (sizes.cumsum(0) - sizes).view(B, H)
-        P = int(sizes.sum().item())  # prefill: one host sync, as the compressor's budgets
-        self.k = k.new_zeros(P, k.shape[-1])
-        self.v = v.new_zeros(P, v.shape[-1])
-        self.pos = torch.full((P,), -1, dtype=torch.long, device=dev)
+        self._allocate_segments(count, k, v)
         for src, pool in ((k, self.k), (v, self.v), (pos, self.pos)):
             pack_segments(src, count, self.start, pool)
         self.count = count.clone()
         self.length = m
+
+    def _allocate_segments(self, counts: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """An empty pool of segments of ``counts`` (B, Hkv) + ``self.slack`` slots each, in
+        (row, head) order; ``start`` their offsets. One host sync (the pool size), at prefill."""
+        B, H = counts.shape
+        sizes = (counts + self.slack).reshape(-1)
+        self.start = (sizes.cumsum(0) - sizes).view(B, H)
+        P = int(sizes.sum().item())
+        self.k = k.new_zeros(P, k.shape[-1])
+        self.v = v.new_zeros(P, v.shape[-1])
+        self.pos = torch.full((P,), -1, dtype=torch.long, device=k.device)
 
     def write_selection(self, prio: torch.Tensor, budget: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         slack: int = 1) -> None:
@@ -109,12 +116,7 @@ class RaggedStore:
         self.batch, self.kv_heads, self.dtype = B, H, k.dtype
         self.slack = max(slack, 1)
         budget = budget.to(device=dev, dtype=torch.long).clamp(min=0)
-        sizes = (budget + self.slack).reshape(-1)
-        self.start = (sizes.cumsum(0) - sizes).view(B, H)
-        P = int(sizes.sum().item())  # prefill: one host sync, as the compressor's budgets
-        self.k = k.new_zeros(P, k.shape[-1])
-        self.v = v.new_zeros(P, v.shape[-1])
-        self.pos = torch.full((P,), -1, dtype=torch.long, device=dev)
+        self._allocate_segments(budget, k, v)
         self.count = select_and_gather_ragged(prio, budget, k, v, self.start, self.k, self.v, self.pos)
         self.length = int(budget.max().item()) if budget.numel() else 0
 
@@ -184,21 +186,9 @@ class RaggedStore:
     def finish_step(self, c, nq: int, probs) -> None:
         c.after_decode(self, nq, probs)  # prompt-time eviction only: nothing to do (no "cap")
 
-    # ---- accounting ------------------------------------------------------------------------
-    def held_bytes(self) -> int:
-        tensors = [t for t in (self.k, self.v, self.pos, self.start, self.count) if t is not None]
-        tensors += list(self.extra.values())
-        return sum(t.untyped_storage().nbytes() for t in tensors) + self.calib_bytes()
-
-    def calib_bytes(self) -> int:
-        return 0 if self.calib is None else self.calib.nbytes()
-
-    def kv_bytes(self) -> int:
-        return sum(t.untyped_storage().nbytes() for t in (self.k, self.v) if t is not None)
-
-    def tokens_held(self) -> int:
-        """The longest segment's tokens (as the dense store's ``count.max()``)."""
-        return 0 if self.count is None else int(self.count.max().item())
+    # ---- accounting (held_bytes, kv_bytes, calib_bytes, tokens_held: Accounting) -----------
+    def held_tensors(self) -> list:
+        return [self.k, self.v, self.pos, self.start, self.count, *self.extra.values()]
 
 
 __all__ = ["RaggedStore"]

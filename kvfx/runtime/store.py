@@ -75,7 +75,30 @@ class KVStore(Protocol):
     def tokens_held(self) -> int: ...
 
 
-class SiteStore:
+class Accounting:
+    """Byte accounting shared by the stores that keep ``k``/``v``/``count``/``calib`` as
+    attributes: ``held_tensors()`` says what they hold."""
+
+    def held_tensors(self) -> list:
+        raise NotImplementedError
+
+    def held_bytes(self) -> int:
+        """Bytes of every tensor :meth:`held_tensors` names, plus CaliDrop's state."""
+        return sum(t.untyped_storage().nbytes() for t in self.held_tensors() if t is not None) \
+            + self.calib_bytes()
+
+    def calib_bytes(self) -> int:
+        return 0 if self.calib is None else self.calib.nbytes()
+
+    def kv_bytes(self) -> int:
+        return sum(t.untyped_storage().nbytes() for t in (self.k, self.v) if t is not None)
+
+    def tokens_held(self) -> int:
+        """The most tokens a (row, head) holds."""
+        return 0 if self.count is None else int(self.count.max().item())
+
+
+class SiteStore(Accounting):
     """Fixed-capacity key/value storage for one site, with byte accounting."""
 
     CAPS = STORE_CAPS["dense"]
@@ -235,20 +258,9 @@ class SiteStore:
         c.after_decode(self, nq, probs)  # rolling eviction, if the policy has a cap
 
     # ---- accounting ------------------------------------------------------------------------
-    def held_bytes(self) -> int:
-        """Bytes of every tensor this site's store holds (buffers, counters, method state)."""
-        tensors = [t for t in (self.k, self.v, self.pos, self.count) if t is not None]
-        tensors += list(self.extra.values()) + list(self.slot_state.values())
-        return sum(t.untyped_storage().nbytes() for t in tensors) + self.calib_bytes()
-
-    def calib_bytes(self) -> int:
-        return 0 if self.calib is None else self.calib.nbytes()
-
-    def kv_bytes(self) -> int:
-        return sum(t.untyped_storage().nbytes() for t in (self.k, self.v) if t is not None)
-
-    def tokens_held(self) -> int:
-        return 0 if self.count is None else int(self.count.max().item())
+    def held_tensors(self) -> list:
+        """Every tensor this site's store holds (buffers, counters, method state)."""
+        return [self.k, self.v, self.pos, self.count, *self.extra.values(), *self.slot_state.values()]
 
 
 def _all_full(pos: torch.Tensor) -> bool:
