@@ -49,6 +49,26 @@ def _query_rope(m: AttentionMatch) -> tuple[tuple | None, str]:
                   + "; exact only without rotary embeddings")
 
 
+def window_refusal(compressor, softcap) -> str:
+    """Why a sliding-window site cannot run this layer policy ('' if it can). A window layer is
+    rewritten only when its policy keeps every token (``full``, or ``quant:`` alone): the store then
+    holds the window (rolled with it, :mod:`kvfx.runtime.window`), quantized or not."""
+    from kvfx.runtime.compressor import Compressor
+
+    if softcap is not None:
+        return ("its logits are soft-capped and kvfx's soft-capped path does not roll a store with the "
+                "window yet")
+    if getattr(compressor, "lowrank", False):
+        return "low-rank latents (lowrank:) are not rolled with a window"
+    if compressor.calib is not None:
+        return "CaliDrop's statistics of evicted tokens are not defined for tokens that leave a window"
+    if type(compressor) is not Compressor:
+        return ("eviction inside a sliding window is not defined by kvfx (the window already bounds the "
+                "layer; which tokens to evict from it, and a budget relative to what, has no method "
+                "definition)")
+    return ""
+
+
 def _check_quant_fits(compressor, info: SiteInfo, policy_name: str) -> None:
     """A quantized layout the site's head dim cannot hold is a policy error, raised at compile
     time (not at the first generated token)."""
@@ -96,13 +116,14 @@ def run_passes(gm: GraphModule, policy) -> Program:
     plans, infos, sites, rope_owner = [], [], [], {}
     namespace = f"g{next(_graph_ids)}"
     num_layers = len(matches)
-    sites_seen = [(gu.layer_index(p) if gu.layer_index(p) is not None else i, p)
-                  for i, p in enumerate(gu.module_path(m.out) or f"attention_{i}" for i, m in enumerate(matches))]
+    traced = [trace_kv_source(m.k, m.v, {m.out, *m.chain}) for m in matches]
+    sites_seen = [(gu.layer_index(p) if gu.layer_index(p) is not None else i, p, ks.provenance == "sliding_window")
+                  for i, (p, (ks, _)) in enumerate(zip((gu.module_path(m.out) or f"attention_{i}"
+                                                        for i, m in enumerate(matches)), traced))]
     if sites_seen:  # a layers: override that matches no attention site of this graph is an error
         policy.check_overrides(sites_seen)
     for order, m in enumerate(matches):
-        users = {m.out, *m.chain}
-        ks, vs = trace_kv_source(m.k, m.v, users)
+        ks, vs = traced[order]
         path = gu.module_path(m.out) or f"attention_{order}"
         index = gu.layer_index(path)
         index = order if index is None else index
@@ -111,8 +132,9 @@ def run_passes(gm: GraphModule, policy) -> Program:
         info.softcap, info.window = m.softcap, ks.window
         reason = check(m, ks, vs)
         compressor = lowrank = None
+        sliding = ks.provenance == "sliding_window"
         if not reason:
-            lp = policy.resolve(index, path, max(num_layers, index + 1))
+            lp = policy.resolve(index, path, max(num_layers, index + 1), window=sliding)
             try:
                 compressor = build_compressor(lp, index, max(num_layers, index + 1), _factors(lp))
             except NotImplementedError as e:
@@ -121,7 +143,18 @@ def run_passes(gm: GraphModule, policy) -> Program:
                     "which this version of kvfx does not implement yet; use a preset from "
                     "`kvfx policy list` that only needs implemented features") from None
             _check_quant_fits(compressor, info, policy.name)
-            if m.softcap is not None:
+            if sliding and (why := window_refusal(compressor, m.softcap)):
+                asked = policy.targets_window(index, path, max(num_layers, index + 1))
+                if asked is not None:  # the user targeted this layer: an error, not a skipped layer
+                    raise UnsupportedPolicyError(
+                        f"kvfx: policy {policy.name!r}: layers[{asked}] (window: true) asks the sliding-window "
+                        f"site {path} (layer {index}) for {lp.describe()}, but {why}; on sliding-window layers "
+                        "use full or quant: alone (eviction.scorer: none, no calibration:/lowrank:)")
+                reason = (f"sliding-window layer (the model's cache keeps the last {ks.window} tokens) under "
+                          f"{lp.describe()}: {why}; kvfx compresses sliding-window layers with quant: alone "
+                          "(target them with a layers: override `window: true`), so this layer keeps its "
+                          "dense window cache")
+            if not reason and m.softcap is not None:
                 from kvfx.runtime.softcap import check_policy
 
                 if (what := check_policy(compressor)):
@@ -130,7 +163,7 @@ def run_passes(gm: GraphModule, policy) -> Program:
                         f"but the site's logits are soft-capped (tanh, cap {m.softcap}) and kvfx "
                         "applies the cap only with a dense store; use full or an eviction policy "
                         "without quant:, lowrank:, calibration: or budget.allocation: adaptive on this model")
-            if getattr(compressor, "lowrank", False):
+            if not reason and getattr(compressor, "lowrank", False):
                 lowrank, reason = check_lowrank(m, ks, vs, compressor, info, rope_owner)
         rope = None
         if not reason and lowrank is None and getattr(getattr(compressor, "scorer", None), "rotary", False):

@@ -29,7 +29,7 @@ import kvfx.runtime.lowrank  # noqa: F401  (registers torch.ops.kvfx.lowrank_att
 import kvfx.runtime.ops  # noqa: F401  (registers torch.ops.kvfx.attention)
 from kvfx.passes import graph_utils as gu
 from kvfx.passes.find_attention import AttentionMatch
-from kvfx.passes.trace_kv import KVSource
+from kvfx.passes.trace_kv import KVSource, window_users
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -106,7 +106,10 @@ def rewrite_site(gm: GraphModule, plan: SitePlan) -> None:
         ghosts = [g.call_function(operator.getitem, (res, i)) for i in (1, 2)]
     m.out.replace_all_uses_with(attn)
     for src, gh in zip((ks, vs), ghosts):  # the cache receives the ghosts instead of cat(past, new)
-        src.cat.replace_all_uses_with(gh, delete_user_cb=lambda user: user.op == "output")
+        to_cache = set(window_users(src))  # a sliding-window cache keeps ghost[:, :, -w:]
+        src.cat.replace_all_uses_with(gh, delete_user_cb=lambda user: user.op == "output" or user in to_cache)
+        for u in to_cache:  # the slice ran right after the cache's cat: it now follows the ghost
+            gh.append(u)
     _erase_dead(gm, [m.out, *m.chain, ks.cat, vs.cat] + ([ks.new, vs.new] if lr else []))
     assert all(src.cat.graph is not g or not any(u.op == "output" for u in src.cat.users)
                for src in (ks, vs))

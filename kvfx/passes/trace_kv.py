@@ -5,9 +5,10 @@
 * ``sliding_window``: ``cat([past, new], dim=-2)`` of which the caller keeps only the last
   ``w`` tokens (``cat[:, :, -w:]``, Hugging Face's ``DynamicSlidingWindowLayer``: Gemma-2/3,
   Mistral with ``sliding_window``): the attention runs on the whole concatenation under a
-  sliding-window mask. kvfx does not compress these yet (the store would have to roll with the
-  window and map the model's window-relative mask columns), so they are left alone, keeping
-  their dense window cache, and reported as such.
+  sliding-window mask. Rewritable when the layer's policy keeps every token (``full``, ``quant:``
+  alone): the store rolls with the window and maps the model's window-relative mask columns
+  (:mod:`kvfx.runtime.window`); :func:`kvfx.passes.window_refusal` says why other policies leave
+  such a layer alone.
 * ``static_cache``: a buffer written with ``index_copy_`` (Hugging Face StaticCache): the
   model owns a preallocated full-length buffer that kvfx cannot free, so it is left alone.
 * ``fresh``: computed in this graph with no cache (encoders, training-style calls,
@@ -105,9 +106,14 @@ def _trace_one(node: Node, attention_users: set) -> KVSource:
 
 
 def _sliding(past, new, cat, empty: bool, w: int) -> KVSource:
-    return KVSource("sliding_window", past, new, cat, empty, window=w, reason=(
-        f"sliding-window layer (the model's cache keeps the last {w} tokens); kvfx does not "
-        "compress sliding-window caches yet, so this layer keeps its dense window cache"))
+    return KVSource("sliding_window", past, new, cat, empty, window=w)
+
+
+def window_users(src: KVSource) -> list[Node]:
+    """The ``cat[:, :, -w:]`` nodes through which a sliding-window cache receives its entry."""
+    if src.provenance != "sliding_window" or src.cat is None:
+        return []
+    return [u for u in src.cat.users if _window_slice(u) == src.window]
 
 
 def trace_kv_source(k: Node, v: Node, attention_users: set) -> tuple[KVSource, KVSource]:

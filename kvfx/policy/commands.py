@@ -76,18 +76,23 @@ def cmd_show(args: argparse.Namespace) -> int:
     try:
         p = load_policy(args.file)
         sites = [(i, args.module.format(i=i)) for i in range(args.layers)]
-        resolved = [p.resolve(i, path, args.layers) for i, path in sites]
+        # a window: override applies by layer kind, which only the model knows: show both kinds
+        kinds = [None] if all(ov.window is None for ov in p.overrides) else [False, True]
+        resolved = {w: [p.resolve(i, path, args.layers, window=w) for i, path in sites] for w in kinds}
     except (PolicyError, KeyError, IndexError, ValueError) as e:
         print(e, file=sys.stderr)
         return 1
     print(f"policy {p.name} hash {p.hash} source {p.source}")
-    start = 0
-    for i in range(1, len(resolved) + 1):
-        if i == len(resolved) or resolved[i] != resolved[start]:
-            print(f"{_span(start, i - 1)}: {resolved[start].describe()}")
-            if args.full:
-                print("  " + json.dumps(resolved[start].model_dump(mode="json"), sort_keys=True))
-            start = i
+    for w, runs in resolved.items():
+        if w is not None:
+            print("if sliding-window layers:" if w else "if global layers (not sliding-window):")
+        start = 0
+        for i in range(1, len(runs) + 1):
+            if i == len(runs) or runs[i] != runs[start]:
+                print(f"{'  ' if w is not None else ''}{_span(start, i - 1)}: {runs[start].describe()}")
+                if args.full:
+                    print("  " + json.dumps(runs[start].model_dump(mode="json"), sort_keys=True))
+                start = i
     try:
         p.check_overrides(sites)
     except PolicyError as e:

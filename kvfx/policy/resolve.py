@@ -12,7 +12,7 @@ from typing import Any, Iterable, Literal, NamedTuple, Optional, Union
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .loader import error_at, format_path, from_validation, is_preset_name, merge, read_document
-from .schema import (Budget, Calibration, Eviction, LayerPolicy, LowRank, PolicyError, Quant, _Model,
+from .schema import (NOTHING, Budget, Calibration, Eviction, LayerPolicy, LowRank, PolicyError, Quant, _Model,
                      check_sections, conflict, show_value)
 
 # ---- layers: overrides -------------------------------------------------------------------------
@@ -67,10 +67,15 @@ Section = Optional[dict[str, Any]]
 
 
 class LayerOverride(_Model):
-    """One ``layers:`` entry: ``match`` plus partial sections merged into the base (null removes)."""
+    """One ``layers:`` entry: ``match`` and/or ``window`` plus partial sections merged into the base
+    (null removes)."""
 
-    match: Union[int, str, list[Union[int, str]]] = Field(
-        description="layer index (negative: from the end), range 'a-b', module-path glob, or a list")
+    match: Optional[Union[int, str, list[Union[int, str]]]] = Field(
+        None, description="layer index (negative: from the end), range 'a-b', module-path glob, or a list; "
+        "omitted: every layer (then window: is required)")
+    window: Optional[bool] = Field(
+        None, description="true: only sliding-window layers (the model's cache keeps the last W tokens, "
+        "Gemma-2/3, Mistral); false: only the other layers; omitted: both")
     budget: Section = None
     eviction: Section = None
     calibration: Section = None
@@ -80,19 +85,33 @@ class LayerOverride(_Model):
     @field_validator("match", mode="before")
     @classmethod
     def _match(cls, v: Any) -> Any:
-        parse_match(v)
+        if v is not None:
+            parse_match(v)
         return v
 
     @model_validator(mode="after")
     def _not_empty(self) -> "LayerOverride":
-        if not self.model_fields_set - {"match"}:
-            raise conflict("", {"match": self.match}, f"match plus at least one of {', '.join(SECTIONS)}")
+        if self.match is None and self.window is None:
+            raise conflict("match", NOTHING,
+                           "match (layer index, range or glob), window (true: sliding-window layers), or both")
+        if not self.model_fields_set - {"match", "window"}:
+            shown = {k: getattr(self, k) for k in ("match", "window") if getattr(self, k) is not None}
+            raise conflict("", shown, f"{' and '.join(shown)} plus at least one of {', '.join(SECTIONS)}")
         return self
 
     @property
-    def matcher(self) -> Matcher:
-        """The parsed ``match``."""
-        return parse_match(self.match)
+    def matcher(self) -> Matcher | None:
+        """The parsed ``match`` (None: every layer)."""
+        return None if self.match is None else parse_match(self.match)
+
+    def covers(self, layer: int, module_path: str, num_layers: int, window: bool | None) -> bool:
+        """Whether this override applies to the site; ``window``: whether the site is a
+        sliding-window layer (None: unknown, e.g. ``kvfx policy show`` without a model, where a
+        ``window:`` override is taken to cover no site)."""
+        m = self.matcher
+        if m is not None and not m.matches(layer, module_path, num_layers):
+            return False
+        return self.window is None or (window is not None and self.window == window)
 
 
 class PolicyDoc(_Model):
@@ -219,10 +238,12 @@ class Policy:
         self._cache[indices] = lp
         return lp
 
-    def resolve(self, layer_index: int, module_path: str, num_layers: int) -> LayerPolicy:
+    def resolve(self, layer_index: int, module_path: str, num_layers: int,
+                window: bool | None = None) -> LayerPolicy:
         """The policy of the attention site ``module_path`` in layer ``layer_index`` of ``num_layers``.
 
-        Overrides whose ``match`` covers the site are deep-merged into the base in order (last wins).
+        Overrides whose ``match`` (and ``window``: ``window`` says whether the site is a
+        sliding-window layer) cover the site are deep-merged into the base in order (last wins).
 
         >>> load_policy("snapkv").resolve(3, "model.layers.3.self_attn", 32).budget.keep
         0.25
@@ -232,28 +253,45 @@ class Policy:
             raise PolicyError(f"resolve: got layer_index {layer_index!r} of num_layers {num_layers!r}, "
                               "expected 0 <= layer_index < num_layers")
         hits = tuple(i for i, ov in enumerate(self._doc.layers)
-                     if ov.matcher.matches(layer_index, module_path, num_layers))
+                     if ov.covers(layer_index, module_path, num_layers, window))
         try:
             return self._merged(hits)
         except PolicyError as e:
             raise PolicyError(f"{e} (at layer {layer_index}, {module_path})", file=e.file, line=e.line,
                               col=e.col, path=e.path) from None
 
-    def check_overrides(self, sites: Iterable[tuple[int, str]]) -> None:
+    def targets_window(self, layer_index: int, module_path: str, num_layers: int) -> int | None:
+        """Index of the last ``layers:`` override with ``window: true`` that covers this
+        sliding-window site (None if none does): the user asked for that layer explicitly, so a
+        request kvfx cannot honour there is an error, not a silently skipped layer."""
+        hits = [i for i, ov in enumerate(self._doc.layers)
+                if ov.window is True and ov.covers(layer_index, module_path, num_layers, True)]
+        return hits[-1] if hits else None
+
+    def check_overrides(self, sites: Iterable[tuple]) -> None:
         """Raise PolicyError naming the first override (with file:line:col) that matches no site.
 
-        ``sites`` are the model's ``(layer_index, module_path)`` pairs; negative indices in ``match``
+        ``sites`` are the model's ``(layer_index, module_path)`` pairs, or ``(layer_index,
+        module_path, is_window)`` triples when it is known which sites are sliding-window layers
+        (with pairs, overrides with ``window:`` are not checked); negative indices in ``match``
         count from ``max(layer_index) + 1``.
         """
-        sites = list(sites)
-        num_layers = max((layer for layer, _ in sites), default=-1) + 1
+        sites = [tuple(s) + (None,) * (3 - len(s)) for s in sites]
+        num_layers = max((s[0] for s in sites), default=-1) + 1
+        kinds_known = all(s[2] is not None for s in sites)
         for i, ov in enumerate(self._doc.layers):
-            if any(ov.matcher.matches(layer, path, num_layers) for layer, path in sites):
+            if ov.window is not None and not kinds_known:
+                continue
+            if any(ov.covers(layer, path, num_layers, win) for layer, path, win in sites):
                 continue
             span = "layer 0" if num_layers == 1 else f"layers 0-{num_layers - 1}"
             have = f"{span}, e.g. {sites[0][1]!r}" if sites else "none were given"
-            raise error_at(self._raw_layers[i], self._label, ("match",), show_value(_plain(ov.match)),
-                           f"to match at least one attention site of the model ({have}); fix the match "
+            if ov.window is not None:
+                n_win = sum(bool(s[2]) for s in sites)
+                have += f"; {n_win} of them sliding-window layers"
+            key = "match" if ov.match is not None else "window"
+            raise error_at(self._raw_layers[i], self._label, (key,), show_value(_plain(getattr(ov, key))),
+                           f"to match at least one attention site of the model ({have}); fix the {key} "
                            f"or remove {format_path(('layers', i))}", prefix=("layers", i))
 
 

@@ -12,6 +12,8 @@
     longer held by the model. Opaque to dynamo and inductor: nothing in it can recompile.
     ``softcap``: the site's logits are soft-capped, ``cap * tanh(s / cap)`` (Gemma-2); such a site
     runs the reference of :mod:`kvfx.runtime.softcap` (no Triton kernel takes a cap).
+    A sliding-window site (``SiteInfo.window``) maps the model's window-relative mask onto logical
+    positions and rolls its store after each step (:mod:`kvfx.runtime.window`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from kvfx.runtime.state import (KvfxStateError, current, find_store, ghost_fake,
                                 past_length)
 from kvfx.runtime.lifecycle import check_continues, decode_step, prefill_step
 from kvfx.runtime.store import SiteStore
+from kvfx.runtime.window import window_mask
 
 
 def make_store(key: str, compressor) -> object:
@@ -61,8 +64,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_k: Tens
     sp = ctx.program.sites[site]
     seq, store, past_len = find_store(ctx, sp, past_k, past_v, q.shape[0], _new_store)
     rope = (rope_cos, rope_sin) if rope_cos is not None and rope_sin is not None else None
+    w = sp.info.window
+    if w is not None and past_len:  # a sliding-window site: its mask is window-relative
+        offset = store.seen - past_len
+        mask, is_causal = window_mask(mask, is_causal, offset, past_len, q.shape[2], q.device)
+        past_len = store.seen  # the logical positions the store's slots remember
     out = site_attention(sp.compressor, store, q, k, v, mask, past_len, scale, is_causal,
                          sp.info.module_path, softcap, rope)
+    if w is not None:
+        store.roll_window(w)
     if ctx.tap is not None:
         if softcap is not None:  # the recorded calls are replayed without the cap
             raise KvfxStateError(f"kvfx: site {sp.info.module_path} has soft-capped logits (cap "

@@ -90,6 +90,8 @@ class QuantStore:
         self.ragged = False
         self.calib = None  # CaliDrop state of the sequence
         self.calib_scale = 1.0
+        self.window: int | None = None  # a sliding-window site: the tokens the model's cache keeps
+        self.window_cap = 0  # ... and then the most slots the store allocates (roll_window)
 
     @property
     def n(self) -> int:
@@ -162,7 +164,7 @@ class QuantStore:
         for name, t in new.items():
             old = getattr(self, name)
             if old is not None and self.cap:
-                keep = old.shape[2] if name not in ("pos", "ok") else self.n
+                keep = min(old.shape[2] if name not in ("pos", "ok") else self.n, t.shape[2])
                 t[:, :, :keep] = old[:, :, :keep]
             setattr(self, name, t)
         self.cap = cap
@@ -170,6 +172,8 @@ class QuantStore:
     def _ensure(self, slots: int, like_k, like_v) -> None:
         if slots > self.cap:
             grow = slots + max(_GROW_MIN, self.cap // 32)
+            if self.window_cap:  # a sliding-window site never needs more than its window's slots
+                grow = max(slots, min(grow, self.window_cap))
             self._alloc(like_k, like_v, _round_up(grow, self.quantum))
 
     def _residual(self, name: str, like: torch.Tensor, need: int, keep: int) -> torch.Tensor:
@@ -335,6 +339,76 @@ class QuantStore:
         held = max((n - nk for n, nk in zip(self.row_n, self.row_nk)), default=0)
         if self.rk is not None:
             self._residual("rk", self.rk, held, held)  # shrink to what is left
+
+    def roll_window(self, w: int) -> None:
+        """A sliding-window site (:mod:`kvfx.runtime.window`): drop the tokens no later query can
+        see (logical position before ``seen - w``). Quantized keys leave in whole quanta of
+        :attr:`quantum` slots (a key group cannot lose one token); when every quantized key of a row
+        has expired, its expired residual tokens leave too, one by one. The expired tokens still in a
+        group (fewer than a quantum per row) stay masked by the window mask until their group
+        leaves. Capacity: ``window_cap`` slots (the window, a quantum and a decode step)."""
+        from kvfx.runtime.window import expired
+
+        if self.kcodes is None:
+            return
+        q = self.quantum
+        self.window = w
+        self.window_cap = _round_up(w + q + 2, q)
+        cutoff = self.seen - w
+        if cutoff > 0:
+            B, n = self.batch, self.n
+            slot_pos = (self.pos[:, 0, :n] if self.pos is not None
+                        else torch.arange(n, device=self.kcodes.device).expand(B, n))
+            n_exp = expired(slot_pos, cutoff).sum(-1).tolist()  # a prefix of each row's slots
+            drops = [e if e >= nk else e // q * q for e, nk in zip(n_exp, self.row_nk)]
+            if any(drops):
+                if self.pos is None:  # slots stop being positions: materialize them
+                    cap = self.cap
+                    pos = torch.arange(cap, dtype=torch.int32, device=self.kcodes.device).expand(
+                        B, self.kv_heads, cap).clone()
+                    for b, nb in enumerate(self.row_n):
+                        pos[b, :, nb:] = -1
+                    self.pos = pos
+                    self.ragged = True
+                for b, d in enumerate(drops):
+                    if d:
+                        self._drop_front(b, d)
+        if self.cap > self.window_cap and self.n <= self.window_cap:
+            self._alloc(self.rk, self.rv, self.window_cap)
+
+    def _drop_front(self, b: int, d: int) -> None:
+        """Drop the ``d`` oldest slots of batch row ``b`` (``d`` a multiple of the quantum, or every
+        quantized key of the row and some of its residual)."""
+        c = self.cfg
+        pw, G = per_word(c.kbits), c.kgroup
+        r = slice(b, b + 1)
+        n, nk, nv = self.row_n[b], self.row_nk[b], self.row_nv[b]
+        dk, dv = min(d, nk), min(d, nv)
+        if dk:
+            self.kcodes[r, :, :(nk - dk) // pw] = self.kcodes[r, :, dk // pw:nk // pw].clone()
+            for t in (self.kscale, self.kmin):
+                t[r, :, :(nk - dk) // G] = t[r, :, dk // G:nk // G].clone()
+        if d > dk:  # every quantized key has gone: the oldest residual keys go too
+            rest = n - nk - (d - dk)
+            self.rk[r, :, :rest] = self.rk[r, :, d - dk:d - dk + rest].clone()
+        if dv:
+            for t in (self.vcodes, self.vscale, self.vmin):
+                t[r, :, :nv - dv] = t[r, :, dv:nv].clone()
+        if d > dv:
+            rest = n - nv - (d - dv)
+            self.rv[r, :, :rest] = self.rv[r, :, d - dv:d - dv + rest].clone()
+        self.pos[r, :, :n - d] = self.pos[r, :, d:n].clone()
+        self.pos[r, :, n - d:n] = -1
+        if self.ok is not None:
+            self.ok[r, :, :n - d] = self.ok[r, :, d:n].clone()
+            self.ok[r, :, n - d:n] = False
+        if self.pool is not None:  # pool entries point at slots: shift them, drop the expired ones
+            pp = self.pool.pos[r]
+            gone = (pp >= 0) & (pp < d)
+            self.pool.pos[r] = torch.where(gone, -1, torch.where(pp >= 0, pp - d, pp))
+            self.pool.norms[r] = self.pool.norms[r].masked_fill(gone, float("inf"))
+        self.count[r] -= d
+        self.row_n[b], self.row_nk[b], self.row_nv[b] = n - d, nk - dk, nv - dv
 
     # ---- reads -----------------------------------------------------------------------------
     def view(self) -> QuantKV:

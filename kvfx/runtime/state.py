@@ -299,7 +299,8 @@ def find_store(ctx: _Context, sp: SiteProgram, past_k, past_v, B: int, make_stor
             f"({seq.session.label}), not by the one now running ({ctx.session.label}); each model "
             "continues only the caches it made: start a new cache for this model")
     store = h.store
-    if store.seen != past_len or store.batch != B:
+    w = sp.info.window  # a sliding-window cache holds the last w tokens of what the store saw
+    if (store.seen if w is None else min(store.seen, w)) != past_len or store.batch != B:
         what = ("cropped or rolled back (assisted decoding, `cache.crop`)" if past_len < store.seen
                 else "extended outside kvfx" if store.batch == B
                 else "given another batch size (beam or batch expansion, `batch_repeat_interleave`)")
@@ -514,7 +515,9 @@ def memory(cache=None, model=None, all_ranks: bool = False) -> dict:
         for path, st in seq.stores.items():
             if st.empty:
                 continue
-            per_token = st.seen * st.batch * st.kv_heads * sum(st.head_dims())
+            # dense equivalent: what the model's own cache would hold (a window cache: the window)
+            seen = st.seen if getattr(st, "window", None) is None else min(st.seen, st.window)
+            per_token = seen * st.batch * st.kv_heads * sum(st.head_dims())
             dense = per_token * st.dtype.itemsize
             held = st.held_bytes()
             e = sites.setdefault(prefix + path, {

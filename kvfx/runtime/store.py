@@ -121,6 +121,7 @@ class SiteStore(Accounting):
         self.host_cap = 0  # rolling policies: host bound of ``length``
         self.calib = None  # CaliDrop state (kvfx.methods.calidrop.CalibState) of the sequence
         self.calib_scale = 1.0
+        self.window: int | None = None  # a sliding-window site: the tokens the model's cache keeps
 
     # ---- lifecycle -------------------------------------------------------------------------
     def reset(self) -> None:
@@ -243,6 +244,30 @@ class SiteStore(Accounting):
         kept = self.pos.gather(2, last[..., None])
         self.pos.scatter_(2, last[..., None], kept.masked_fill(over[..., None], -1))
         self.count -= over.long()
+
+    def roll_window(self, w: int) -> None:
+        """A sliding-window site (:mod:`kvfx.runtime.window`): drop every token no later query can
+        see (logical position before ``seen - w``), keeping the others in slot order; capacity
+        ``w + 1`` (the window and one decode step), so a long prompt's slots are given back."""
+        from kvfx.runtime.window import expired
+
+        if self.k is None:
+            return
+        self.window = self.host_cap = w
+        n = self.length
+        gone = expired(self.pos[:, :, :n], self.seen - w)
+        if bool(gone.any()):
+            order = torch.argsort(gone.to(torch.int8), dim=-1, stable=True)  # kept slots first, in order
+            for buf in (self.k, self.v):
+                buf[:, :, :n] = buf[:, :, :n].gather(2, order[..., None].expand(*order.shape, buf.shape[-1]))
+            for buf in (self.pos, *self.slot_state.values()):
+                buf[:, :, :n] = buf[:, :, :n].gather(2, order)
+            self.count -= gone.sum(-1)
+            self.length = int(self.count.max().item())
+            self.pos[:, :, :n].masked_fill_(torch.arange(n, device=self.pos.device) >= self.count[..., None], -1)
+            self.ragged = self.length > 0 and not _all_full(self.pos[:, :, :self.length])
+        if self.capacity > max(self.length, w) + 1:
+            self.allocate(self.k, self.v, max(self.length, w) + 1)
 
     # ---- a decode step (kvfx.runtime.ops.decode_step) ---------------------------------------
     def attend_step(self, c, q, mask, is_causal: bool, past_len: int, scale):

@@ -112,7 +112,8 @@ def test_error_parts_are_attributes():
     ({"layers": {"match": 1}}, r"^<dict> layers: got \{\"match\": 1\}, expected a list$"),
     ({"layers": [{"match": 1.5, "quant": {}}]},
      r"^<dict> layers\[0\]\.match: got 1\.5, expected a layer index"),
-    ({"layers": [{"quant": {}}]}, r"^<dict> layers\[0\]\.match: got nothing, expected .*\(required\)$"),
+    ({"layers": [{"quant": {}}]}, r"^<dict> layers\[0\]\.match: got nothing, expected match \(.*\), window "
+                                  r"\(true: sliding-window layers\), or both$"),
     ({"layers": [{"match": 0, "quant": {"residual": 48}}]},
      r"^<dict> layers\[0\]\.quant\.residual: got 48, expected a multiple of quant\.keys\.group \(32\), "
      r"e\.g\. 32 or 64$"),

@@ -111,3 +111,25 @@ def test_combination_of_valid_overrides_checked_at_resolve(tmp_path):
     with pytest.raises(PolicyError, match=r"c\.yaml:8:5 layers\[1\]\.budget\.tokens: got 512, expected only "
                        r"one of budget\.keep \(0\.5\) and budget\.tokens \(remove one\) \(at layer 3, a\)$"):
         p.resolve(3, "a", 8)
+
+
+def test_window_override_applies_by_layer_kind():
+    p = load_policy({"kvfx": 1, "name": "w", "extends": "snapkv", "layers": [
+        {"window": True, "eviction": {"scorer": "none"}, "quant": {"keys": {"bits": 2}, "values": {"bits": 2}}},
+        {"match": 0, "window": False, "budget": {"keep": 0.5}}]})
+    assert p.resolve(1, "m.1", 4, window=True).quant is not None
+    assert p.resolve(1, "m.1", 4, window=False).quant is None
+    assert p.resolve(1, "m.1", 4).quant is None  # kind unknown (no model): window overrides do not apply
+    assert p.resolve(0, "m.0", 4, window=False).budget.keep == 0.5
+    assert p.resolve(0, "m.0", 4, window=True).budget.keep == 0.25  # match 0 but not a global layer
+    assert p.targets_window(2, "m.2", 4) == 0 and p.targets_window(2, "m.2", 4) is not None
+    p.check_overrides([(0, "m.0", False), (1, "m.1", True)])
+    p.check_overrides([(0, "m.0"), (1, "m.1")])  # kinds unknown: window overrides are not checked
+    with pytest.raises(PolicyError, match=r"layers\[0\]\.window: got true, expected to match at least one "
+                                          r"attention site .*0 of them sliding-window layers"):
+        p.check_overrides([(0, "m.0", False), (1, "m.1", False)])
+
+
+def test_window_override_needs_a_section():
+    with pytest.raises(PolicyError, match=r"layers\[0\]: got \{\"window\": true\}, expected window plus at least one of"):
+        load_policy({"kvfx": 1, "name": "w", "extends": "full", "layers": [{"window": True}]})

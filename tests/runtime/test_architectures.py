@@ -123,32 +123,161 @@ def test_softcap_quantized_policy_is_refused_at_compile():
                                            "quant": {"values": {"group": 8}}}))
 
 
-def test_sliding_window_left_alone_and_memory_counts_it():
-    ref = CapDecoder(cap=None, windows=(4, None)).eval()
-    model = compiled(CapDecoder(cap=None, windows=(4, None)).eval(), "full")
-    ids = torch.randint(0, VOCAB, (1, 48))
+def forced(model, ids, toks):
+    """Logits of a prompt then of the given tokens, one step each (teacher forcing: both models
+    see the same inputs, so a quantization error cannot change what is fed next)."""
+    logits, cache = model(ids)
+    out = [logits[:, -1]]
+    for t in toks.unbind(1):
+        logits, cache = model(t[:, None], cache)
+        out.append(logits[:, -1])
+    return torch.stack(out, 1), cache
+
+
+@pytest.mark.parametrize("window,prompt", [(4, 48), (40, 100)])
+def test_sliding_window_full_is_exact_and_holds_the_window(window, prompt):
+    torch._dynamo.reset()
+    ref = CapDecoder(cap=None, windows=(window, None)).eval()
+    model = compiled(CapDecoder(cap=None, windows=(window, None)).eval(), "full")
+    ids = torch.randint(0, VOCAB, (2, prompt))
     with torch.no_grad():
-        want, _ = decode(ref, ids, 3)
-        got, _ = decode(model, ids, 3)
-        logits, cache = model(ids)  # a prefill: the full store holds exactly the prompt
+        want, _ = decode(ref, ids, 12)
+        got, cache = decode(model, ids, 12)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     s0, s1 = kvfx.sites(model)
-    assert (s0.rewritten, s0.provenance, s0.window) == (False, "sliding_window", 4)
-    assert "sliding-window layer" in s0.reason and "last 4 tokens" in s0.reason
+    assert (s0.rewritten, s0.provenance, s0.window) == (True, "sliding_window", window)
     assert s1.rewritten and s1.window is None
-    text = kvfx.explain(model)
-    assert "sliding_window (window 4)" in text and "policy applied to 1 of 2 layers" in text
+    assert "sliding_window (window %d)" % window in kvfx.explain(model)
     mem = kvfx.memory(cache)
-    (name, left), = mem["left_alone"].items()
-    window_bytes = sum(t.untyped_storage().nbytes() for t in cache[0])
-    assert left["layer"] == 0 and left["bytes"] == window_bytes == mem["left_alone_bytes"]
-    site_dense = sum(e["dense_bytes"] for e in mem["sites"].values())
-    assert mem["dense_bytes"] == site_dense + window_bytes  # the same layers on both sides
-    assert 1.0 <= mem["ratio"] <= 1.10, mem["ratio"]
-    assert mem["summary"].startswith("policy applied to 1 of 2 layers; the other 1 (left alone, "
-                                     "uncompressed) hold ")
-    frac = float(mem["summary"].split(" hold ")[1].split()[0])
-    assert frac == pytest.approx(window_bytes / mem["held_bytes"], abs=0.006)
+    e = mem["sites"][s0.module_path]
+    # the store holds the model's window (and one decode step of capacity), not the sequence
+    assert (e["tokens_held"], e["capacity"], e["tokens_seen"]) == (window, window + 1, prompt + 12)
+    assert e["dense_bytes"] == 2 * 2 * HKV * window * D * 4  # the window cache the model would hold
+    assert e["held_bytes"] <= 1.5 * e["dense_bytes"]
+    assert mem["left_alone"] == {} and mem["summary"] == "policy applied to 2 of 2 layers"
+
+
+def test_sliding_window_quantized_exact_while_the_window_fits_the_residual():
+    """Window 20 < residual 32: every visible token is in the full-precision residual, so the
+    quantized store must reproduce full attention exactly; expired tokens (quantized or residual)
+    must be dropped or masked, never attended."""
+    torch._dynamo.reset()
+    pol = {"kvfx": 1, "name": "kivi4-r32", "extends": "kivi4", "quant": {"values": {"group": 8}, "residual": 32}}
+    ref = CapDecoder(cap=None, windows=(20, 20)).eval()
+    model = compiled(CapDecoder(cap=None, windows=(20, 20)).eval(), pol)
+    ids, toks = torch.randint(0, VOCAB, (2, 50)), torch.randint(0, VOCAB, (2, 70))
+    with torch.no_grad():
+        want, _ = forced(ref, ids, toks)
+        got, cache = forced(model, ids, toks)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert all(s.rewritten and s.window == 20 and "quant" in s.policy for s in kvfx.sites(model))
+    for e in kvfx.memory(cache)["sites"].values():
+        assert e["tokens_held"] < 20 + 32 and e["capacity"] <= 96
+
+
+def test_sliding_window_quantized_error_as_on_a_global_layer():
+    """Window 80 > residual 32: old tokens are quantized and leave in whole key groups. The error
+    against the model is that of the same quantization on a global layer (teacher-forced, 70 steps)."""
+    pol = {"kvfx": 1, "name": "kivi4-r32", "extends": "kivi4", "quant": {"values": {"group": 8}, "residual": 32}}
+    ids, toks = torch.randint(0, VOCAB, (2, 300)), torch.randint(0, VOCAB, (2, 70))
+    errs = {}
+    for windows in ((None, None), (80, 80)):
+        torch._dynamo.reset()
+        ref = CapDecoder(cap=None, windows=windows).eval()
+        model = compiled(CapDecoder(cap=None, windows=windows).eval(), pol)
+        with torch.no_grad():
+            want, _ = forced(ref, ids, toks)
+            got, cache = forced(model, ids, toks)
+        errs[windows] = (got - want).abs().amax(-1)[:, 1:].mean().item()
+    assert errs[(80, 80)] < 1.5 * errs[(None, None)], errs
+    for e in kvfx.memory(cache)["sites"].values():  # the window's slots, not the sequence's
+        assert 80 <= e["tokens_held"] <= 80 + 32 + 1 and e["capacity"] == 128
+
+
+@pytest.mark.parametrize("outliers", [False, True])
+def test_quant_store_rolls_with_the_window(outliers):
+    """The store's own contents after every step: each slot's dequantized key/value is the token
+    at its recorded position (within the 4-bit error), a row's slots are the consecutive positions
+    ending at the newest token and covering the window, and attention under the window mask equals
+    attention over the exact window within the quantization error. Row 1 starts with 10 pads."""
+    from kvfx.methods.quant import QuantConfig
+    from kvfx.methods.quant_attention import dequant_keys, dequant_values
+    from kvfx.runtime.qstore import QuantStore
+    from kvfx.runtime.window import window_mask
+
+    doc = {"kvfx": 1, "name": "q", "extends": "ott4" if outliers else "kivi4",
+           "quant": {"values": {"group": 8}, "residual": 32}}
+    if outliers:
+        doc["quant"]["outliers"] = {"per_group": 1, "pool": 8, "norm": "l1"}
+    cfg = QuantConfig.from_policy(kvfx.load_policy(doc).resolve(0, "a", 1).quant)
+    torch.manual_seed(0)
+    B, Hk, d, T, w, steps, pads = 2, 2, 8, 300, 80, 90, 10
+    K, V = torch.randn(B, Hk, T + steps, d), torch.randn(B, Hk, T + steps, d)
+    pos = torch.arange(T).expand(B, Hk, T).clone()
+    pos[1] = torch.cat([torch.arange(pads, T), torch.full((pads,), -1)])
+    k0, v0 = K[:, :, :T].clone(), V[:, :, :T].clone()
+    k0[1, :, :T - pads], v0[1, :, :T - pads] = K[1, :, pads:T], V[1, :, pads:T]
+    st = QuantStore("site", cfg)
+    st.write_kept(k0, v0, pos, torch.tensor([[T] * Hk, [T - pads] * Hk]), T)
+    st.seen = T
+    st.roll_window(w)
+    for t in range(T, T + steps):
+        st.append(K[:, :, t:t + 1], V[:, :, t:t + 1], torch.tensor([t]))
+        kv = st.view()
+        for b in range(B):
+            n, nk, nv = st.row_n[b], st.row_nk[b], st.row_nv[b]
+            p = st.pos[b, 0, :n].long()
+            assert p.tolist() == list(range(t - n + 1, t + 1)) and p[0] <= t - w
+            keys = torch.cat([dequant_keys(kv, 0, nk)[b] if nk else K[b, :, :0], st.rk[b, :, :n - nk]], 1)
+            vals = torch.cat([dequant_values(kv, 0, nv)[b] if nv else V[b, :, :0], st.rv[b, :, :n - nv]], 1)
+            assert (keys - K[b][:, p]).abs().max() < 0.5 and (vals - V[b][:, p]).abs().max() < 0.5
+            assert n <= w + st.quantum + 1
+        q = torch.randn(B, 2 * Hk, 1, d)
+        P = min(t, w)
+        keep = torch.ones(1, 1, 1, P + 1, dtype=torch.bool)
+        keep[..., :P + 1 - w] = False  # the model sees its last w keys, as CapBlock's mask
+        m, _ = window_mask(keep, False, t - P, P, 1)
+        out = st.attend(q, m, False, t, None)
+        kx, vx = (x[:, :, t - w + 1:t + 1].repeat_interleave(2, 1) for x in (K, V))
+        ref = torch.softmax(q @ kx.mT * d ** -0.5, -1) @ vx
+        assert (out - ref).abs().max() < 0.15
+        st.flush()
+        st.seen += 1
+        st.roll_window(w)
+        assert st.cap == st.window_cap
+    if outliers:  # the pool held entries, and none points at a dropped slot
+        assert st.pool is not None and bool((st.pool.pos < torch.tensor(st.row_n)[:, None, None]).all())
+
+
+def test_window_override_targets_sliding_layers_and_refuses_eviction():
+    snap_winq = {"kvfx": 1, "name": "snap-winq", "extends": "snapkv", "layers": [
+        {"window": True, "eviction": {"scorer": "none"},
+         "quant": {"keys": {"bits": 4}, "values": {"bits": 4, "group": 8}}}]}
+    torch._dynamo.reset()
+    model = compiled(CapDecoder(cap=None, windows=(40, None)).eval(), snap_winq)
+    with torch.no_grad():
+        model(torch.randint(0, VOCAB, (1, 60)))
+    s0, s1 = kvfx.sites(model)
+    assert s0.rewritten and s0.policy.startswith("quant") and s1.policy.startswith("snapkv")
+    # without the override, eviction leaves the window layer alone, with the reason
+    torch._dynamo.reset()
+    model = compiled(CapDecoder(cap=None, windows=(40, None)).eval(), "snapkv")
+    with torch.no_grad():
+        model(torch.randint(0, VOCAB, (1, 60)))
+    s0, s1 = kvfx.sites(model)
+    assert not s0.rewritten and s1.rewritten
+    assert "sliding-window layer" in s0.reason and "eviction inside a sliding window" in s0.reason
+    assert "window: true" in s0.reason
+    # an override that targets the window layers with eviction is an error, not a skipped layer
+    bad = {"kvfx": 1, "name": "bad", "extends": "full", "layers": [{"window": True, "eviction": {"scorer": "knorm"},
+                                                                      "budget": {"keep": 0.5}}]}
+    torch._dynamo.reset()
+    with pytest.raises(kvfx.PolicyError, match=r"layers\[0\] \(window: true\).*eviction inside"):
+        compiled(CapDecoder(cap=None, windows=(40, None)).eval(), bad)(torch.randint(0, VOCAB, (1, 60)))
+    # a window override on a model without window layers matches nothing: an error
+    torch._dynamo.reset()
+    with pytest.raises(kvfx.PolicyError, match="layers\\[0\\].window: got true.*0 of them sliding-window"):
+        compiled(CapDecoder(cap=None, windows=(None, None)).eval(), snap_winq)(torch.randint(0, VOCAB, (1, 8)))
 
 
 # ---- tiny Hugging Face configs (slow: each compiles a model) -----------------------------------
@@ -185,7 +314,7 @@ def _hf_decode(model, ids, steps):
 
 
 @pytest.mark.slow
-def test_gemma3_sliding_layers_reported_and_memory_within_1_10():
+def test_gemma3_sliding_layers_rewritten_full_exact_and_memory_within_1_10():
     import copy
 
     from transformers import Gemma3TextConfig
@@ -202,12 +331,50 @@ def test_gemma3_sliding_layers_reported_and_memory_within_1_10():
         model(input_ids=ids, past_key_values=cache, use_cache=True)  # prefill only: no growth slack
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     s0, s1 = kvfx.sites(model)
-    assert not s0.rewritten and s0.provenance == "sliding_window" and "sliding-window" in s0.reason
+    assert s0.rewritten and s0.provenance == "sliding_window" and s0.window == 15
     assert s1.rewritten
     mem = kvfx.memory(cache)
-    assert list(mem["left_alone"]) == ["model.layers.0.self_attn"]
+    assert mem["left_alone"] == {} and mem["sites"]["model.layers.0.self_attn"]["tokens_held"] == 15
     assert 1.0 <= mem["ratio"] <= 1.10, mem["ratio"]
-    assert mem["summary"].startswith("policy applied to 1 of 2 layers")
+    assert mem["summary"] == "policy applied to 2 of 2 layers"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_gemma3_quantized_sliding_layers_reported_compressed(attn):
+    """SnapKV on the global layer, KIVI 2-bit on the sliding one (a ``window: true`` override):
+    the sliding layer is rewritten onto a quantized store that holds fewer bytes than its window,
+    and generation follows the model (teacher-forced logits close to the model's)."""
+    import copy
+
+    from transformers import Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(**_common(), sliding_window=384,
+                           layer_types=["sliding_attention", "full_attention"])
+    ref = _hf(cfg, attn)
+    policy = {"kvfx": 1, "name": "snapkv-winq2", "extends": "snapkv", "budget": {"keep": 0.5}, "layers": [
+        {"window": True, "eviction": {"scorer": "none"}, "quant": {"keys": {"bits": 2}, "values": {"bits": 2}}}]}
+    model = torch.compile(copy.deepcopy(ref), backend="kvfx", options={"policy": policy, "inner": "eager"})
+    ids, toks = torch.randint(1, 96, (1, 600)), torch.randint(1, 96, (1, 8))
+    with torch.no_grad():
+        for m in (ref, model):
+            cache = _new_cache(m)
+            out = m(input_ids=ids, past_key_values=cache, use_cache=True)
+            logits = [out.logits[:, -1]]
+            for t in toks.unbind(1):
+                logits.append(m(input_ids=t[:, None], past_key_values=cache, use_cache=True).logits[:, -1])
+            if m is ref:
+                want = torch.stack(logits, 1)
+        got = torch.stack(logits, 1)
+    s0, s1 = kvfx.sites(model)
+    assert s0.rewritten and s0.window == 383 and s0.policy.startswith("quant keys=2bit")
+    assert s1.rewritten and s1.policy.startswith("snapkv")
+    mem = kvfx.memory(cache)
+    e0 = mem["sites"]["model.layers.0.self_attn"]
+    assert e0["dense_bytes"] == 2 * 2 * 383 * 32 * 4  # the model's own window cache: 383 tokens
+    assert e0["held_bytes"] < 0.5 * e0["dense_bytes"]  # 2-bit codes, a 128-token fp32 residual
+    assert 383 <= e0["tokens_held"] <= 383 + 32 + 1 and mem["left_alone"] == {}
+    assert (got.softmax(-1) - want.softmax(-1)).abs().max() < 0.1  # a random model: a loose check
 
 
 @pytest.mark.slow
@@ -227,12 +394,14 @@ def test_gemma2_soft_capped_eager_full_exact():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     sites = kvfx.sites(model)
     assert all(s.softcap == 1.0 and s.pattern == "eager" for s in sites)
-    # Gemma-2 alternates sliding (layer 0) and global (layer 1) layers
+    # Gemma-2 alternates sliding (layer 0) and global (layer 1) layers; the soft-capped path does
+    # not roll a store with the window, so the sliding layer keeps its own cache, with the reason
     assert [(s.rewritten, s.provenance) for s in sites] == [(False, "sliding_window"), (True, "dynamic_cache")]
+    assert "soft-capped" in sites[0].reason
 
 
 @pytest.mark.slow
-def test_mistral_sliding_window_all_layers_left_alone_with_reason():
+def test_mistral_sliding_window_eviction_left_alone_with_reason_quant_rewritten():
     import copy
 
     from transformers import MistralConfig
@@ -252,3 +421,13 @@ def test_mistral_sliding_window_all_layers_left_alone_with_reason():
     (left,) = mem["left_alone"].values()  # no kvfx state: held is the model's own window cache
     assert left["tokens"] == 7 and mem["store_bytes"] == 0
     assert mem["ratio"] == pytest.approx(1.0, abs=0.01)  # (+ the cache's small bookkeeping tensors)
+    # a policy that keeps every token (here full) is rewritten and follows the model exactly
+    torch._dynamo.reset()
+    model = torch.compile(copy.deepcopy(ref), backend="kvfx", options={"policy": "full", "inner": "eager"})
+    with torch.no_grad():
+        got, cache = _hf_decode(model, ids, 4)
+        want, _ = _hf_decode(ref, ids, 4)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    (s,) = kvfx.sites(model)
+    assert s.rewritten and s.window == 7
+    assert kvfx.memory(cache)["sites"]["model.layers.0.self_attn"]["tokens_held"] == 7
