@@ -57,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     k = sub.add_parser("kernels", help="kvfx attention entry points vs F.scaled_dot_product_attention")
     k.add_argument("--cases", nargs="+", default=None, metavar="CASE",
-                   help="prefill prefill+scores decode decode+calib decode+quant decode+latent (default: all)")
+                   help="prefill prefill+scores decode decode+calib decode+softcap decode+quant decode+latent "
+                        "(default: all)")
     k.add_argument("--contexts", default=None, help="e.g. 1k,4k (default: 1k..128k on CUDA, 256,1k on CPU)")
     k.add_argument("--batches", default=None, help="e.g. 1,4,16 (default: 1,4,16 on CUDA, 1,2 on CPU)")
     k.add_argument("--head-dims", default=None, help="e.g. 64,128 (default: 64,128 on CUDA, 64 on CPU)")

@@ -7,6 +7,7 @@ Cases (each timed next to SDPA on the same q, k, v; kvfx's time ÷ SDPA's is the
     prefill+scores  the same with scores="window_colsum" (SnapKV votes, fused)    vs causal SDPA
     decode          decode_attention(q, k, v, lengths) over a full store          vs SDPA, 1 query
     decode+calib    decode_attention(..., calib=(o_e, lse_e, use)) (CaliDrop)      vs SDPA, 1 query
+    decode+softcap  decode_attention(..., softcap=50) (Gemma-2's logit cap)       vs SDPA, 1 query, no cap
     decode+quant    launch_quant.quant_decode_attention over a KIVI store of the
                     same context (K and V at ``quant_bits``, a ``group``-token
                     full-precision residual)                                      vs SDPA, 1 query, dense
@@ -52,7 +53,10 @@ from kvfx.bench.measure import environment, median, ratio
 __all__ = ["CASES", "PEAK_BANDWIDTH", "Shape", "default_grid", "markdown_table", "peak_bandwidth",
            "run_kernels", "write_outputs"]
 
-CASES = ("prefill", "prefill+scores", "decode", "decode+calib", "decode+quant", "decode+latent")
+CASES = ("prefill", "prefill+scores", "decode", "decode+calib", "decode+softcap", "decode+quant",
+         "decode+latent")
+SOFTCAP = 50.0  # decode+softcap: Gemma-2's attn_logit_softcapping
+_VS_DECODE = ("decode+calib", "decode+softcap", "decode+quant", "decode+latent")
 LATENT_KEEP = 0.5
 CPU_LABEL = "CPU reference path (kvfx ops run their PyTorch references, not Triton kernels)"
 PREFILL_MAX_CONTEXT = 32768  # CUDA default: prefill is quadratic, 128k x batch 16 would take minutes
@@ -186,7 +190,8 @@ def _make_case(case: str, s: Shape, device, quant_bits: int, group: int, window:
     if case == "decode+calib":
         calib = (torch.randn(B, Hq, d, generator=g, device=device), torch.randn(B, Hq, generator=g, device=device),
                  torch.ones(B, Hq, dtype=torch.bool, device=device))
-    kv_fn = lambda: decode_attention(q, k, v, lengths, scale=scale, calib=calib)
+    softcap = SOFTCAP if case == "decode+softcap" else None
+    kv_fn = lambda: decode_attention(q, k, v, lengths, scale=scale, calib=calib, softcap=softcap)
     return kv_fn, sd_fn, sd_bytes + _nbytes(lengths, *(calib or ())), sd_bytes, flops, case == "decode"
 
 
@@ -291,12 +296,13 @@ def run_kernels(shapes, *, device="cpu", cases=CASES, quant_bits: int = 2, group
 
 
 def _add_vs_decode(rows: list[dict]) -> None:
-    """decode+calib and decode+quant rows: their kvfx time ÷ plain kvfx decode's on the same shape."""
+    """decode+calib, decode+softcap, decode+quant and decode+latent rows: their kvfx time ÷ plain kvfx
+    decode's on the same shape."""
     shape = ("batch", "context", "head_dim", "q_heads", "kv_heads", "dtype")
     plain = {tuple(r[f] for f in shape): r for r in rows if r["case"] == "decode" and "kvfx_ms" in r}
     for r in rows:
         ref = plain.get(tuple(r[f] for f in shape))
-        if r["case"] in ("decode+calib", "decode+quant", "decode+latent") and "kvfx_ms" in r and ref is not None:
+        if r["case"] in _VS_DECODE and "kvfx_ms" in r and ref is not None:
             r["vs_decode"] = ratio(r["kvfx_ms"], ref["kvfx_ms"])
 
 
@@ -332,10 +338,10 @@ def markdown_table(result: dict) -> str:
     lines += ["", (
         "kvfx/SDPA: kvfx time ÷ SDPA time on the same inputs (< 1: kvfx faster). GB/s: bytes of every input "
         "read once ÷ time (decode+quant / decode+latent: kvfx reads the quantized / latent store, SDPA the "
-        "dense one); %peak: of the peak bandwidth above. ÷ kvfx decode: decode+calib / decode+quant / "
-        "decode+latent time ÷ plain kvfx decode on the same shape. max abs diff: kvfx output vs SDPA "
-        f"(prefill, decode only). quant: {m['quant_bits']}-bit K and V, group {m['group']}; latent: keep-rank "
-        f"{LATENT_KEEP}; scores window {m['window']}.")]
+        "dense one); %peak: of the peak bandwidth above. ÷ kvfx decode: decode+calib / decode+softcap / "
+        "decode+quant / decode+latent time ÷ plain kvfx decode on the same shape. max abs diff: kvfx output vs "
+        f"SDPA (prefill, decode only). softcap: {SOFTCAP:g} (SDPA runs uncapped). quant: {m['quant_bits']}-bit "
+        f"K and V, group {m['group']}; latent: keep-rank {LATENT_KEEP}; scores window {m['window']}.")]
     if cpu:
         lines.append(f"**{CPU_LABEL}**: these times are PyTorch reference math on CPU, not kernel speed.")
     return "\n".join(lines)

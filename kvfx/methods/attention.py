@@ -2,8 +2,11 @@
 
 Notation: B batch, Hq query heads, Hkv KV heads, g = Hq // Hkv (query head h reads KV head
 h // g), n_q / n_k query / key lengths, cap store capacity, d head dim.
-Logits are s = scale * q.kᵀ (+ bias). Every function returns `(o, lse)`: o in the input dtype,
-lse = log Σ_j exp(s_j) over the *visible* keys, natural log, fp32 (float64 for float64 input).
+Logits are s = scale * q.kᵀ (+ bias); with ``softcap=cap`` (Gemma-2's attn_logit_softcapping, the
+kernels' SOFTCAP) the prefill and decode references form s = cap * tanh(scale * q.kᵀ / cap) (+ bias)
+instead, before any mask, and every score below is formed from these capped logits.
+Every function returns `(o, lse)`: o in the input dtype, lse = log Σ_j exp(s_j) over the *visible*
+keys, natural log, fp32 (float64 for float64 input).
 A row that sees no key has o = 0 and lse = -inf. Math runs in fp32 (float64 for float64 input).
 Masked keys never reach o, even when their K/V hold NaN (unused store slots, pads).
 
@@ -22,6 +25,8 @@ masked keys and for rows that see no key (window_logits: -inf there, and whole r
 non-voting queries are -inf).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -49,13 +54,30 @@ def _expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x if g == 1 else x.repeat_interleave(g, dim=1)
 
 
-def _masked_attention(q, k, v, visible, scale, bias=None):
+def check_softcap(op: str, softcap) -> None:
+    """Shared by the references and the launchers: ``softcap`` None (no cap) or a finite float > 0."""
+    if softcap is None:
+        return
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) \
+            or softcap <= 0:
+        raise ValueError(f"{op}: softcap got {softcap!r}, expected None (no cap) or a finite float > 0 "
+                         "(the model's attn_logit_softcapping)")
+
+
+def _logits(q, k, scale, softcap=None):
+    """scale * q.kᵀ, soft-capped as cap * tanh(s / cap) when ``softcap`` is set (Hugging Face's order:
+    divide, tanh, multiply)."""
+    s = scale * (q @ k.transpose(-1, -2))
+    return s if softcap is None else torch.tanh(s / softcap) * softcap
+
+
+def _masked_attention(q, k, v, visible, scale, bias=None, softcap=None):
     """q (B, Hq, m, d); k, v (B, Hq, n, d); visible bool broadcastable to (B, Hq, m, n);
-    bias broadcastable to (B, Hq, m, n) or None. Returns (o, lse, p) in the compute dtype, p the
-    (B, Hq, m, n) probabilities (0 at masked keys and in rows that see no key)."""
+    bias broadcastable to (B, Hq, m, n) or None; softcap: see :func:`_logits`. Returns (o, lse, p) in
+    the compute dtype, p the (B, Hq, m, n) probabilities (0 at masked keys and in rows that see no key)."""
     k = torch.where(visible.any(dim=-2).unsqueeze(-1), k, 0)  # NaN in masked slots stays out
     v = torch.where(visible.any(dim=-2).unsqueeze(-1), v, 0)
-    s = scale * (q @ k.transpose(-1, -2))
+    s = _logits(q, k, scale, softcap)
     if bias is not None:
         s = s + bias
     s = s.masked_fill(~visible, float("-inf"))
@@ -66,7 +88,8 @@ def _masked_attention(q, k, v, visible, scale, bias=None):
     return p @ v, lse, p
 
 
-def prefill_attention_reference(q, k, v, *, scale, causal=True, kv_start=None, scores="none", window=32):
+def prefill_attention_reference(q, k, v, *, scale, causal=True, kv_start=None, scores="none", window=32,
+                                softcap=None):
     """Attention of every query over the prompt's keys, optionally with fused eviction scores.
 
     q: (B, Hq, n_q, d); k, v: (B, Hkv, n_k, d), Hq % Hkv == 0, any strides.
@@ -77,6 +100,8 @@ def prefill_attention_reference(q, k, v, *, scale, causal=True, kv_start=None, s
     scores: "none" | "window_colsum" (Σ of the last min(window, n_q) rows' probabilities) |
         "colsum" (Σ over all rows) | "last_row" (row n_q - 1) | "window_logits" (the logits of the
         last min(window, n_q) rows); window is ignored by colsum and last_row.
+    softcap: None, or the cap of soft-capped logits, s = cap * tanh(scale * q.kᵀ / cap) (the
+        output, lse and every score are those of the capped logits).
     Returns o (B, Hq, n_q, d) in q's dtype and lse (B, Hq, n_q) fp32 (float64 for float64 input),
     plus scores (B, Hq, n_k) in lse's dtype when scores != "none" (window_logits:
     (B, Hq, min(window, n_q), n_k)).
@@ -90,6 +115,7 @@ def prefill_attention_reference(q, k, v, *, scale, causal=True, kv_start=None, s
     (torch.Size([1, 2, 5]), 4.0)
     """
     check_score_args("prefill_attention_reference", scores, window)
+    check_softcap("prefill_attention_reference", softcap)
     cd = _compute_dtype(q)
     B, Hq, n_q, _ = q.shape
     n_k = k.shape[2]
@@ -112,14 +138,14 @@ def prefill_attention_reference(q, k, v, *, scale, causal=True, kv_start=None, s
         visible = key_ok[:, None, None, :]  # (B, 1, 1, n_k)
         if causal:
             visible = visible & (key[None, :] <= rows[:, None] + (n_k - n_q))[None, None]
-        o, lse, p = _masked_attention(q[:, :, i0:i1].to(cd), k, v, visible, scale)
+        o, lse, p = _masked_attention(q[:, :, i0:i1].to(cd), k, v, visible, scale, softcap=softcap)
         outs.append(o)
         lses.append(lse)
         if i1 > vote_lo:
             votes = (rows[None, :] >= vote_lo) & (rows[None, :] + (n_k - n_q) >= start[:, None])  # (B, m)
             if scores == "window_logits":
                 r0 = max(i0, vote_lo)
-                s = scale * (q[:, :, r0:i1].to(cd) @ k.transpose(-1, -2))
+                s = _logits(q[:, :, r0:i1].to(cd), k, scale, softcap)
                 ok = visible.expand(B, 1, i1 - i0, n_k)[:, :, r0 - i0:] & votes[:, None, r0 - i0:, None]
                 logits.append(s.masked_fill(~ok, float("-inf")))
             else:
@@ -134,12 +160,14 @@ def prefill_attention_reference(q, k, v, *, scale, causal=True, kv_start=None, s
     return o.to(q.dtype), lse.to(out_dtype), total.to(out_dtype)
 
 
-def decode_attention_reference(q, k, v, lengths, *, scale, bias=None, return_probs=False, calib=None):
+def decode_attention_reference(q, k, v, lengths, *, scale, bias=None, return_probs=False, calib=None,
+                               softcap=None):
     """One new query per sequence attends over a fixed-capacity store.
 
     q: (B, Hq, 1, d); k, v: (B, Hkv, cap, d) (the store); lengths: (B, Hkv) integer, slots
     [0, lengths[b, h]) are valid (clamped to [0, cap]); bias: optional additive fp32 (B, 1, cap)
     or (B, Hkv, cap), added to the scaled logits (-inf masks a slot).
+    softcap: None, or the cap of soft-capped logits, s = cap * tanh(scale * q.kᵀ / cap) + bias.
     calib: optional CaliDrop partition (o_e (B, Hq, d), lse_e (B, Hq), use (B, Hq) bool or
     integer, nonzero = use), e.g. `kvfx.methods.calidrop.lookup`'s; where use holds it is merged
     with the store's attention before the output is rounded to q's dtype (`merge_partitions`, in
@@ -161,6 +189,7 @@ def decode_attention_reference(q, k, v, lengths, *, scale, bias=None, return_pro
     if type(return_probs) is not bool:
         raise ValueError(f"decode_attention_reference: return_probs got {return_probs!r}, "
                          "expected True or False")
+    check_softcap("decode_attention_reference", softcap)
     cd = _compute_dtype(q)
     Hq, cap = q.shape[1], k.shape[2]
     slot = torch.arange(cap, device=q.device)
@@ -171,7 +200,7 @@ def decode_attention_reference(q, k, v, lengths, *, scale, bias=None, return_pro
         b = bias.to(cd)
         b = (b if b.shape[1] == 1 else _expand_kv(b, Hq)).unsqueeze(2)
     o, lse, p = _masked_attention(
-        q.to(cd), _expand_kv(k.to(cd), Hq), _expand_kv(v.to(cd), Hq), visible, scale, b
+        q.to(cd), _expand_kv(k.to(cd), Hq), _expand_kv(v.to(cd), Hq), visible, scale, b, softcap
     )
     if calib is not None:
         o_e, lse_e, use = calib

@@ -119,13 +119,13 @@ def decode_attention(store, q: torch.Tensor, mask, is_causal: bool, past_len: in
     g = q.shape[1] // store.kv_heads
     keep = _store_mask(store, mask, is_causal, q.shape[2], past_len, g)
     k, v = store.k[:, :, :n], store.v[:, :, :n]
-    if with_probs and keep is None and q.shape[2] == 1 and _use_kernel(q, k):
+    if with_probs and decode_kernel_applies(q, k, keep):
         from kvfx.templates.launch import decode_attention as kernel
 
         sm = scale if scale is not None else q.shape[-1] ** -0.5
         o, _, probs = kernel(q, k, v, store.count.to(torch.int32), scale=sm, return_probs=True)
         return o, probs[:, :, None, :]
-    if not with_probs and keep is None and q.shape[2] == 1 and _use_kernel(q, k):
+    if not with_probs and decode_kernel_applies(q, k, keep):
         from kvfx.templates.launch import decode_attention as kernel
 
         sm = scale if scale is not None else q.shape[-1] ** -0.5
@@ -177,12 +177,25 @@ def _use_kernel(q: torch.Tensor, k: torch.Tensor | None = None) -> bool:
     return q.dtype in DTYPE_NAMES and q.shape[-1] in HEAD_DIMS and g <= MAX_GQA_GROUP
 
 
+def decode_kernel_applies(q: torch.Tensor, k: torch.Tensor, keep) -> bool:
+    """The dense decode kernel reads a store for q (B, Hq, nq, d) over k (the store's held slots):
+    one query, no mask over the slots (``keep`` None: the kernel masks by the store's counts), and
+    :func:`_use_kernel`. Shared by every dense read (plain, calibrated, soft-capped)."""
+    return keep is None and q.shape[2] == 1 and _use_kernel(q, k)
+
+
+def prefill_kernel_applies(q: torch.Tensor, k: torch.Tensor, mask, is_causal: bool) -> bool:
+    """The prefill kernel runs a prompt's own attention: causal, no explicit mask, as many queries as
+    keys, and :func:`_use_kernel`. Shared by the plain and the soft-capped prefill."""
+    return mask is None and is_causal and q.shape[2] == k.shape[2] and _use_kernel(q, k)
+
+
 def prefill_attention(q, k, v, mask, *, scale, is_causal, scores: str = "none", window: int = 32):
     """The prompt's own attention, exactly as the model called it: the Triton prefill kernel
     when it applies (causal, no explicit mask, CUDA), with the eviction scores the compressor
     needs fused into it; else SDPA with the original arguments (and no votes: the scorer then
     computes them from q and k). Returns (out, votes or None)."""
-    if mask is None and is_causal and q.shape[2] == k.shape[2] and _use_kernel(q, k):
+    if prefill_kernel_applies(q, k, mask, is_causal):
         from kvfx.templates.launch import prefill_attention as kernel
 
         sm = scale if scale is not None else q.shape[-1] ** -0.5
@@ -232,7 +245,7 @@ def calibrated_decode(store, q: torch.Tensor, mask, is_causal: bool, past_len: i
         g = q.shape[1] // store.kv_heads
         keep = _store_mask(store, mask, is_causal, nq, past_len, g)
         k, v = store.k[:, :, :n], store.v[:, :, :n]
-        if keep is None and nq == 1 and _use_kernel(q, k):
+        if decode_kernel_applies(q, k, keep):
             from kvfx.templates.launch import decode_attention as kernel
 
             res = kernel(q, k, v, store.count.to(torch.int32), scale=sm, return_probs=with_probs,

@@ -11,7 +11,8 @@
     bookkeeping stay right) holding one element (stride 0). The full-precision history is no
     longer held by the model. Opaque to dynamo and inductor: nothing in it can recompile.
     ``softcap``: the site's logits are soft-capped, ``cap * tanh(s / cap)`` (Gemma-2); such a site
-    runs the reference of :mod:`kvfx.runtime.softcap` (no Triton kernel takes a cap).
+    runs :mod:`kvfx.runtime.softcap` (the dense Triton kernels with the cap where the runtime picks
+    a kernel, the PyTorch reference elsewhere).
     A sliding-window site (``SiteInfo.window``) maps the model's window-relative mask onto logical
     positions and rolls its store after each step (:mod:`kvfx.runtime.window`).
 """

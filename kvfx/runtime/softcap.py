@@ -4,14 +4,21 @@ with ``s = scale * q·kᵀ``.
 A site whose logits are soft-capped (:attr:`kvfx.passes.find_attention.AttentionMatch.softcap`)
 runs the same lifecycle as every site (:mod:`kvfx.runtime.lifecycle`: exact prefill, then the
 compressor writes what it keeps; decode appends, attends, finishes the step) with the cap applied
-wherever logits are formed. This is the PyTorch reference on every device: no Triton kernel takes
-a cap, so capped sites never take the kernel paths. Supported stores: the dense store (``full`` and
-eviction policies; H2O/TOVA read the capped probabilities). Quantized (``quant:``), low-rank
-(``lowrank:``) and calibrated (``calibration:``) layer policies read logits inside their own stores
-and kernels, which take no cap: the passes refuse them on a capped site at compile time
-(:func:`check_policy`). Prompt-time eviction scorers (SnapKV, PyramidKV, ...) score the uncapped
-logits: the cap is a monotone map of each logit, so their rankings per query are unchanged, but
-their summed probabilities are not the capped ones.
+wherever logits are formed. The attention itself makes the runtime's one kernel-or-reference
+decision (:func:`kvfx.runtime.attention.prefill_kernel_applies`,
+:func:`~kvfx.runtime.attention.decode_kernel_applies`): where it picks a kernel (CUDA; a causal
+prompt without a mask; one decode query without a mask over the store) the dense Triton prefill or
+decode kernel runs with the cap (their ``SOFTCAP`` constexpr, :mod:`kvfx.templates.launch`);
+everywhere else, and always on CPU, :func:`capped_attention` below, the PyTorch reference.
+Supported stores: the dense store (``full`` and eviction policies; H2O/TOVA read the capped
+probabilities, from the decode kernel's probabilities on the kernel path). Quantized (``quant:``),
+low-rank (``lowrank:``), calibrated (``calibration:``) and head-wise ragged (AdaKV) layer policies
+read logits inside their own stores and kernels, which take no cap: the passes refuse them on a
+capped site at compile time (:func:`check_policy`). Prompt-time eviction scorers (SnapKV,
+PyramidKV, ...) score the uncapped logits on every device (the prefill kernel could fuse capped
+scores, but is asked for none here, so CPU and CUDA select the same tokens): the cap is a monotone
+map of each logit, so their rankings per query are unchanged, but their summed probabilities are
+not the capped ones.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvfx.runtime.attention import _store_mask, key_valid
+from kvfx.runtime.attention import _store_mask, decode_kernel_applies, key_valid, prefill_kernel_applies
 
 
 def capped_attention(q: Tensor, k: Tensor, v: Tensor, keep, *, scale: float | None, softcap: float,
@@ -58,6 +65,33 @@ def check_policy(compressor) -> str:
     return ""
 
 
+def _prefill(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None, is_causal: bool,
+             softcap: float) -> Tensor:
+    """The prompt's own capped attention: the prefill kernel with the cap where it applies, else the
+    reference. No fused scores (the scorers score uncapped logits on every device)."""
+    if prefill_kernel_applies(q, k, mask, is_causal):
+        from kvfx.templates.launch import prefill_attention as kernel
+
+        sm = scale if scale is not None else q.shape[-1] ** -0.5
+        return kernel(q, k, v, scale=sm, causal=True, softcap=softcap)[0]
+    return capped_attention(q, k, v, mask, scale=scale, softcap=softcap, is_causal=is_causal)[0]
+
+
+def _read(store, q: Tensor, keep, scale: float | None, softcap: float, with_probs: bool):
+    """Capped attention of q over the store's held slots (``keep``: :func:`_store_mask`'s): the dense
+    decode kernel with the cap where it applies, else the reference. Returns (out, probs
+    (B, Hq, nq, n) fp32 or None)."""
+    n = store.length
+    k, v = store.k[:, :, :n], store.v[:, :, :n]
+    if decode_kernel_applies(q, k, keep):
+        from kvfx.templates.launch import decode_attention as kernel
+
+        sm = scale if scale is not None else q.shape[-1] ** -0.5
+        res = kernel(q, k, v, store.count.to(torch.int32), scale=sm, return_probs=with_probs, softcap=softcap)
+        return res[0], (res[2][:, :, None, :] if with_probs else None)
+    return capped_attention(q, k, v, keep, scale=scale, softcap=softcap, with_probs=with_probs)
+
+
 def capped_site_attention(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_len: int,
                           scale: float | None, is_causal: bool, softcap: float, where: str = "") -> Tensor:
     """:func:`kvfx.runtime.ops.site_attention` for a soft-capped site (dense store)."""
@@ -66,7 +100,7 @@ def capped_site_attention(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tenso
     B, _, nq, _ = q.shape
     if past_len == 0:
         store.reset()
-        out, _ = capped_attention(q, k, v, mask, scale=scale, softcap=softcap, is_causal=is_causal)
+        out = _prefill(q, k, v, mask, scale, is_causal, softcap)
         with torch.no_grad():
             c.prefill(store, q, k, v, key_valid(mask, B, nq, q.device), scale, None)
         store.seen = nq
@@ -74,11 +108,9 @@ def capped_site_attention(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tenso
     check_continues(store, past_len, B, where)
     with torch.no_grad():
         store.append(k, v, torch.arange(past_len, past_len + nq, device=q.device))
-        n = store.length
         g = q.shape[1] // store.kv_heads
         keep = _store_mask(store, mask, is_causal, nq, past_len, g)
-        out, probs = capped_attention(q, store.k[:, :, :n], store.v[:, :, :n], keep, scale=scale,
-                                      softcap=softcap, with_probs=c.needs_probs)
+        out, probs = _read(store, q, keep, scale, softcap, c.needs_probs)
         store.finish_step(c, nq, probs)
     store.seen += nq
     return out.contiguous()

@@ -71,6 +71,11 @@ def _dot_fp32(q) -> bool:
     return q.dtype == torch.bfloat16 and _interpreting()
 
 
+def _softcap_constexpr(softcap) -> float:
+    """The kernels' SOFTCAP constexpr: the cap as a float, 0.0 for none (that branch compiles away)."""
+    return 0.0 if softcap is None else float(softcap)
+
+
 def _device_ctx(q):
     return torch.cuda.device(q.device) if q.is_cuda else _Null()
 
@@ -87,7 +92,7 @@ def _warn_no_triton(op):
     warnings.warn(f"{op}: triton is not importable; running the PyTorch reference on CUDA", stacklevel=3)
 
 
-def prefill_attention(q, k, v, *, scale, causal=True, kv_start=None, scores="none", window=32):
+def prefill_attention(q, k, v, *, scale, causal=True, kv_start=None, scores="none", window=32, softcap=None):
     """Attention of every prompt query over the prompt's keys, with GQA and left padding, and
     optionally the eviction scores of SnapKV, H2O or TOVA from the same kernel.
 
@@ -103,6 +108,9 @@ def prefill_attention(q, k, v, *, scale, causal=True, kv_start=None, scores="non
         query rows i with i + n_k - n_q >= kv_start[b] vote (left-pad rows never do; their logit
         rows are all -inf). window: an int >= 1, read by window_colsum and window_logits (a
         runtime kernel argument: no recompile per window).
+    softcap: None, or a finite float > 0: soft-capped logits s_ij = softcap * tanh(scale·q_i·k_j /
+        softcap) (Gemma-2), before the mask; o, lse and the scores (window_logits: the capped
+        logits) are those of the capped logits. The kernel's SOFTCAP constexpr (one compile per cap).
     Returns o (B, Hq, n_q, d) in q's dtype and lse (B, Hq, n_q) fp32 (natural log); rows that
     see no key have o = 0 and lse = -inf. With scores != "none", also scores (B, Hq, n_k) fp32,
     0 at masked keys (window_logits: (B, Hq, w, n_k) fp32, -inf at masked keys). The kernel accumulates scores with fp32 atomics: colsum (and windows wider
@@ -120,6 +128,7 @@ def prefill_attention(q, k, v, *, scale, causal=True, kv_start=None, scores="non
     _check_common(op, q, k, v, "(B, Hq, n_q, d)", "(B, Hkv, n_k, d)")
     _check_scale(op, scale)
     ref.check_score_args(op, scores, window)
+    ref.check_softcap(op, softcap)
     B, Hq, n_q, d = q.shape
     Hkv, n_k = k.shape[1], k.shape[2]
     if kv_start is not None:
@@ -133,7 +142,7 @@ def prefill_attention(q, k, v, *, scale, causal=True, kv_start=None, scores="non
         if use_kernel and triton is None:
             _warn_no_triton(op)
         return ref.prefill_attention_reference(q, k, v, scale=scale, causal=causal, kv_start=kv_start,
-                                               scores=scores, window=window)
+                                               scores=scores, window=window, softcap=softcap)
 
     from kvfx.templates.render import load
 
@@ -164,7 +173,7 @@ def prefill_attention(q, k, v, *, scale, causal=True, kv_start=None, scores="non
             *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(), *score_args[1:],
             n_q, n_k, Hq, float(scale), *window_args,
             HEAD_DIM=d, GQA_GROUP=Hq // Hkv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            HAS_KV_START=starts is not None, DOT_FP32=_dot_fp32(q),
+            HAS_KV_START=starts is not None, DOT_FP32=_dot_fp32(q), SOFTCAP=_softcap_constexpr(softcap),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
@@ -195,7 +204,7 @@ def _check_calib(op, calib, q, dv=None):
                              f"{tuple(t.shape)} {t.dtype}")
 
 
-def decode_attention(q, k, v, lengths, *, scale, bias=None, return_probs=False, calib=None):
+def decode_attention(q, k, v, lengths, *, scale, bias=None, return_probs=False, calib=None, softcap=None):
     """One new query per sequence over a fixed-capacity KV store (split-K, GQA).
 
     q: (B, Hq, 1, d); k, v: (B, Hkv, cap, d) the store, Hq a multiple of Hkv; dtype fp32, fp16 or
@@ -214,6 +223,9 @@ def decode_attention(q, k, v, lengths, *, scale, bias=None, return_probs=False, 
         as one more partition of the split-K reduction (a `calibration=True` kernel), and o, lse
         are those of the union; elsewhere they are bit for bit those without calib. probs stay
         normalized over the store slots.
+    softcap: None, or a finite float > 0: soft-capped logits s_j = softcap * tanh(scale·q·k_j /
+        softcap) + bias (Gemma-2; the cap before the bias and the mask); o, lse and probs are those
+        of the capped logits. The kernel's SOFTCAP constexpr (one compile per cap).
     The number of splits comes from configs.decode_num_splits.
 
     >>> q = torch.randn(2, 4, 1, 64); k = v = torch.randn(2, 2, 32, 64)
@@ -246,13 +258,14 @@ def decode_attention(q, k, v, lengths, *, scale, bias=None, return_probs=False, 
         raise ValueError(f"{op}: return_probs got {return_probs!r}, expected True or False")
     if calib is not None:
         _check_calib(op, calib, q)
+    ref.check_softcap(op, softcap)
     use_kernel = q.is_cuda or os.environ.get("KVFX_FORCE_TRITON") == "1"
     triton = _triton_or_none(op) if use_kernel else None
     if triton is None or min(B, Hq, cap) == 0:
         if use_kernel and triton is None:
             _warn_no_triton(op)
         return ref.decode_attention_reference(q, k, v, lengths, scale=scale, bias=bias,
-                                              return_probs=return_probs, calib=calib)
+                                              return_probs=return_probs, calib=calib, softcap=softcap)
 
     from kvfx.templates.render import load
 
@@ -292,7 +305,7 @@ def decode_attention(q, k, v, lengths, *, scale, bias=None, return_probs=False, 
             *bias_strides, *o_part.stride(), *lse_part.stride(), *probs_args[1:],
             Hkv, cap, split_len, float(scale),
             HEAD_DIM=d, GQA_GROUP=g, BLOCK_G=block_g, BLOCK_N=cfg.block_n,
-            HAS_BIAS=b is not None, DOT_FP32=_dot_fp32(q),
+            HAS_BIAS=b is not None, DOT_FP32=_dot_fp32(q), SOFTCAP=_softcap_constexpr(softcap),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         module._kvfx_decode_attention_reduce_kernel[(B * Hq,)](

@@ -100,7 +100,8 @@ def ragged_decode_attention(q, k_pool, v_pool, start, count, *, scale, length=No
             *lens.stride(), *seg.stride(), 0, 0, 0, *o_part.stride(), *lse_part.stride(),
             Hkv, cap, split_len, float(scale),
             HEAD_DIM=d, GQA_GROUP=g, BLOCK_G=block_g, BLOCK_N=cfg.block_n, HAS_BIAS=False,
-            DOT_FP32=_dot_fp32(q), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            DOT_FP32=_dot_fp32(q), SOFTCAP=0.0,  # no cap: capped sites refuse head-wise budgets
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         module._kvfx_decode_attention_reduce_kernel[(B * Hq,)](
             o_part, lse_part, o, lse,

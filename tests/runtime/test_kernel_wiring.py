@@ -177,3 +177,139 @@ def test_adakv_decode_runs_the_ragged_kernel(monkeypatch, tmp_path, calibration)
     for key, (kind, count, pos) in runs["0"][1].items():
         assert kind is RaggedStore and len(set(count.reshape(-1).tolist())) > 1, (kind, count)
         assert torch.equal(count, runs["1"][1][key][1]) and torch.equal(pos, runs["1"][1][key][2]), key
+
+
+class _CapAttention(torch.nn.Module):
+    """Eager attention with Gemma-2's soft-capped logits (cap 2) over a list cache; the prompt is
+    causally masked, a decode step (one query) sees every cached key without a mask, which is
+    what lets the runtime pick the decode kernel."""
+
+    def __init__(self, dim=64, heads=4, kv_heads=2):
+        super().__init__()
+        self.h, self.hkv, self.d = heads, kv_heads, dim // heads
+        self.q = torch.nn.Linear(dim, heads * self.d, bias=False)
+        self.k = torch.nn.Linear(dim, kv_heads * self.d, bias=False)
+        self.v = torch.nn.Linear(dim, kv_heads * self.d, bias=False)
+        self.o = torch.nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x, past):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.h, self.d).transpose(1, 2)
+        k = self.k(x).view(B, T, self.hkv, self.d).transpose(1, 2)
+        v = self.v(x).view(B, T, self.hkv, self.d).transpose(1, 2)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        g = self.h // self.hkv
+        s = torch.matmul(q, k.repeat_interleave(g, dim=1).transpose(2, 3)) * self.d**-0.5
+        s = torch.tanh(s / 2.0) * 2.0
+        if T > 1:
+            s = s.masked_fill(torch.ones(T, k.shape[2], dtype=torch.bool).triu(k.shape[2] - T + 1), float("-inf"))
+        a = torch.matmul(torch.softmax(s, dim=-1, dtype=torch.float32), v.repeat_interleave(g, dim=1))
+        return x + self.o(a.transpose(1, 2).reshape(B, T, -1)), (k, v)
+
+
+class _CapDecoder(torch.nn.Module):
+    def __init__(self, vocab=64, dim=64, layers=2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.blocks = torch.nn.ModuleList([_CapAttention(dim) for _ in range(layers)])
+        self.head = torch.nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids, cache=None):
+        x, new = self.emb(ids) * 4.0, []  # large activations: the cap is far from the identity
+        for i, blk in enumerate(self.blocks):
+            x, kv = blk(x, None if cache is None else cache[i])
+            new.append(kv)
+        return self.head(x), new
+
+
+@pytest.mark.parametrize("policy", ["full", "h2o"])
+def test_soft_capped_decode_runs_the_kernel_with_the_cap(monkeypatch, tmp_path, policy):
+    """A soft-capped site (eager, Gemma-2's tanh cap) on the kernel path: each unmasked decode step
+    is the dense decode kernel with softcap=2 (H2O: with its probabilities), the prompt (masked) the
+    reference; logits equal the PyTorch path's and the eager model's, and H2O's store holds the same
+    tokens on both paths."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set")
+    import kvfx.templates.launch as launch
+    from kvfx.runtime.state import site_stores
+
+    monkeypatch.setenv("KVFX_CACHE_DIR", str(tmp_path))
+    calls = []
+    real = launch.decode_attention
+    def counted(*a, **kw):
+        calls.append((kw.get("softcap"), kw.get("return_probs")))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(launch, "decode_attention", counted)
+    pol = policy if policy == "full" else {"kvfx": 1, "name": "h", "extends": "h2o",
+                                           "budget": {"keep": 0.5, "sink": 2, "window": 4}}
+    ids = torch.randint(0, 64, (1, 24), generator=torch.Generator().manual_seed(6))
+    ref = _CapDecoder().eval()
+
+    def decode(model, steps=4):
+        logits, cache = model(ids)
+        out = [logits[:, -1]]
+        for _ in range(steps):
+            logits, cache = model(out[-1].argmax(-1, keepdim=True), cache)
+            out.append(logits[:, -1])
+        return torch.stack(out, 1), cache
+
+    with torch.no_grad():
+        want, _ = decode(ref)
+    runs = {}
+    for forced in ("0", "1"):
+        monkeypatch.setenv("KVFX_FORCE_TRITON", forced)
+        torch._dynamo.reset()
+        kvfx.reset()
+        calls.clear()
+        model = torch.compile(_CapDecoder().eval(), backend="kvfx", options={"policy": pol, "inner": "eager"})
+        with torch.no_grad():
+            out, cache = decode(model)
+        sites = kvfx.sites(model)
+        assert [s.rewritten for s in sites] == [True, True], kvfx.explain(model)
+        assert {s.softcap for s in sites} == {2.0}
+        held = {p: st.pos[:, :, :st.length].sort(-1).values.clone()
+                for p, st in site_stores([(k, v) for k, v in cache]).items()}
+        runs[forced] = (out, held, list(calls))
+    assert runs["0"][2] == []  # the PyTorch path never launches
+    assert runs["1"][2] == [(2.0, policy == "h2o")] * (2 * 4), runs["1"][2]  # 2 sites x 4 decode steps
+    torch.testing.assert_close(runs["1"][0], runs["0"][0], rtol=1e-4, atol=1e-4)
+    if policy == "full":
+        torch.testing.assert_close(runs["1"][0], want, rtol=1e-4, atol=1e-4)
+    assert len(runs["0"][1]) == 2
+    for key, pos in runs["0"][1].items():
+        assert torch.equal(pos, runs["1"][1][key]), key
+        full = ids.shape[1] + 4
+        assert pos.shape[-1] == full if policy == "full" else pos.shape[-1] < full, pos.shape  # h2o evicts
+
+
+def test_soft_capped_prefill_runs_the_kernel_with_the_cap(monkeypatch, tmp_path):
+    """A capped site's prompt without an explicit mask (causal) takes the prefill kernel with the cap
+    and no fused scores; its output is the reference's (the routing of kvfx.runtime.softcap)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set")
+    import kvfx.templates.launch as launch
+    from kvfx.runtime.compressor import Compressor
+    from kvfx.runtime.softcap import capped_attention, capped_site_attention
+    from kvfx.runtime.store import SiteStore
+
+    monkeypatch.setenv("KVFX_CACHE_DIR", str(tmp_path))
+    kinds = []
+    real = launch.prefill_attention
+    def counted(*a, **kw):
+        kinds.append((kw.get("softcap"), kw.get("scores", "none")))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(launch, "prefill_attention", counted)
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 4, 20, 32, generator=gen) * 6
+    k, v = (torch.randn(1, 2, 20, 32, generator=gen) for _ in range(2))
+    want, _ = capped_attention(q, k, v, None, scale=None, softcap=3.0, is_causal=True)
+    for forced, expect in (("0", []), ("1", [(3.0, "none")])):
+        monkeypatch.setenv("KVFX_FORCE_TRITON", forced)
+        kinds.clear()
+        got = capped_site_attention(Compressor(), SiteStore("s"), q, k, v, None, 0, None, True, 3.0)
+        assert kinds == expect, kinds
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
