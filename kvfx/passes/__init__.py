@@ -49,15 +49,14 @@ def _query_rope(m: AttentionMatch) -> tuple[tuple | None, str]:
                   + "; exact only without rotary embeddings")
 
 
-def window_refusal(compressor, softcap) -> str:
+def window_refusal(compressor, softcap=None) -> str:
     """Why a sliding-window site cannot run this layer policy ('' if it can). A window layer is
     rewritten only when its policy keeps every token (``full``, or ``quant:`` alone): the store then
-    holds the window (rolled with it, :mod:`kvfx.runtime.window`), quantized or not."""
+    holds the window (rolled with it, :mod:`kvfx.runtime.window`), quantized or not. (A soft-capped
+    window site is rewritten too: its dense path maps the same mask and rolls the same store;
+    ``quant:`` on a capped site is refused by :func:`kvfx.runtime.softcap.check_policy`.)"""
     from kvfx.runtime.compressor import Compressor
 
-    if softcap is not None:
-        return ("its logits are soft-capped and kvfx's soft-capped path does not roll a store with the "
-                "window yet")
     if getattr(compressor, "lowrank", False):
         return "low-rank latents (lowrank:) are not rolled with a window"
     if compressor.calib is not None:

@@ -387,17 +387,16 @@ def test_gemma2_soft_capped_eager_full_exact():
                        final_logit_softcapping=30.0, query_pre_attn_scalar=4)
     ref = _hf(cfg, "eager")
     model = torch.compile(copy.deepcopy(ref), backend="kvfx", options={"policy": "full", "inner": "eager"})
-    ids = torch.randint(1, 96, (1, 12))
+    ids = torch.randint(1, 96, (2, 30))  # longer than the window: the sliding store rolls
     with torch.no_grad():
-        want, _ = _hf_decode(ref, ids, 3)
-        got, _ = _hf_decode(model, ids, 3)
+        want, _ = _hf_decode(ref, ids, 10)
+        got, cache = _hf_decode(model, ids, 10)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     sites = kvfx.sites(model)
     assert all(s.softcap == 1.0 and s.pattern == "eager" for s in sites)
-    # Gemma-2 alternates sliding (layer 0) and global (layer 1) layers; the soft-capped path does
-    # not roll a store with the window, so the sliding layer keeps its own cache, with the reason
-    assert [(s.rewritten, s.provenance) for s in sites] == [(False, "sliding_window"), (True, "dynamic_cache")]
-    assert "soft-capped" in sites[0].reason
+    # Gemma-2 alternates sliding (layer 0) and global (layer 1) layers: both rewritten
+    assert [(s.rewritten, s.provenance) for s in sites] == [(True, "sliding_window"), (True, "dynamic_cache")]
+    assert kvfx.memory(cache)["sites"]["model.layers.0.self_attn"]["tokens_held"] == 7
 
 
 @pytest.mark.slow
