@@ -60,10 +60,15 @@ _INNER = ("inductor", "eager", "aot_eager")
 
 def _options(options) -> tuple[object, str]:
     options = dict(options) if options is not None and not isinstance(options, dict) else (options or {})
-    unknown = set(options) - {"policy", "inner"}
+    unknown = set(options) - {"policy", "inner", "tp"}
     if unknown:
         raise ValueError(f"kvfx backend: unknown option(s) {sorted(unknown)}; expected 'policy' "
-                         "(preset, path, dict or Policy) and 'inner' (inductor, eager, aot_eager)")
+                         "(preset, path, dict or Policy), 'inner' (inductor, eager, aot_eager) and 'tp' "
+                         "(tensor-parallel ranks, set by kvfx.compile)")
+    tp = options.get("tp", 1)
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"kvfx backend: option tp={tp!r}, expected an int >= 1 (the ranks the model's "
+                         "heads are sharded over; kvfx.compile sets it)")
     inner = options.get("inner", "inductor")
     if inner not in _INNER:
         raise ValueError(f"kvfx backend: option inner={inner!r}, expected one of {', '.join(_INNER)}")
@@ -108,7 +113,7 @@ def kvfx_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
     policy, inner = _options(options)
     _check_dynamic()
     try:
-        program = run_passes(gm, load_policy(policy))
+        program = run_passes(gm, load_policy(policy), tp=(options or {}).get("tp", 1))
     except PolicyError as e:
         raise CompilePolicyError(e) from None
     if isinstance(options, dict):
@@ -189,15 +194,20 @@ def compile(model: torch.nn.Module, policy="full", *, inner: str = "inductor", *
       its fallback).
 
     On a model sharded with tensor parallelism (``tp_plan``), a policy whose state spans KV heads
-    (ChunkKV, lowrank) is refused here (:func:`kvfx.distributed.check_tp_policy`).
+    (AdaKV, lowrank) is refused here (:func:`kvfx.distributed.check_tp_policy`); ChunkKV's chunk
+    scores are summed over the ranks (backend option ``tp``, which this sets; a plain
+    ``model.compile(backend="kvfx")`` of a sharded model does not, so use this function under TP).
 
     ``compile_kwargs`` go to ``torch.compile``. Returns ``model``."""
     load_policy(policy)  # a malformed policy fails here, before anything is compiled
-    from kvfx.distributed import check_tp_policy
+    from kvfx.distributed import check_tp_policy, tp_size
 
     check_tp_policy(model, policy)  # tensor parallelism: state that spans KV heads is refused here
     compile_kwargs.setdefault("isolate_recompiles", True)
-    model.compile(backend="kvfx", options={"policy": policy, "inner": inner}, **compile_kwargs)
+    options = {"policy": policy, "inner": inner}
+    if tp_size(model) > 1:  # ChunkKV's chunk scores are then summed over the ranks' KV heads
+        options["tp"] = tp_size(model)
+    model.compile(backend="kvfx", options=options, **compile_kwargs)
     compiled = model._compiled_call_impl
 
     def call(*args, **kwargs):

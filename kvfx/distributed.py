@@ -153,13 +153,16 @@ def check_tp_policy(model, policy) -> None:
     over several ranks (each rank sees only its own KV heads, so such state would silently differ
     from the single-process run). What is refused, and why:
 
-    * ``eviction.chunk`` (ChunkKV): a chunk's score is summed over all KV heads of the layer and
-      every head keeps the same chunks; a rank would sum its own heads only and keep other chunks.
     * ``budget.allocation: adaptive`` (AdaKV): a layer's budget goes to the top scores over all its
       KV heads jointly; a rank would share it among its own heads only.
     * ``lowrank:`` (ReCalKV): the calibrated factors of a head group project the hidden state to
       one latent shared by the group's KV heads, and the artifact holds every KV head of the
       layer; splitting factors per rank is not implemented.
+
+    ChunkKV (``eviction.chunk``), whose chunk score is summed over all KV heads of the layer, runs
+    sharded: :func:`kvfx.compile` passes the ranks to the backend, and the per-token sums are
+    all-reduced over them (:func:`kvfx.runtime.ranks.all_reduce_sum`), so every rank keeps the
+    chunks one process keeps.
 
     Everything else (per-head scores, per-layer budgets, CaliDrop's per-query-head stored queries,
     H2O/TOVA probabilities, LagKV partitions, KIVI groups) is per KV head or per layer and runs
@@ -174,12 +177,6 @@ def check_tp_policy(model, policy) -> None:
     paths = _attention_sites(model) or ["model.layers.0.self_attn"]
     for i, path in enumerate(paths):
         lp = pol.resolve(i, path, len(paths))
-        if getattr(lp.eviction, "chunk", None) is not None:
-            raise TPError(
-                f"policy {pol.name!r} at {path}: ChunkKV (eviction.chunk={lp.eviction.chunk}) ranks chunks by "
-                f"scores summed over all KV heads of a layer, but under tensor parallelism ({world} ranks) "
-                f"each rank holds only its own KV heads, so the ranks would keep different chunks than one "
-                f"process; fix: drop eviction.chunk (e.g. snapkv instead of chunkkv) or run without tp_plan")
         if getattr(lp.budget, "allocation", "uniform") == "adaptive" and lp.eviction.scorer != "none":
             raise TPError(
                 f"policy {pol.name!r} at {path}: AdaKV (budget.allocation: adaptive) shares a layer's budget "

@@ -138,7 +138,7 @@ def select_gather_reference(prio: torch.Tensor, budget: torch.Tensor, k: torch.T
     return k_out, v_out, pos, count
 
 
-def chunk_scores(scores: torch.Tensor, valid: torch.Tensor, chunk: int) -> torch.Tensor:
+def chunk_scores(scores: torch.Tensor, valid: torch.Tensor, chunk: int, reduce=None) -> torch.Tensor:
     """ChunkKV (arXiv 2502.00299): every token takes the score of its chunk, so that a top-k keeps
     whole chunks of ``chunk`` consecutive tokens.
 
@@ -150,11 +150,17 @@ def chunk_scores(scores: torch.Tensor, valid: torch.Tensor, chunk: int) -> torch
     its first tokens (a stable sort: ties go to the earlier token).
 
     scores (B, Hkv, n) (-inf at pads), valid (B, n) -> (B, Hkv, n) fp32, -inf at pads.
+    ``reduce``: called on the per-token sums over this process's KV heads (B, n) fp32, returning the
+    sums over all KV heads of the layer: under tensor parallelism an all-reduce over the ranks, each
+    of which holds some of the heads (:func:`kvfx.runtime.ranks.all_reduce_sum`), so every rank
+    keeps the chunks one process keeps.
     """
     B, H, n = scores.shape
     rank, _ = valid_rank(valid)
     cid = torch.where(valid, rank // chunk, 0)                                   # (B, n)
     per_token = scores.float().masked_fill(~valid[:, None], 0).sum(1)            # (B, n)
+    if reduce is not None:
+        per_token = reduce(per_token)
     n_chunks = max(1, -(-n // chunk))
     total = per_token.new_zeros(B, n_chunks).scatter_add_(1, cid, per_token)
     count = per_token.new_zeros(B, n_chunks).scatter_add_(1, cid, valid.float())

@@ -101,8 +101,12 @@ def _factors(lp):
     return load_factors(lp.lowrank.artifact)
 
 
-def run_passes(gm: GraphModule, policy) -> Program:
+def run_passes(gm: GraphModule, policy, tp: int = 1) -> Program:
     """Rewrite every cached attention site of ``gm`` in place according to ``policy``.
+
+    ``tp``: the ranks the model's attention heads are sharded over (tensor parallelism; set by
+    :func:`kvfx.compile` from the model): state that spans a layer's KV heads is then reduced over
+    the ranks (ChunkKV's chunk scores).
 
     Returns the graph's :class:`Program` (``program.infos``: every site found; ``program.sites``:
     the rewritten ones). Raises
@@ -142,6 +146,10 @@ def run_passes(gm: GraphModule, policy) -> Program:
                     "which this version of kvfx does not implement yet; use a preset from "
                     "`kvfx policy list` that only needs implemented features") from None
             _check_quant_fits(compressor, info, policy.name)
+            if tp > 1 and getattr(compressor, "chunk", None) is not None:
+                from kvfx.runtime.ranks import all_reduce_sum
+
+                compressor.chunk_reduce = all_reduce_sum  # chunk scores over every rank's KV heads
             if sliding and (why := window_refusal(compressor, m.softcap)):
                 asked = policy.targets_window(index, path, max(num_layers, index + 1))
                 if asked is not None:  # the user targeted this layer: an error, not a skipped layer

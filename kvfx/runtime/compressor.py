@@ -198,7 +198,7 @@ class Scored(Compressor):
             if scores is not None and scores.shape[1] != Hkv:
                 scores = group_reduce(scores, Hkv, self.group_reduce)
         if self.chunk is not None and scores is not None:
-            scores = chunk_scores(scores, valid, self.chunk)
+            scores = chunk_scores(scores, valid, self.chunk, getattr(self, "chunk_reduce", None))
         window = self._window(n_valid)
         # Select + gather (the select_gather kernel on CUDA): count = budget <= n_valid, since
         # only pads carry -inf (a -inf score from a scorer would be dropped); pos -1 past count.
@@ -295,7 +295,7 @@ class Scored(Compressor):
             if scores is not None:
                 scores = scores.masked_fill(~valid[:, None], float("-inf"))
         if self.chunk is not None and scores is not None:
-            scores = chunk_scores(scores, valid, self.chunk)
+            scores = chunk_scores(scores, valid, self.chunk, getattr(self, "chunk_reduce", None))
         budget = torch.minimum(self.budget(seen), cnt)
         window = torch.minimum(self._window(seen), cnt)
         prio = priority(scores, valid, sink=self.sink, window=window, kv_heads=Hkv)

@@ -35,6 +35,16 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks of the default process group (in place; every rank must call it
+    with a tensor of the same shape, in the same order): ChunkKV's per-token scores under tensor
+    parallelism, where each rank holds some of a layer's KV heads."""
+    import torch.distributed as dist
+
+    dist.all_reduce(t)
+    return t
+
+
 def all_ranks_memory(mem: dict) -> dict:
     """The totals of one rank's :func:`kvfx.memory` summed over all ranks (an ``all_reduce``;
     every rank must call it). Returns ``{"ranks", "per_rank_store_bytes", <summed keys>, "sites",

@@ -23,10 +23,10 @@ WORKER = Path(__file__).with_name("tp_worker.py")
 # SnapKV scores, H2O's accumulated decode probabilities, LagKV's partitions, KIVI's groups,
 # CaliDrop's stored queries) within its time budget; KVFX_TP_PRESETS=all runs every preset family
 # (~4 min on 2 busy cores), or a comma-separated list.
-CI_PRESETS = ["full", "pyramidkv", "h2o", "lagkv", "kivi4", "snapkv-calidrop"]
+CI_PRESETS = ["full", "pyramidkv", "h2o", "lagkv", "kivi4", "snapkv-calidrop", "chunkkv"]
 ALL_PRESETS = ["full", "snapkv", "pyramidkv", "h2o", "tova", "knorm", "lagkv", "streaming", "kivi4",
-               "snapkv-calidrop", "snapkv-ott2", "keydiff", "expected-attention"]
-REFUSED = ["chunkkv"]  # ChunkKV sums chunk scores over all KV heads: refused under TP (plus lowrank)
+               "snapkv-calidrop", "snapkv-ott2", "keydiff", "expected-attention", "chunkkv"]
+REFUSED = ["adakv-snapkv"]  # AdaKV shares a budget over all KV heads: refused under TP (plus lowrank)
 PROMPT, NEW = 300, 8  # longer than every preset's budget (streaming: 4 + 256, kivi4: 128 fp + groups)
 WORLD = 2
 
@@ -72,8 +72,9 @@ def tiny_llama(path: Path):
 def test_every_preset_under_tp2_matches_single_process(tmp_path):
     """Greedy tokens (and first logits) under TP=2 equal the single-process run for each preset,
     each rank's stores hold half the single-process KV bytes (kvfx.memory(all_ranks=True) sums the
-    ranks), explain() reports each rank's 2/1 heads, and ChunkKV and a ReCalKV (lowrank) policy
-    are refused at kvfx.compile with the reason (their state spans KV heads a rank does not hold)."""
+    ranks), explain() reports each rank's 2/1 heads (ChunkKV included: its chunk scores are summed
+    over the ranks), and AdaKV and a ReCalKV (lowrank) policy are refused at kvfx.compile with the
+    reason (their state spans KV heads a rank does not hold)."""
     from kvfx.calibrate import calibrate, save_artifact
 
     model = tiny_llama(tmp_path / "model")
@@ -139,7 +140,7 @@ def test_every_preset_under_tp2_matches_single_process(tmp_path):
 
 def test_without_a_process_group_tp_requests_are_refused_with_the_fix(monkeypatch):
     """One process: memory(all_ranks=True), --tp 2 and load_model_tp refuse with the fix; memory()
-    reports rank 0 of 1; a model marked as sharded (tp_size 2) refuses ChunkKV and lowrank at
+    reports rank 0 of 1; a model marked as sharded (tp_size 2) refuses AdaKV and lowrank at
     kvfx.compile, before anything is compiled, and accepts a per-head policy."""
     from zoo import hf_model
 
@@ -157,8 +158,8 @@ def test_without_a_process_group_tp_requests_are_refused_with_the_fix(monkeypatc
         load_model_tp("smollm2-135m")
     model = hf_model("llama", layers=2)
     model._tp_size = 2  # what from_pretrained(tp_plan="auto") sets on 2 ranks
-    for spec, why in (("chunkkv", "ChunkKV"), ({"kvfx": 1, "name": "lr", "lowrank": {"artifact": "x.safetensors"}},
-                                               "lowrank"), ("adakv-snapkv@0.25", "AdaKV")):
+    for spec, why in (({"kvfx": 1, "name": "lr", "lowrank": {"artifact": "x.safetensors"}}, "lowrank"),
+                      ("adakv-snapkv@0.25", "AdaKV")):
         with pytest.raises(TPError, match=f"{why}.*tensor.parallel.*fix:"):
             kvfx.compile(model, spec, inner="eager")
     check_tp_policy(model, "snapkv@0.25")
