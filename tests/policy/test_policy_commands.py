@@ -94,3 +94,17 @@ def test_policy_needs_a_subcommand():
     register(parser.add_subparsers(dest="command"))
     with pytest.raises(SystemExit):
         parser.parse_args(["policy"])
+
+
+def test_show_window_override_prints_both_layer_kinds(cli, capsys, tmp_path):
+    f = tmp_path / "w.yaml"
+    f.write_text("kvfx: 1\nname: w\nextends: snapkv\nlayers:\n  - window: true\n    eviction: {scorer: none}\n"
+                 "    quant: {keys: {bits: 2}, values: {bits: 2}}\n")
+    assert cli("show", f, "--layers", 4) == 0
+    cap = capsys.readouterr()
+    assert cap.out.splitlines()[1:] == [
+        "if global layers (not sliding-window):",
+        "  layers 0-3: snapkv keep=0.25 sink=4 window=32 pool=max7",
+        "if sliding-window layers:",
+        "  layers 0-3: quant keys=2bit/32ch values=2bit/32tok residual=128"]
+    assert cap.err == ""  # a window: override cannot be checked without the model: no warning
