@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from kvfx.eval.text import TEXT_SOURCES, filler_text, tokenize_prefix
+from kvfx.runtime.lifecycle import appending
 
 __all__ = ["long_text_ids", "perplexity_under_compression"]
 
@@ -89,12 +90,16 @@ def perplexity_under_compression(model, input_ids: torch.Tensor, *, prefix: int,
         nll = F.cross_entropy(out.logits[0, -1:].float(), ids[0, prefix : prefix + 1], reduction="sum")
         nll = nll.double()
         # Feed tokens prefix .. N-2; the logits of token i score token i + 1 (token N-1 is never fed).
-        for i in range(prefix, n - 1, chunk):
-            j = min(i + chunk, n - 1)
-            out = model(input_ids=ids[:, i:j], use_cache=True, **{kw: cache})
-            cache = _returned_cache(out, cache)
-            logits = out.logits[0, -(j - i) :].float()
-            nll = nll + F.cross_entropy(logits, ids[0, i + 1 : j + 1], reduction="sum").double()
+        # The continuation is appended as generated tokens are (kvfx.appending): a step of chunk > 1
+        # tokens before any one-token step would otherwise count as a prompt chunk and be compressed
+        # with the prompt (chunked prefill), which is not what a generation step sees.
+        with appending():
+            for i in range(prefix, n - 1, chunk):
+                j = min(i + chunk, n - 1)
+                out = model(input_ids=ids[:, i:j], use_cache=True, **{kw: cache})
+                cache = _returned_cache(out, cache)
+                logits = out.logits[0, -(j - i) :].float()
+                nll = nll + F.cross_entropy(logits, ids[0, i + 1 : j + 1], reduction="sum").double()
         nll_sum = float(nll)
     if cuda:
         torch.cuda.synchronize(ids.device)

@@ -73,6 +73,21 @@ def test_compressed_is_finite_deterministic_and_compressed(model, chunk):
     assert a["nll_sum"] != pytest.approx(full["nll_sum"], rel=1e-6)
 
 
+def test_continuation_chunks_are_appended_as_generation_steps(model):
+    """A continuation step of several tokens is appended as generated tokens are (not compressed as a
+    prompt chunk): every site holds the compressed prefix plus every continuation token, the same as
+    with one token per step."""
+    ids = _ids(seed=3)
+    comp = torch.compile(clone_model(model), backend="kvfx",
+                         options={"policy": policy_from_spec("snapkv@0.25"), "inner": "eager"})
+    held = {}
+    for chunk in (1, 16):
+        r = perplexity_under_compression(comp, ids, prefix=PREFIX, chunk=chunk, keep_cache=True)
+        held[chunk] = sorted(s["tokens_held"] for s in kvfx.memory(r["cache"])["sites"].values())
+    prefix_kept = max(round(0.25 * PREFIX), 4 + 32)  # the budget never goes below sink + window
+    assert held[16] == held[1] == [prefix_kept + N - 1 - PREFIX] * 2, held
+
+
 @pytest.mark.parametrize(
     "ids, kwargs, match",
     [
