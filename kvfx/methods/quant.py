@@ -384,6 +384,27 @@ class QuantConfig:
     per_group: int = 0  # outliers traced per key group (0: no outlier tracing)
     pool: int = 0  # outlier pool capacity per head
     norm: str = "l1"
+    residual_dtype: str = "model"  # "model", "float16" or "bfloat16": see held_dtype
+
+    def __post_init__(self):
+        if self.residual_dtype not in _HELD_DTYPES:
+            raise ValueError(f"residual_dtype: got {self.residual_dtype!r}, expected one of "
+                             + ", ".join(map(repr, _HELD_DTYPES)))
+
+    def held_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the full-precision residual and the outlier pool of a model in ``dtype`` are
+        held in: ``residual_dtype`` where it is narrower than ``dtype`` (an fp32 model with
+        "float16"), else ``dtype`` itself (a 16-bit model keeps its own; "model" changes nothing).
+
+            >>> QuantConfig(residual_dtype="float16").held_dtype(torch.float32)
+            torch.float16
+            >>> QuantConfig(residual_dtype="float16").held_dtype(torch.bfloat16)
+            torch.bfloat16
+        """
+        want = _HELD_DTYPES[self.residual_dtype]
+        if want is None or want.itemsize >= dtype.itemsize:
+            return dtype
+        return want
 
     @classmethod
     def from_policy(cls, q) -> "QuantConfig":
@@ -399,8 +420,13 @@ class QuantConfig:
                                       f"{per_word(q.keys.bits)})")
         o = q.outliers
         return cls(q.keys.bits, q.keys.group, q.values.bits, q.values.group, q.residual,
-                   o.per_group if o else 0, o.pool if o else 0, o.norm if o else "l1")
+                   o.per_group if o else 0, o.pool if o else 0, o.norm if o else "l1",
+                   q.residual_dtype)
 
     def describe(self) -> str:
         s = f"K{self.kbits}/G{self.kgroup} V{self.vbits}/G{self.vgroup} R{self.residual}"
-        return s + (f" outliers {self.per_group}/group pool {self.pool}" if self.per_group else "")
+        s += f" outliers {self.per_group}/group pool {self.pool}" if self.per_group else ""
+        return s + (f" held in {self.residual_dtype}" if self.residual_dtype != "model" else "")
+
+
+_HELD_DTYPES = {"model": None, "float16": torch.float16, "bfloat16": torch.bfloat16}

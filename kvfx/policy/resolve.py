@@ -183,6 +183,9 @@ class Policy:
         if budget.get("allocation") == "uniform" and budget.get("safeguard") == 0.2:
             # head-wise allocation (AdaKV) came later: a policy without it keeps its earlier hash
             canonical["budget"] = {k: v for k, v in budget.items() if k not in ("allocation", "safeguard")}
+        quant = canonical.get("quant") or {}
+        if quant.get("residual_dtype") == "model":  # quant.residual_dtype came later too
+            canonical["quant"] = {k: v for k, v in quant.items() if k != "residual_dtype"}
         text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         for k, v in dict(name=doc.name, hash=hashlib.sha256(text.encode()).hexdigest()[:12], source=source,
                          _label=label, _doc=doc, _base=base, _raw_layers=raw_layers,

@@ -203,6 +203,11 @@ class Quant(_Model):
     values: ValueQuant = Field(default_factory=ValueQuant)
     residual: int = Field(128, ge=1, description="recent full-precision tokens, a multiple of the key group")
     outliers: Optional[Outliers] = None
+    residual_dtype: Literal["model", "float16", "bfloat16"] = Field(
+        "model", description="dtype the full-precision residual and the outlier pool are held in: model "
+        "(the model's dtype) or float16/bfloat16, used where the model's dtype is wider (fp32: half the "
+        "residual's bytes; a 16-bit model keeps its own). Reads upcast to fp32. float16 refuses keys or "
+        "values beyond +-65504 (use bfloat16 then)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Quant":
@@ -372,7 +377,8 @@ class LayerPolicy(_Model):
             side = lambda s: f"{s.bits}bit/{s.group}{'ch' if s.axis == 'channel' else 'tok'}"  # noqa: E731
             o = q.outliers
             parts.append(f"quant keys={side(q.keys)} values={side(q.values)} residual={q.residual}"
-                         + (f" outliers={o.per_group}/{o.pool}{o.norm}" if o else ""))
+                         + (f" outliers={o.per_group}/{o.pool}{o.norm}" if o else "")
+                         + (f" residual_dtype={q.residual_dtype}" if q.residual_dtype != "model" else ""))
         if self.lowrank is not None:
             parts.append(f"lowrank artifact={self.lowrank.artifact or 'none'}")
         return " + ".join(parts) or "full"

@@ -30,6 +30,14 @@ the group's range ([Note] the OTT paper fills the slot with the group mean and m
 the clamped code so a token the pool cannot hold still takes part in attention, an approximation
 rather than a deletion).
 
+Held dtype: the residual (``rk``, ``rv``) and the pool's keys and values are in the model's dtype,
+or in ``quant.residual_dtype`` (:meth:`QuantConfig.held_dtype`: float16/bfloat16 where the model's
+dtype is wider), cast when written; every read upcasts them to fp32. Tokens that a decode flush
+moves out of the residual are quantized from their held (rounded) values, upcast exactly to the
+model's dtype; the prompt's tokens are quantized from the model's values. A float16 residual
+refuses a finite key or value beyond its range (|x| > 65504) with an error naming bfloat16.
+``held_bytes`` counts the tensors as held, so the narrower residual shows in ``kvfx.memory()``.
+
 Positions: ``pos`` (B, H, cap) int32 logical positions of the slots (-1: empty or pad), needed
 to apply the model's mask once eviction or padding has made slots differ from positions. When
 the kept slots are exactly positions 0..n−1 in every row (no eviction, no padding), ``pos`` is
@@ -83,7 +91,8 @@ class QuantStore:
         self.seen = 0
         self.cap = 0
         self.batch = self.kv_heads = 0
-        self.dtype = None
+        self.dtype = None  # the model's dtype (what the dense cache would hold)
+        self.held = None  # the residual's and the pool's dtype (cfg.held_dtype(self.dtype))
         self.extra: dict = {}  # no rolling caps on quantized stores (see build_compressor)
         self.extra_host: dict = {}
         self.slot_state: dict = {}
@@ -183,7 +192,7 @@ class QuantStore:
         buf = getattr(self, name)
         cap = _round_up(max(need, 1), 8)
         if buf is None or buf.shape[2] < need or buf.shape[2] > cap + 8:
-            grown = like.new_zeros(like.shape[0], like.shape[1], cap, like.shape[-1])
+            grown = like.new_zeros(like.shape[0], like.shape[1], cap, like.shape[-1], dtype=self.held)
             if buf is not None and keep:
                 grown[:, :, :keep] = buf[:, :, :keep]
             setattr(self, name, grown)
@@ -208,6 +217,8 @@ class QuantStore:
             raise NotImplementedError("kvfx: a quantized store keeps one token count per batch row; "
                                       "this compressor kept different counts per KV head")
         self.batch, self.kv_heads, self.dtype = B, H, k.dtype
+        self.held = c.held_dtype(k.dtype)
+        self._check_range(k, v)
         identity = bool((pos == torch.arange(m, device=k.device)).all())
         valid = pos >= 0
         if not identity:
@@ -271,10 +282,11 @@ class QuantStore:
 
             idx, keys, v = full(idx, -1), full(keys, 0), full(v, 0)
         if self.pool is None:
-            self.pool = OutlierPool(B, H, c.pool, keys.shape[-1], v.shape[-1], dtype=keys.dtype,
+            self.pool = OutlierPool(B, H, c.pool, keys.shape[-1], v.shape[-1], dtype=self.held,
                                     device=keys.device)
         idx = idx.reshape(B, H, -1)
-        keys = keys.reshape(B, H, idx.shape[-1], -1)
+        keys = keys.reshape(B, H, idx.shape[-1], -1).to(self.held)  # held as the residual is
+        v = v.to(self.held)
         safe = idx.clamp(min=0)
         vals = v.gather(2, safe[..., None].expand(*safe.shape, v.shape[-1]))
         slots = torch.where(idx >= 0, safe + start, -1)
@@ -302,6 +314,7 @@ class QuantStore:
         """q new tokens (B, H, q, d) at slots [n_b, n_b + q) of every row b (its own count)."""
         q = k.shape[2]
         sets = self._row_sets()
+        self._check_range(k, v)
         self._ensure(self.n + q, k, v)
         rk = self._residual("rk", k, max(n + q - nk for _, n, nk, _ in sets),
                             max(n - nk for _, n, nk, _ in sets))
@@ -324,13 +337,16 @@ class QuantStore:
             while n - nk >= R:
                 off = nk - nv  # values of the flushed slots are still in rv (nv <= nk)
                 valid = None if self.pos is None else self.pos[rows, :, nk:nk + R] >= 0
-                self._flush_keys(self.rk[rows, :, :R], self.rv[rows, :, off:off + R], nk, valid, rows)
+                # quantized from the held residual, in the model's dtype (an exact upcast): the
+                # quantizers (and the compiled flush) see one input dtype whatever residual_dtype is
+                self._flush_keys(self.rk[rows, :, :R].to(self.dtype), self.rv[rows, :, off:off + R].to(self.dtype),
+                                 nk, valid, rows)
                 rest = n - nk - R
                 self.rk[rows, :, :rest] = self.rk[rows, :, R:R + rest].clone()
                 nk += R
             t = n - nv - R
             if t > 0:
-                self._write_values(self.rv[rows, :, :t], nv, rows)
+                self._write_values(self.rv[rows, :, :t].to(self.dtype), nv, rows)
                 rest = n - nv - t
                 self.rv[rows, :, :rest] = self.rv[rows, :, t:t + rest].clone()
                 nv += t
@@ -373,8 +389,11 @@ class QuantStore:
                 for b, d in enumerate(drops):
                     if d:
                         self._drop_front(b, d)
-        if self.cap > self.window_cap and self.n <= self.window_cap:
-            self._alloc(self.rk, self.rv, self.window_cap)
+        if self.cap > self.window_cap and self.n <= self.window_cap:  # give a long prompt's slots back
+            d, dv = self.head_dims()
+            like_k = self.kcodes.new_empty((self.batch, self.kv_heads, 0, d), dtype=self.dtype)
+            like_v = self.kcodes.new_empty((self.batch, self.kv_heads, 0, dv), dtype=self.dtype)
+            self._alloc(like_k, like_v, self.window_cap)
 
     def _drop_front(self, b: int, d: int) -> None:
         """Drop the ``d`` oldest slots of batch row ``b`` (``d`` a multiple of the quantum, or every
@@ -409,6 +428,19 @@ class QuantStore:
             self.pool.norms[r] = self.pool.norms[r].masked_fill(gone, float("inf"))
         self.count[r] -= d
         self.row_n[b], self.row_nk[b], self.row_nv[b] = n - d, nk - dk, nv - dv
+
+    def _check_range(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """A float16 residual narrower than the model's dtype cannot hold a finite |x| > 65504 (it
+        would become inf and poison attention): refuse it, naming the fix (one host read)."""
+        if self.held != torch.float16 or self.dtype.itemsize <= 2:
+            return
+        top = torch.finfo(torch.float16).max
+        over = [(x.abs() > top) & torch.isfinite(x) for x in (k, v)]
+        if bool(torch.stack([o.any() for o in over]).any()):
+            side = "key" if bool(over[0].any()) else "value"
+            raise ValueError(f"kvfx: site {self.site_id}: quant.residual_dtype float16 cannot hold a {side} of "
+                             f"magnitude above {top:g} ({self.dtype} model); set residual_dtype: bfloat16 "
+                             "(the same bytes, fp32's range) or model")
 
     # ---- reads -----------------------------------------------------------------------------
     def view(self) -> QuantKV:

@@ -119,3 +119,13 @@ def test_presets_validate_against_json_schema():
 def test_policy_error_is_single_line():
     e = PolicyError("a\nb  c")
     assert str(e) == "a b c"
+
+
+def test_quant_residual_dtype_default_keeps_the_hash():
+    """quant.residual_dtype: model (the default) hashes as before the field existed (committed
+    results keep their policy_hash); float16 hashes differently and reaches the layer policy."""
+    assert load_policy("kivi2").hash == "758055d47cfb"  # the hash at commit 4be8556
+    assert load_policy("ott2").hash == "774f528033f9"
+    narrow = load_policy({"kvfx": 1, "name": "kivi2", "extends": "kivi2", "quant": {"residual_dtype": "float16"}})
+    assert narrow.hash != load_policy("kivi2").hash
+    assert narrow.resolve(0, "model.layers.0.self_attn", 1).quant.residual_dtype == "float16"

@@ -108,3 +108,20 @@ def test_show_window_override_prints_both_layer_kinds(cli, capsys, tmp_path):
         "if sliding-window layers:",
         "  layers 0-3: quant keys=2bit/32ch values=2bit/32tok residual=128"]
     assert cap.err == ""  # a window: override cannot be checked without the model: no warning
+
+
+def test_residual_dtype_in_schema_and_show(cli, capsys, tmp_path):
+    """quant.residual_dtype: documented by the schema (its values and description), printed by
+    show when it is not the default."""
+    assert cli("schema") == 0
+    schema = json.loads(capsys.readouterr().out)
+    field = schema["$defs"]["Quant"]["properties"]["residual_dtype"]
+    assert field["enum"] == ["model", "float16", "bfloat16"] and field["default"] == "model"
+    assert "outlier pool" in field["description"]
+    f = tmp_path / "p.yaml"
+    f.write_text("kvfx: 1\nname: p\nextends: ott2\nquant: {residual_dtype: float16}\n")
+    assert cli("show", f) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith(
+        "quant keys=2bit/32ch values=2bit/32tok residual=128 outliers=1/64l1 residual_dtype=float16")
+    assert cli("show", "kivi2") == 0
+    assert "residual_dtype" not in capsys.readouterr().out

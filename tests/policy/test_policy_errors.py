@@ -62,6 +62,7 @@ CASES = {
                                  r"< calibration\.threshold \(0\.9\)"),
     "residual_not_multiple.yaml": ("6:13", "quant.residual", "100",
                                    r"a multiple of quant\.keys\.group \(32\), e\.g\. 96 or 128$"),
+    "residual_dtype.yaml": ("5:19", "quant.residual_dtype", "'float8'", "one of model, float16, bfloat16$"),
     "schema_version_2.yaml": ("1:7", "kvfx", "2", "1, the schema version"),
     "top_level_list.yaml": ("1:1", "policy", "a list", "a mapping of policy keys"),
     "unknown_key.yaml": ("6:3", "eviction.pooling", "unknown key 'pooling'",
@@ -134,7 +135,7 @@ def test_error_parts_are_attributes():
     ({"extends": "snapkv", "quant": {"keys": {"bits": 16}}}, r"^<dict> quant\.keys\.bits: got 16"),
     ({"extends": "snapkv", "layers": [{"match": 0, "quant": {"keyz": {}}}]},
      r"^<dict> layers\[0\]\.quant\.keyz: got unknown key 'keyz', expected one of keys, values, residual, "
-     r"outliers \(did you mean keys\?\)$"),
+     r"outliers, residual_dtype \(did you mean keys\?\)$"),
     ({"extends": "snapkv", "layers": [{"match": 0, "quant": 4}]},
      r"^<dict> layers\[0\]\.quant: got 4, expected a mapping$"),
     ({"extends": "snapkv.yaml"},

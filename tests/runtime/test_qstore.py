@@ -175,10 +175,12 @@ PADDED = [  # (cfg, kept fraction)
     (QuantConfig(4, 32, 4, 32, residual=128, per_group=1, pool=8), 1),  # ott4
     (QuantConfig(2, 32, 2, 32, residual=32, per_group=1, pool=4), 0.5),  # snapkv-ott2, small R
     (QuantConfig(4, 16, 2, 32, residual=32), 0.3),  # evicting kivi, groups of 16
+    (QuantConfig(2, 32, 2, 32, residual=32, per_group=1, pool=4, residual_dtype="float16"), 0.5),
 ]
 
 
-@pytest.mark.parametrize("cfg,keep", PADDED, ids=["kivi2", "ott4", "evict-ott2-R32", "evict-kivi-R32"])
+@pytest.mark.parametrize("cfg,keep", PADDED, ids=["kivi2", "ott4", "evict-ott2-R32", "evict-kivi-R32",
+                                                  "evict-ott2-R32-fp16-residual"])
 def test_left_padded_rows_match_their_single_row_stores(cfg, keep):
     """KIVI's flushes counted in each row's own tokens: at prefill (150 tokens: nk = 128), during
     decode (100 -> 140 crosses 128), never (60, 20); every decode step's attention of a row equals
@@ -217,13 +219,15 @@ def test_uniform_rows_keep_one_vectorized_path():
     assert store.uniform and store.view().rows is None and store._row_sets() == [(slice(None), 150, 128, 86)]
 
 
-def test_quant_latents_with_left_padding_match_single_rows():
+@pytest.mark.parametrize("residual_dtype", ["model", "float16"])
+def test_quant_latents_with_left_padding_match_single_rows(residual_dtype):
     """The low-rank + quant path (a one-"head" QuantStore of latents) reads per-row counts too:
-    latent_quant_attention_reference of the padded batch equals each row's own store."""
+    latent_quant_attention_reference of the padded batch equals each row's own store (also with
+    the latents' residual and pool held in float16, quant.residual_dtype)."""
     from kvfx.methods.lowrank_attention import latent_quant_attention_reference
     from kvfx.runtime.attention import positions_mask
 
-    cfg = QuantConfig(2, 32, 2, 16, residual=32, per_group=1, pool=2)
+    cfg = QuantConfig(2, 32, 2, 16, residual=32, per_group=1, pool=2, residual_dtype=residual_dtype)
     lengths = (70, 40, 9)
     batch, alone, L = _padded_batch(cfg, lengths, 1, seed=3, d=32, H=1)
     heads, d, Hq = 2, 16, 4
@@ -240,6 +244,7 @@ def test_quant_latents_with_left_padding_match_single_rows():
     for b, n in enumerate(lengths):
         mask[b, ..., :L - n] = float("-inf")
     bias = positions_mask(pos[:, None], mask, False, 1, L, Hq)  # additive (the mask is)
+    assert batch.rk.dtype == (torch.float16 if residual_dtype == "float16" else torch.float32)
     out, _ = latent_quant_attention_reference(q, batch.view(), pos, cos, sin, qk, qv, scale=0.25, bias=bias)
     for b, (n, st_) in enumerate(zip(lengths, alone)):
         st_.append(batch.rk[b:b + 1, :, batch.row_n[b] - 1 - batch.row_nk[b]][:, :, None],
@@ -368,3 +373,109 @@ def test_value_group_that_does_not_divide_head_dim_fails_at_compile():
     with pytest.raises(Exception, match="head dim 16"):
         with torch.no_grad():
             model(torch.randint(1, 90, (1, 40)))
+
+
+# ---- quant.residual_dtype: the residual and the outlier pool held narrower ----------------------
+
+def _layout_bytes(s, held_itemsize):
+    """The bytes a QuantStore's layout holds (module docstring of kvfx.runtime.qstore): packed
+    codes (int32), fp16 statistics per group, the residual buffers and the outlier pool's keys and
+    values at ``held_itemsize`` bytes an element, the pool's int32 positions and fp32 norms, the
+    per-slot visibility mask (when some slot is hidden) and the int64 per-head counts."""
+    c = s.cfg
+    B, H = s.batch, s.kv_heads
+    d, dv = s.head_dims()
+    cap, capv = s.cap, max(0, s.cap - c.residual)
+    total = B * H * (cap // (32 // c.kbits) * d + capv * dv // (32 // c.vbits)) * 4  # codes
+    total += B * H * 2 * (cap // c.kgroup * d + capv * dv // c.vgroup) * 2  # scale + min, fp16
+    total += B * H * (s.rk.shape[2] * d + s.rv.shape[2] * dv) * held_itemsize  # residual
+    if c.per_group:
+        total += B * H * c.pool * ((d + dv) * held_itemsize + 4 + 4)  # pool keys, values, pos, norms
+    if s.ok is not None:
+        total += B * H * cap  # bool
+    return total + B * H * 8  # count
+
+
+@pytest.mark.parametrize("per_group,pool", [(0, 0), (1, 16)], ids=["kivi2", "ott2"])
+@pytest.mark.parametrize("model_dtype,residual_dtype,held", [
+    (torch.float32, "model", torch.float32), (torch.float32, "float16", torch.float16),
+    (torch.float32, "bfloat16", torch.bfloat16), (torch.bfloat16, "float16", torch.bfloat16),
+    (torch.float16, "bfloat16", torch.float16)])
+def test_residual_dtype_bytes_follow_the_layout(per_group, pool, model_dtype, residual_dtype, held):
+    """Bytes held equal the layout's formula with the residual and pool at the held dtype's
+    itemsize (the narrower dtype only where the model's is wider); the slot counts do not depend
+    on the dtype, so float16 under fp32 saves exactly 2 bytes per residual and pool element."""
+    cfg = QuantConfig(2, 32, 2, 32, residual=128, per_group=per_group, pool=pool, residual_dtype=residual_dtype)
+    m, steps = 600, 40
+    store, k, v = _fill(cfg, 2, 3, m, steps, dtype=model_dtype)
+    for t in range(m, m + steps):
+        store.append(k[:, :, t:t + 1], v[:, :, t:t + 1], torch.tensor([t]))
+        store.flush()
+    assert store.rk.dtype == store.rv.dtype == held and store.dtype == model_dtype
+    if per_group:
+        assert store.pool.keys.dtype == store.pool.values.dtype == held
+    assert store.held_bytes() == _layout_bytes(store, held.itemsize)
+    if model_dtype == torch.float32 and residual_dtype != "model":
+        wide, _, _ = _fill(QuantConfig(2, 32, 2, 32, residual=128, per_group=per_group, pool=pool), 2, 3, m, steps)
+        for t in range(m, m + steps):
+            wide.append(k[:, :, t:t + 1], v[:, :, t:t + 1], torch.tensor([t]))
+            wide.flush()
+        elems = 2 * 3 * 64 * (store.rk.shape[2] + store.rv.shape[2] + 2 * pool)
+        assert wide.rk.shape == store.rk.shape and wide.rv.shape == store.rv.shape
+        assert wide.held_bytes() - store.held_bytes() == 2 * elems
+
+
+def test_float16_residual_refuses_values_beyond_its_range():
+    """A finite fp32 key beyond float16's range would be held as inf: refused, naming bfloat16
+    (which holds it; so does the model's dtype)."""
+    k = torch.randn(1, 2, 200, 64)
+    v = torch.randn(1, 2, 200, 64)
+    k[0, 1, 150, 3] = 1e5  # a residual slot (R = 128: slots 128..199)
+    pos, count = torch.arange(200).expand(1, 2, 200), torch.full((1, 2), 200)
+    store = QuantStore("model.layers.0.self_attn", QuantConfig(residual=128, residual_dtype="float16"))
+    with pytest.raises(ValueError, match=r"site model.layers.0.self_attn: quant.residual_dtype float16 cannot "
+                       r"hold a key of magnitude above 65504 \(torch.float32 model\); set residual_dtype: bfloat16"):
+        store.write_kept(k, v, pos, count, 201)
+    store.write_kept(k[:, :, :199].clone().fill_(1.0), v[:, :, :199], pos[:, :, :199], count - 1, 201)
+    big = torch.full((1, 2, 1, 64), -7e4)
+    with pytest.raises(ValueError, match="cannot hold a value of magnitude"):
+        store.append(torch.zeros(1, 2, 1, 64), big, torch.tensor([199]))
+    for held in ("bfloat16", "model"):
+        ok = QuantStore("t", QuantConfig(residual=128, residual_dtype=held))
+        ok.write_kept(k, v, pos, count, 201)
+        assert float(ok.rk.float().abs().max()) == pytest.approx(1e5, rel=2**-8)
+
+
+def test_residual_dtype_float16_in_a_compiled_fp32_model():
+    """kivi2 and ott2 with quant.residual_dtype float16 on an fp32 model: teacher-forced logits
+    move from the fp32-residual run by less than a tenth of what 2-bit quantization itself moves
+    them (the rounding of the residual is small next to the quantization), the store holds fp16
+    residual and pool tensors, and kvfx.memory() counts exactly the bytes saved."""
+    ids = torch.randint(1, 90, (1, 300), generator=torch.Generator().manual_seed(1))
+    seq = torch.cat([ids, torch.randint(1, 90, (1, 20), generator=torch.Generator().manual_seed(2))], 1)
+    ref = _teacher_logits(_llama(), seq, 300)
+    for preset in ("kivi2", "ott2"):
+        got, mem, stores = {}, {}, {}
+        for held in ("model", "float16"):
+            kvfx.reset()
+            torch._dynamo.reset()
+            model = _llama()
+            policy = {"kvfx": 1, "name": f"{preset}-{held}", "extends": preset, "quant": {"residual_dtype": held}}
+            model.compile(backend="kvfx", options={"policy": policy, "inner": "eager"})
+            caches = []
+            got[held] = _teacher_logits(model, seq, 300, caches)
+            mem[held] = kvfx.memory(caches[0])
+            stores[held] = list(kvfx.runtime.state.site_stores(caches[0]).values())
+        quant_err = (got["model"] - ref).abs().max().item()
+        held_err = (got["float16"] - got["model"]).abs().max().item()
+        assert held_err < 0.1 * quant_err, (preset, held_err, quant_err)
+        saved = 0
+        for wide, narrow in zip(stores["model"], stores["float16"]):
+            assert narrow.rk.dtype == narrow.rv.dtype == torch.float16 and wide.rk.dtype == torch.float32
+            elems = sum(t.numel() for t in (narrow.rk, narrow.rv))
+            if narrow.pool is not None:
+                assert narrow.pool.keys.dtype == torch.float16
+                elems += narrow.pool.keys.numel() + narrow.pool.values.numel()
+            saved += 2 * elems
+        assert mem["model"]["held_bytes"] - mem["float16"]["held_bytes"] == saved > 0
+        assert mem["model"]["dense_bytes"] == mem["float16"]["dense_bytes"]

@@ -552,3 +552,29 @@ def test_quant_render_is_deterministic_and_structural(spec):
         assert ("def _kvfx_quant_compress_values_kernel(" in code) == bool(spec.value_bits)
         assert ("OUT_IDX" in code) == (spec.outlier_norm != "none")
         assert ("tl.sqrt_rn" in code) == (spec.outlier_norm == "l2")
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(decode_cases(), st.sampled_from([torch.float16, torch.bfloat16]))
+def test_quant_decode_reads_a_narrow_residual(c, held):
+    """quant.residual_dtype: an fp32 query over a store whose residual and outlier pool are held in
+    float16/bfloat16 (tests/held_dtype.py). The kernel passes the oracle against the float64 golden
+    of that store, and its output is within held_dtype.rounding_bound (the exact output's move
+    under the rounding) plus its own measured error of the fp32-residual store's golden output."""
+    from held_dtype import narrow, rounding_bound
+
+    c = dict(c, dtype="fp32")
+    q, kv = build_store(c)
+    kv_n = narrow(kv, held)
+    scale = c["d"] ** -0.5
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(configs, "MIN_TOKENS_PER_SPLIT", c["min_split"])
+        mp.setattr(configs, "QUANT_DECODE_CONFIGS", (configs.AttnConfig(0, c["block_n"], 4, 1),))
+        got = launch_quant.quant_decode_attention(q, kv_n, scale=scale)
+    o_n, l_n, V, mag = dense_golden(q, kv_n, scale)
+    check_quant_attention(got, quant_attention_reference(q, kv_n, scale=scale), (o_n, l_n), V, mag, c["d"],
+                          f"narrow residual {held} {c}")
+    o_w = dense_golden(q, kv, scale)[0]
+    own = float((got[0].double() - o_n).abs().max()) if o_n.numel() else 0.0
+    err = float((got[0].double() - o_w).abs().max()) if o_w.numel() else 0.0
+    assert err <= rounding_bound(q, kv, scale, held) + own + 1e-12, (err, own)
