@@ -194,8 +194,8 @@ def test_sliding_window_quantized_error_as_on_a_global_layer():
         assert 80 <= e["tokens_held"] <= 80 + 32 + 1 and e["capacity"] == 128
 
 
-@pytest.mark.parametrize("outliers", [False, True])
-def test_quant_store_rolls_with_the_window(outliers):
+@pytest.mark.parametrize("outliers,residual_dtype", [(False, "model"), (True, "model"), (True, "float16")])
+def test_quant_store_rolls_with_the_window(outliers, residual_dtype):
     """The store's own contents after every step: each slot's dequantized key/value is the token
     at its recorded position (within the 4-bit error), a row's slots are the consecutive positions
     ending at the newest token and covering the window, and attention under the window mask equals
@@ -206,7 +206,7 @@ def test_quant_store_rolls_with_the_window(outliers):
     from kvfx.runtime.window import window_mask
 
     doc = {"kvfx": 1, "name": "q", "extends": "ott4" if outliers else "kivi4",
-           "quant": {"values": {"group": 8}, "residual": 32}}
+           "quant": {"values": {"group": 8}, "residual": 32, "residual_dtype": residual_dtype}}
     if outliers:
         doc["quant"]["outliers"] = {"per_group": 1, "pool": 8, "norm": "l1"}
     cfg = QuantConfig.from_policy(kvfx.load_policy(doc).resolve(0, "a", 1).quant)
@@ -228,8 +228,8 @@ def test_quant_store_rolls_with_the_window(outliers):
             n, nk, nv = st.row_n[b], st.row_nk[b], st.row_nv[b]
             p = st.pos[b, 0, :n].long()
             assert p.tolist() == list(range(t - n + 1, t + 1)) and p[0] <= t - w
-            keys = torch.cat([dequant_keys(kv, 0, nk)[b] if nk else K[b, :, :0], st.rk[b, :, :n - nk]], 1)
-            vals = torch.cat([dequant_values(kv, 0, nv)[b] if nv else V[b, :, :0], st.rv[b, :, :n - nv]], 1)
+            keys = torch.cat([dequant_keys(kv, 0, nk)[b] if nk else K[b, :, :0], st.rk[b, :, :n - nk].float()], 1)
+            vals = torch.cat([dequant_values(kv, 0, nv)[b] if nv else V[b, :, :0], st.rv[b, :, :n - nv].float()], 1)
             assert (keys - K[b][:, p]).abs().max() < 0.5 and (vals - V[b][:, p]).abs().max() < 0.5
             assert n <= w + st.quantum + 1
         q = torch.randn(B, 2 * Hk, 1, d)
@@ -245,6 +245,8 @@ def test_quant_store_rolls_with_the_window(outliers):
         st.seen += 1
         st.roll_window(w)
         assert st.cap == st.window_cap
+    if residual_dtype == "float16":
+        assert st.rk.dtype == torch.float16 and st.pool.keys.dtype == torch.float16
     if outliers:  # the pool held entries, and none points at a dropped slot
         assert st.pool is not None and bool((st.pool.pos < torch.tensor(st.row_n)[:, None, None]).all())
 
