@@ -62,9 +62,7 @@ def window_refusal(compressor, softcap=None) -> str:
     if compressor.calib is not None:
         return "CaliDrop's statistics of evicted tokens are not defined for tokens that leave a window"
     if type(compressor) is not Compressor:
-        return ("eviction inside a sliding window is not defined by kvfx (the window already bounds the "
-                "layer; which tokens to evict from it, and a budget relative to what, has no method "
-                "definition)")
+        return "eviction inside a sliding window is not defined (the window already bounds the layer)"
     return ""
 
 
@@ -158,9 +156,8 @@ def run_passes(gm: GraphModule, policy, tp: int = 1) -> Program:
                         f"site {path} (layer {index}) for {lp.describe()}, but {why}; on sliding-window layers "
                         "use full or quant: alone (eviction.scorer: none, no calibration:/lowrank:)")
                 reason = (f"sliding-window layer (the model's cache keeps the last {ks.window} tokens) under "
-                          f"{lp.describe()}: {why}; kvfx compresses sliding-window layers with quant: alone "
-                          "(target them with a layers: override `window: true`), so this layer keeps its "
-                          "dense window cache")
+                          f"{compressor.name}: {why}; it keeps its dense window cache (to quantize it: a "
+                          "layers: override with `window: true` and quant:)")
             if not reason and m.softcap is not None:
                 from kvfx.runtime.softcap import check_policy
 
