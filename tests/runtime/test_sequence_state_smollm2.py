@@ -171,3 +171,26 @@ def test_unrelated_compiled_function_still_falls_back(smol):
     f = torch.compile(lambda x: x + 1, backend="eager", dynamic=False)
     for n in range(1, torch._dynamo.config.recompile_limit + 3):
         assert torch.equal(f(torch.zeros(n)), torch.ones(n))
+
+
+@pytest.mark.parametrize("policy", ["expected-attention@0.25", "adakv-snapkv@0.25"])
+def test_interleaved_sequences_newer_stores(smol6, policy):
+    """Interleaved sequences on one compiled model give each sequence its tokens alone, for the
+    scorer that reads the queries' RoPE (Expected Attention) and the head-wise ragged store (AdaKV)."""
+    model, tok = smol6
+    xs = {"a": _prompt(tok, 120, 1), "b": _prompt(tok, 120, 2), "c": _prompt(tok, 90, 3)}
+    m = _compiled(model, policy)
+    alone = {k: _gen(m, x).sequences for k, x in xs.items()}
+    assert len({tuple(alone[k][0, -6:].tolist()) for k in xs}) == 3
+    assert all(s.rewritten for s in kvfx.sites(m)), kvfx.explain(m)
+    caches = {k: DynamicCache(config=model.config) for k in xs}
+    toks = {}
+    with torch.no_grad():
+        for k, x in xs.items():
+            toks[k] = [m(input_ids=x, use_cache=True, past_key_values=caches[k]).logits[:, -1].argmax(-1)]
+        for _ in range(5):
+            for k in xs:
+                nxt = m(input_ids=toks[k][-1][:, None], use_cache=True, past_key_values=caches[k])
+                toks[k].append(nxt.logits[:, -1].argmax(-1))
+    for k in xs:
+        assert torch.equal(torch.stack(toks[k], 1), alone[k][:, -6:]), (policy, k)
