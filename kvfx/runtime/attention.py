@@ -119,17 +119,13 @@ def decode_attention(store, q: torch.Tensor, mask, is_causal: bool, past_len: in
     g = q.shape[1] // store.kv_heads
     keep = _store_mask(store, mask, is_causal, q.shape[2], past_len, g)
     k, v = store.k[:, :, :n], store.v[:, :, :n]
-    if with_probs and decode_kernel_applies(q, k, keep):
+    if decode_kernel_applies(q, k, keep, mask):
         from kvfx.templates.launch import decode_attention as kernel
 
         sm = scale if scale is not None else q.shape[-1] ** -0.5
-        o, _, probs = kernel(q, k, v, store.count.to(torch.int32), scale=sm, return_probs=True)
-        return o, probs[:, :, None, :]
-    if not with_probs and decode_kernel_applies(q, k, keep):
-        from kvfx.templates.launch import decode_attention as kernel
-
-        sm = scale if scale is not None else q.shape[-1] ** -0.5
-        return kernel(q, k, v, store.count.to(torch.int32), scale=sm)[0], None
+        res = kernel(q, k, v, store.count.to(torch.int32), scale=sm, bias=kernel_bias(keep, g),
+                     return_probs=with_probs)
+        return res[0], (res[2][:, :, None, :] if with_probs else None)
     o, _, probs = grouped_attention_reference(q, k, v, scale=default_scale(q, scale), keep=keep,
                                               return_probs=with_probs)
     return o, probs
@@ -177,11 +173,29 @@ def _use_kernel(q: torch.Tensor, k: torch.Tensor | None = None) -> bool:
     return q.dtype in DTYPE_NAMES and q.shape[-1] in HEAD_DIMS and g <= MAX_GQA_GROUP
 
 
-def decode_kernel_applies(q: torch.Tensor, k: torch.Tensor, keep) -> bool:
+def decode_kernel_applies(q: torch.Tensor, k: torch.Tensor, keep, mask=None) -> bool:
     """The dense decode kernel reads a store for q (B, Hq, nq, d) over k (the store's held slots):
-    one query, no mask over the slots (``keep`` None: the kernel masks by the store's counts), and
-    :func:`_use_kernel`. Shared by every dense read (plain, calibrated, soft-capped)."""
-    return keep is None and q.shape[2] == 1 and _use_kernel(q, k)
+    one query and :func:`_use_kernel`. A mask over the slots (``keep``, :func:`_store_mask`'s) goes
+    to the kernel as an additive bias per KV head (:func:`kernel_bias`), which holds when the
+    model's ``mask`` is the same for every query head (one head, or broadcast: padding, causal,
+    sliding-window masks); a mask per query head (a per-head bias) runs the reference. Shared by
+    every dense read (plain, calibrated, soft-capped)."""
+    if q.shape[2] != 1 or not _use_kernel(q, k):
+        return False
+    return keep is None or mask is None or mask.dim() < 4 or mask.shape[1] == 1
+
+
+def kernel_bias(keep, g: int):
+    """The decode kernel's bias (B, Hkv, n) fp32 for ``keep`` (B, Hq, 1, n) over the store slots
+    (None: no mask). ``keep`` comes from positions per KV head repeated over its ``g`` query heads
+    and a mask shared by the query heads (:func:`decode_kernel_applies`), so each group's rows are
+    equal and the first one is taken. Boolean: 0 or -inf; float: its values."""
+    if keep is None:
+        return None
+    kk = keep[:, ::g, 0, :]
+    if kk.dtype == torch.bool:
+        return torch.zeros(kk.shape, dtype=torch.float32, device=kk.device).masked_fill(~kk, float("-inf"))
+    return kk.float()
 
 
 def prefill_kernel_applies(q: torch.Tensor, k: torch.Tensor, mask, is_causal: bool) -> bool:
@@ -245,11 +259,11 @@ def calibrated_decode(store, q: torch.Tensor, mask, is_causal: bool, past_len: i
         g = q.shape[1] // store.kv_heads
         keep = _store_mask(store, mask, is_causal, nq, past_len, g)
         k, v = store.k[:, :, :n], store.v[:, :, :n]
-        if decode_kernel_applies(q, k, keep):
+        if decode_kernel_applies(q, k, keep, mask):
             from kvfx.templates.launch import decode_attention as kernel
 
-            res = kernel(q, k, v, store.count.to(torch.int32), scale=sm, return_probs=with_probs,
-                         calib=rows[0])
+            res = kernel(q, k, v, store.count.to(torch.int32), scale=sm, bias=kernel_bias(keep, g),
+                         return_probs=with_probs, calib=rows[0])
             return res[0], (res[2][:, :, None, :] if with_probs else None)
         o_c, lse_c, probs = grouped_attention_reference(q, k, v, scale=sm, keep=keep, return_lse=True,
                                                         return_probs=with_probs)

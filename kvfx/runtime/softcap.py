@@ -7,7 +7,7 @@ compressor writes what it keeps; decode appends, attends, finishes the step) wit
 wherever logits are formed. The attention itself makes the runtime's one kernel-or-reference
 decision (:func:`kvfx.runtime.attention.prefill_kernel_applies`,
 :func:`~kvfx.runtime.attention.decode_kernel_applies`): where it picks a kernel (CUDA; a causal
-prompt without a mask; one decode query without a mask over the store) the dense Triton prefill or
+prompt without a mask; one decode query, its mask over the store as the kernel's bias) the dense Triton prefill or
 decode kernel runs with the cap (their ``SOFTCAP`` constexpr, :mod:`kvfx.templates.launch`);
 everywhere else, and always on CPU, :func:`capped_attention` below, the PyTorch reference.
 Supported stores: the dense store (``full`` and eviction policies; H2O/TOVA read the capped
@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvfx.runtime.attention import _store_mask, decode_kernel_applies, key_valid, prefill_kernel_applies
+from kvfx.runtime.attention import (_store_mask, decode_kernel_applies, kernel_bias, key_valid,
+                                    prefill_kernel_applies)
 
 
 def capped_attention(q: Tensor, k: Tensor, v: Tensor, keep, *, scale: float | None, softcap: float,
@@ -77,17 +78,18 @@ def _prefill(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float 
     return capped_attention(q, k, v, mask, scale=scale, softcap=softcap, is_causal=is_causal)[0]
 
 
-def _read(store, q: Tensor, keep, scale: float | None, softcap: float, with_probs: bool):
+def _read(store, q: Tensor, keep, scale: float | None, softcap: float, with_probs: bool, mask=None):
     """Capped attention of q over the store's held slots (``keep``: :func:`_store_mask`'s): the dense
     decode kernel with the cap where it applies, else the reference. Returns (out, probs
     (B, Hq, nq, n) fp32 or None)."""
     n = store.length
     k, v = store.k[:, :, :n], store.v[:, :, :n]
-    if decode_kernel_applies(q, k, keep):
+    if decode_kernel_applies(q, k, keep, mask):
         from kvfx.templates.launch import decode_attention as kernel
 
         sm = scale if scale is not None else q.shape[-1] ** -0.5
-        res = kernel(q, k, v, store.count.to(torch.int32), scale=sm, return_probs=with_probs, softcap=softcap)
+        res = kernel(q, k, v, store.count.to(torch.int32), scale=sm, return_probs=with_probs, softcap=softcap,
+                     bias=kernel_bias(keep, q.shape[1] // store.kv_heads))
         return res[0], (res[2][:, :, None, :] if with_probs else None)
     return capped_attention(q, k, v, keep, scale=scale, softcap=softcap, with_probs=with_probs)
 
@@ -110,7 +112,7 @@ def capped_site_attention(c, store, q: Tensor, k: Tensor, v: Tensor, mask: Tenso
         store.append(k, v, torch.arange(past_len, past_len + nq, device=q.device))
         g = q.shape[1] // store.kv_heads
         keep = _store_mask(store, mask, is_causal, nq, past_len, g)
-        out, probs = _read(store, q, keep, scale, softcap, c.needs_probs)
+        out, probs = _read(store, q, keep, scale, softcap, c.needs_probs, mask)
         store.finish_step(c, nq, probs)
     store.seen += nq
     return out.contiguous()

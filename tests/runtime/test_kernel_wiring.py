@@ -313,3 +313,41 @@ def test_soft_capped_prefill_runs_the_kernel_with_the_cap(monkeypatch, tmp_path)
         got = capped_site_attention(Compressor(), SiteStore("s"), q, k, v, None, 0, None, True, 3.0)
         assert kinds == expect, kinds
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["full", "h2o@0.5"])
+def test_masked_decode_runs_the_kernel_with_a_bias(monkeypatch, tmp_path, policy):
+    """A left-padded batch passes a mask at every decode step: the dense decode kernel takes it as
+    its per-KV-head bias (runtime.attention.kernel_bias) instead of falling back to the reference,
+    and the logits (and H2O's probabilities, through the tokens they keep) equal the reference's."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set")
+    monkeypatch.setenv("KVFX_CACHE_DIR", str(tmp_path))
+    import kvfx.templates.launch as launch
+
+    calls = {"bias": 0}
+    real = launch.decode_attention
+
+    def counted(*a, **kw):
+        calls["bias"] += kw.get("bias") is not None
+        return real(*a, **kw)
+
+    monkeypatch.setattr(launch, "decode_attention", counted)
+    model = hf_model("llama", "sdpa")  # head_dim 16, GQA 2
+    ids = torch.randint(1, 90, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    ids[1, :7], mask[1, :7] = 0, 0
+    out = {}
+    for forced in ("0", "1"):
+        monkeypatch.setenv("KVFX_FORCE_TRITON", forced)
+        torch._dynamo.reset()
+        kvfx.reset()
+        with torch.no_grad():
+            out[forced], _ = hf_decode(torch.compile(clone_model(model), backend="kvfx",
+                                                     options={"policy": policy, "inner": "eager"}), ids, 4, mask)
+    assert calls["bias"] == 2 * 3, calls  # 2 sites x 3 decode steps, all through the kernel
+    torch.testing.assert_close(out["1"], out["0"], rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        ref, _ = hf_decode(model, ids, 4, mask)
+    if policy == "full":
+        torch.testing.assert_close(out["1"], ref, rtol=1e-4, atol=1e-4)
