@@ -115,6 +115,8 @@ class Scored(Compressor):
     budget keeps everything. A rolling cache (the scorer ``rolls``, or ``max_tokens``) rolls at that
     budget, so a short prompt's cache grows to it first."""
 
+    chunk_reduce = None  # tensor parallelism: sums ChunkKV's per-token scores over the ranks (run_passes)
+
     def __init__(self, scorer, *, keep, tokens, sink, window, max_tokens=None, layer=0, num_layers=1,
                  pyramid=False, group_reduce="mean", chunk=None, rolls=None, safeguard=None):
         self.scorer = scorer
@@ -198,7 +200,7 @@ class Scored(Compressor):
             if scores is not None and scores.shape[1] != Hkv:
                 scores = group_reduce(scores, Hkv, self.group_reduce)
         if self.chunk is not None and scores is not None:
-            scores = chunk_scores(scores, valid, self.chunk, getattr(self, "chunk_reduce", None))
+            scores = chunk_scores(scores, valid, self.chunk, self.chunk_reduce)
         window = self._window(n_valid)
         # Select + gather (the select_gather kernel on CUDA): count = budget <= n_valid, since
         # only pads carry -inf (a -inf score from a scorer would be dropped); pos -1 past count.
@@ -295,7 +297,7 @@ class Scored(Compressor):
             if scores is not None:
                 scores = scores.masked_fill(~valid[:, None], float("-inf"))
         if self.chunk is not None and scores is not None:
-            scores = chunk_scores(scores, valid, self.chunk, getattr(self, "chunk_reduce", None))
+            scores = chunk_scores(scores, valid, self.chunk, self.chunk_reduce)
         budget = torch.minimum(self.budget(seen), cnt)
         window = torch.minimum(self._window(seen), cnt)
         prio = priority(scores, valid, sink=self.sink, window=window, kv_heads=Hkv)

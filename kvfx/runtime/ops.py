@@ -73,7 +73,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, past_k: Tens
     out = site_attention(sp.compressor, store, q, k, v, mask, past_len, scale, is_causal,
                          sp.info.module_path, softcap, rope)
     if w is not None:
-        store.roll_window(w)
+        store.roll_window(w, q.shape[2])
     if ctx.tap is not None:
         if softcap is not None:  # the recorded calls are replayed without the cap
             raise KvfxStateError(f"kvfx: site {sp.info.module_path} has soft-capped logits (cap "

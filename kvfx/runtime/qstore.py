@@ -356,13 +356,14 @@ class QuantStore:
         if self.rk is not None:
             self._residual("rk", self.rk, held, held)  # shrink to what is left
 
-    def roll_window(self, w: int) -> None:
+    def roll_window(self, w: int, nq: int = 1) -> None:
         """A sliding-window site (:mod:`kvfx.runtime.window`): drop the tokens no later query can
         see (logical position before ``seen - w``). Quantized keys leave in whole quanta of
         :attr:`quantum` slots (a key group cannot lose one token); when every quantized key of a row
         has expired, its expired residual tokens leave too, one by one. The expired tokens still in a
         group (fewer than a quantum per row) stay masked by the window mask until their group
-        leaves. Capacity: ``window_cap`` slots (the window, a quantum and a decode step)."""
+        leaves. Capacity: ``window_cap`` slots (the window, a quantum and a decode step). ``nq`` (the
+        step's tokens) is part of the store protocol; quanta are counted from the slots."""
         from kvfx.runtime.window import expired
 
         if self.kcodes is None:

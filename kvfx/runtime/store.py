@@ -134,6 +134,7 @@ class SiteStore(Accounting):
         self.extra_host = {}
         self.host_cap = 0
         self.calib = None
+        self.window = None
 
     @property
     def capacity(self) -> int:
@@ -245,17 +246,28 @@ class SiteStore(Accounting):
         self.pos.scatter_(2, last[..., None], kept.masked_fill(over[..., None], -1))
         self.count -= over.long()
 
-    def roll_window(self, w: int) -> None:
+    def roll_window(self, w: int, nq: int = 1) -> None:
         """A sliding-window site (:mod:`kvfx.runtime.window`): drop every token no later query can
-        see (logical position before ``seen - w``), keeping the others in slot order; capacity
-        ``w + 1`` (the window and one decode step), so a long prompt's slots are given back."""
+        see (logical position before ``seen - w``); capacity ``w + 1`` (the window and one decode
+        step), so a long prompt's slots are given back. A one-token step after the first roll expires
+        at most one token per row: it leaves through :meth:`evict` (device only: no host sync, no
+        copy of the window). The first roll and prompt chunks (``nq`` > 1) compact the slots."""
         from kvfx.runtime.window import expired
 
         if self.k is None:
             return
+        rolled = self.window is not None
         self.window = self.host_cap = w
-        n = self.length
-        gone = expired(self.pos[:, :, :n], self.seen - w)
+        n, cutoff = self.length, self.seen - w
+        if rolled and nq == 1:
+            if cutoff > 0:  # the row's oldest slot leaves if it is now outside the window
+                age = self.pos[:, :, :n].masked_fill(self.pos[:, :, :n] < 0, self.seen)
+                victim = age.argmin(-1)
+                self.evict(victim, age.gather(-1, victim[..., None])[..., 0] < cutoff)
+                self.length = min(n, w)  # a row holds at most the w positions [seen - w, seen)
+                self.ragged = True
+            return
+        gone = expired(self.pos[:, :, :n], cutoff)
         if bool(gone.any()):
             order = torch.argsort(gone.to(torch.int8), dim=-1, stable=True)  # kept slots first, in order
             for buf in (self.k, self.v):
