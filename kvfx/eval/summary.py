@@ -21,6 +21,7 @@ def summarize(records: list[dict]) -> list[dict]:
                "position_agreement": None, "top1_agreement": None, "kl": None,
                "held_over_dense": sum(ratios) / len(ratios) if ratios else float("nan"),
                "kept_tokens": sum(r.get("kept_tokens") or 0 for r in rs) / len(rs),
+               "kept_tokens_mean": _mean_of(rs, "kept_tokens_mean"),
                "seconds": sum(r["seconds"] for r in rs) / len(rs)}
         if task == "perplexity":
             row["ppl"] = sum(r["ppl"] for r in rs) / len(rs)
@@ -41,6 +42,12 @@ def summarize(records: list[dict]) -> list[dict]:
     return rows
 
 
+def _mean_of(rs: list[dict], key: str):
+    """The mean of ``key`` over the records that have it (results of older versions lack some)."""
+    vals = [r[key] for r in rs if r.get(key) is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
 def _ruler_means(rows: list[dict]) -> list[dict]:
     """RULER's score: per (policy, length) the mean over the RULER tasks' scores (row ``ruler``)."""
     by: dict[tuple, list[dict]] = {}
@@ -55,5 +62,6 @@ def _ruler_means(rows: list[dict]) -> list[dict]:
                     "accuracy": sum(r["accuracy"] for r in rs) / len(rs),
                     "held_over_dense": sum(ratios) / len(ratios) if ratios else float("nan"),
                     "kept_tokens": sum(r["kept_tokens"] for r in rs) / len(rs),
+                    "kept_tokens_mean": _mean_of(rs, "kept_tokens_mean"),
                     "seconds": sum(r["seconds"] for r in rs) / len(rs)})
     return out

@@ -61,9 +61,8 @@ evicts, instead of holding 0 tokens for the whole generation. ``budget.max_token
 STORE_CAPS = {
     "dense": frozenset({"evict", "probs", "calibration"}),
     # head-wise budgets (AdaKV): per-head token counts in one flat pool (kvfx.runtime.ragged);
-    # prompt-time eviction only (per-head rolling eviction is not implemented); CaliDrop's state of
-    # the prompt's evicted tokens (nothing to fold: no decode-time eviction)
-    "ragged": frozenset({"calibration"}),
+    # rolling caps evict per head; probabilities from the reference read; CaliDrop per head
+    "ragged": frozenset({"evict", "probs", "calibration"}),
     "quantized": frozenset({"quantized", "calibration"}),
     "latent": frozenset({"evict", "probs"}),
     "latent-quantized": frozenset({"quantized"}),

@@ -274,12 +274,6 @@ def check_capabilities(p: Any) -> None:
     have = registry.STORE_CAPS[kind]
     key, store = _STORE_WHAT[kind]
     for cap in sorted(cls.needs(rolling) - have):
-        if kind == "ragged":  # per-head rolling eviction in the ragged store is not implemented
-            at, got = ("budget.max_tokens", p.budget.max_tokens) if rolling else ("eviction.scorer", p.eviction.scorer)
-            raise conflict(at, got, f"{'null' if rolling else 'a prompt-time scorer (snapkv, knorm, ...)'} with "
-                           f"{store}: it evicts at prefill only; dropping a held token of one head during "
-                           "decode (rolling caps: h2o, tova, streaming, lagkv, max_tokens) is not implemented "
-                           "for head-wise budgets (store capability " f"{cap!r}); or set budget.allocation: uniform")
         if cap == "evict" and rolling and not (cls.rolls or cls.partitioned):
             raise conflict("budget.max_tokens", p.budget.max_tokens,
                            f"null with {store}: it cannot drop held tokens during decode (rolling caps); "
@@ -311,6 +305,11 @@ def check_sections(p: Any) -> None:
     if scorer == "none" and b.max_tokens is not None:
         raise conflict("budget.max_tokens", b.max_tokens, "null with eviction.scorer none (rolling "
                        "eviction needs a scorer, e.g. streaming)")
+    if adaptive(p) and (cls.partitioned or not cls.budgeted):
+        raise conflict("budget.allocation", "adaptive", f"uniform with eviction.scorer {scorer} (AdaKV shares "
+                       "a layer's budget among its heads by one top-k over their token scores; "
+                       f"{scorer} {'selects per partition' if cls.partitioned else 'has no token scores'}); "
+                       "or a top-k scorer (snapkv, knorm, h2o, tova, ...)")
     if adaptive(p) and p.eviction.chunk is not None:
         raise conflict("budget.allocation", "adaptive", f"uniform with eviction.chunk {p.eviction.chunk} (ChunkKV "
                        "keeps the same chunks in every KV head; AdaKV gives each head its own tokens)")

@@ -132,17 +132,19 @@ def decode_attention(store, q: torch.Tensor, mask, is_causal: bool, past_len: in
 
 
 def ragged_decode_attention(store, q: torch.Tensor, mask, is_causal: bool, past_len: int,
-                            scale: float | None, return_lse: bool = False):
+                            scale: float | None, return_lse: bool = False, with_probs: bool = False):
     """Attention of q (B, Hq, nq, d) over a head-wise ragged store
     (:class:`kvfx.runtime.ragged.RaggedStore`): each KV head reads its own segment of the pool.
     One decision (:func:`_use_kernel`): the Triton ``ragged_decode_attention`` kernel for one
     query without a mask (it reads the pool in place); else the ``methods/`` reference
     :func:`kvfx.methods.ragged_attention.ragged_decode_reference` with the model's mask gathered
     at each slot's logical position (:func:`positions_mask`). Returns out (B, Hq, nq, dv), or
-    (out, lse (B, Hq, nq) fp32) with ``return_lse``."""
+    (out, lse (B, Hq, nq) fp32) with ``return_lse``; ``with_probs`` (H2O, TOVA: rolling eviction
+    per head) runs the reference and returns (out, lse or None, probs (B, Hq, nq, length) fp32),
+    probabilities over each segment's slots padded to ``store.length`` (0 past a segment's count)."""
     nq, d = q.shape[2], q.shape[-1]
     sm = default_scale(q, scale)
-    if mask is None and nq == 1 and store.k.dtype == q.dtype and \
+    if not with_probs and mask is None and nq == 1 and store.k.dtype == q.dtype and \
             _use_kernel(q, q.new_empty(1, store.kv_heads, 0, d)):
         from kvfx.templates.launch_ragged import ragged_decode_attention as kernel
 
@@ -152,8 +154,11 @@ def ragged_decode_attention(store, q: torch.Tensor, mask, is_causal: bool, past_
     keep = None
     if mask is not None or (is_causal and nq > 1):
         keep = positions_mask(store.positions(), mask, is_causal, nq, past_len, g)
-    o, lse, _ = ragged_decode_reference(q, store.k, store.v, store.start, store.count, scale=sm,
-                                        length=store.length, keep=keep, return_lse=return_lse)
+    o, lse, probs = ragged_decode_reference(q, store.k, store.v, store.start, store.count, scale=sm,
+                                            length=store.length, keep=keep, return_lse=return_lse,
+                                            return_probs=with_probs)
+    if with_probs:
+        return o, lse, probs
     return (o, lse) if return_lse else o
 
 
@@ -249,7 +254,11 @@ def calibrated_decode(store, q: torch.Tensor, mask, is_causal: bool, past_len: i
     for t in range(nq):
         o_e, lse_e, use, store.calib = calib.calibrate(store.calib, q[:, :, t:t + 1], scale=sm)
         rows.append((o_e, lse_e, use))
-    if hasattr(store, "attend"):  # quantized or ragged store: its read with the merge (fused: quantized)
+    if with_probs and hasattr(store, "attend"):  # a ragged store rolling per head (the only store with
+        # its own read that returns probabilities): the reference read
+        o_c, lse_c, probs = ragged_decode_attention(store, q, mask, is_causal, past_len, scale,
+                                                    return_lse=True, with_probs=True)
+    elif hasattr(store, "attend"):  # quantized or ragged store: its read with the merge (fused: quantized)
         if nq == 1 and mask is None and _use_kernel(q):
             return store.attend(q, mask, is_causal, past_len, scale, calib=rows[0]), None
         o_c, lse_c = store.attend(q, mask, is_causal, past_len, scale, return_lse=True)

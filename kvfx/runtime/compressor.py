@@ -206,8 +206,9 @@ class Scored(Compressor):
         # only pads carry -inf (a -inf score from a scorer would be dropped); pos -1 past count.
         prio = priority(scores, valid, sink=self.sink, window=window, kv_heads=Hkv)
         if self.ragged:  # AdaKV: the same total shared by the heads by their scores, (B, Hkv) counts,
-            # selected straight into the store's layout (never rolling: the schema refuses caps)
-            store.write_selection(prio, head_budgets(prio, budget, self.safeguard), k, v)
+            # selected straight into the store's layout
+            self._write_heads(store, prio, head_budgets(prio, budget, self.safeguard), k, v, scores,
+                              n_valid, budget, window)
             store.extra["seen_valid"] = n_valid.clone()
             return
         m = int(budget.max().item()) if B else 0
@@ -221,16 +222,37 @@ class Scored(Compressor):
 
     prompt_eviction = True
 
-    def _write(self, store, k_kept, v_kept, pos, count, n_valid, budget, window) -> None:
-        """Write the kept tokens and, for a rolling cache, its cap: at the budget of ``n_valid``
-        tokens (not capped by the prompt's length), or at ``max_tokens``; the allocation is
-        sized to the cap plus one decode step."""
-        B, Hkv, m = pos.shape
-        cap = None
+    def _cap(self, n_valid: torch.Tensor, budget: torch.Tensor) -> torch.Tensor | None:
+        """(B,) long: a rolling cache's cap, the budget of ``n_valid`` tokens (not capped by the
+        prompt's length) or ``max_tokens``; None when the cache does not roll."""
         if self.roll_at_budget:
-            cap = self._raw_budget(n_valid)
-        elif self.max_tokens is not None:
-            cap = torch.full_like(budget, self.max_tokens)
+            return self._raw_budget(n_valid)
+        if self.max_tokens is not None:
+            return torch.full_like(budget, self.max_tokens)
+        return None
+
+    def _write_heads(self, store, prio, counts, k, v, scores, n_valid, budget, window) -> None:
+        """AdaKV: write each head's ``counts`` (B, Hkv) top tokens and, for a rolling cache, a cap
+        per head: its allocation plus the row's distance to the row's cap (``cap - budget``: a
+        short prompt's heads grow to it), so a row's caps sum to ``cap · Hkv`` and every head then
+        rolls at its own allocation. The store gets headroom for that distance plus one step."""
+        B, Hkv = counts.shape
+        cap = self._cap(n_valid, budget)
+        if cap is None:
+            store.write_selection(prio, counts, k, v)
+            return
+        extra = (cap - budget).clamp(min=0)
+        store.write_selection(prio, counts, k, v, slack=int(extra.max().item()) + 1 if B else 1)
+        store.set_caps(counts + extra[:, None], window[:, None].expand(B, Hkv).contiguous())
+        if self.decode == "accumulated":  # H2O: the kept tokens' prompt scores, accumulated from here
+            pos = store.slot_view("pos", int(counts.max().item()) if B else 0)
+            store.add_slot_state("score", scores.gather(2, pos.clamp(min=0)).masked_fill(pos < 0, 0))
+
+    def _write(self, store, k_kept, v_kept, pos, count, n_valid, budget, window) -> None:
+        """Write the kept tokens and, for a rolling cache, its cap (:meth:`_cap`); the allocation
+        is sized to the cap plus one decode step."""
+        B, Hkv, m = pos.shape
+        cap = self._cap(n_valid, budget)
         host_cap = 0 if cap is None else int(cap.max().item())  # host bound of the store length
         store.write_kept(k_kept, v_kept, pos, count, max(m, host_cap) + 1)
         if cap is not None:
@@ -309,12 +331,15 @@ class Scored(Compressor):
             store.add_slot_state("score", acc.gather(2, idx.clamp(min=0)).masked_fill(idx < 0, 0))
 
     def after_decode(self, store, nq, probs=None) -> None:
+        """Rolling eviction after a decode step of ``nq`` tokens: each (row, KV head) over its cap
+        drops its lowest-scoring token that is not a sink or recent, once per token of the step.
+        Works on per-slot views padded to the store's ``length`` (``slot_view``), so a dense store
+        and a head-wise ragged store (AdaKV) evict the same tokens."""
         if "cap" not in store.extra:
             return
         n = store.length
         if self.decode == "accumulated" and probs is not None:
-            votes = group_reduce(probs.sum(2), store.kv_heads, self.group_reduce)
-            store.slot_state["score"][:, :, :n] += votes
+            store.add_to_slot_state("score", group_reduce(probs.sum(2), store.kv_heads, self.group_reduce))
         current = None
         if self.decode == "current" and probs is not None:
             # The step's attention (summed over its nq queries) ranks every eviction of the step;
@@ -323,18 +348,18 @@ class Scored(Compressor):
         for _ in range(nq):
             n = store.length
             slot = torch.arange(n, device=store.k.device)
+            pos = store.slot_view("pos", n)
             if current is not None:
                 score = current[..., :n]
             elif self.decode == "accumulated":
-                score = store.slot_state["score"][:, :, :n]
+                score = store.slot_view("score", n)
             elif self.decode == "self":
                 if self.scorer.kernel_scores == "key_norm":
-                    score = compress.knorm_scores(store.k[:, :, :n])
+                    score = compress.knorm_scores(store.slot_view("k", n))
                 else:
-                    score = self.scorer.decode_scores(store.k[:, :, :n])
+                    score = self.scorer.decode_scores(store.slot_view("k", n))
             else:  # oldest first: the score is the position (higher = newer = keep)
-                score = store.pos[:, :, :n].double()
-            pos = store.pos[:, :, :n]
+                score = pos.double()
             protected = (slot < self.sink) | (slot >= store.count[..., None])
             protected = protected | (pos >= store.seen + nq - store.extra["recent"][..., None])
             victim = score.double().masked_fill(protected, float("inf")).argmin(-1)
@@ -412,8 +437,7 @@ def _fold(store, slots: torch.Tensor, valid: torch.Tensor) -> None:
     """Fold the tokens at store slots (B, Hkv, m) where ``valid`` into the CaliDrop state."""
     from kvfx.methods.calidrop import fold
 
-    k_e = gather_tokens(store.k, slots)
-    v_e = gather_tokens(store.v, slots)
+    k_e, v_e = store.tokens_at(slots)
     store.calib = fold(store.calib, k_e, v_e, valid, scale=store.calib_scale)
 
 

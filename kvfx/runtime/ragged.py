@@ -16,18 +16,31 @@ by the same amortized chunk (``max(64, length / 32)`` rounded to 16, as the dens
 one new pool, one copy; no reallocation on the other steps. ``length`` is a host upper bound of
 the longest segment (the width of the padded read on the CPU path).
 
-Capabilities (:data:`kvfx.methods.registry.STORE_CAPS` ``"ragged"``): ``calibration`` (CaliDrop's
-state of the prompt's per-head evicted tokens, merged with each read; nothing is evicted during
-decode, so nothing is folded); not ``evict``, ``probs``, ``quantized``: the policy schema refuses
-rolling caps (H2O, TOVA, streaming, LagKV, ``max_tokens``) and quantization with head-wise budgets,
-with the reason, before anything runs.
+Rolling caps (H2O, TOVA, streaming, ``max_tokens`` over an AdaKV allocation) roll **per head**:
+each segment has its own cap (``extra["cap"]`` (B, Hkv): its prompt allocation plus the row's
+headroom to the layer's cap, so a row's caps sum to ``cap · Hkv``), and after a step every segment
+over its cap drops its lowest-scoring unprotected token (:meth:`evict`: the segment's last token
+moves into the victim's slot, device only). Since every segment of a row starts the same distance
+below its cap and grows by the same tokens, a row's segments reach their caps at the same step;
+from then on a step's append and eviction leave each segment's headroom unchanged, so the pool is
+sized once at prefill (headroom = the largest distance to the cap + 1) and never grows.
+Method state per slot (H2O's accumulated scores) lives in the pool layout, ``slot_state[name]``
+(P,), and moves with the slots. Decode probabilities and per-slot views are padded to ``length``
+(:meth:`slot_view`), the layout :meth:`kvfx.runtime.compressor.Scored.after_decode` works in for
+both stores.
+
+Capabilities (:data:`kvfx.methods.registry.STORE_CAPS` ``"ragged"``): ``evict``, ``probs`` (the
+reference read: the Triton ragged decode kernel returns no probabilities, so a policy that reads
+them runs the reference on CUDA too) and ``calibration`` (CaliDrop's per-head evicted partition;
+tokens evicted during decode are folded into it). Not ``quantized``: the policy schema refuses
+quantization with head-wise budgets, with the reason.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kvfx.methods.ragged_attention import pack_segments, segment_slots
+from kvfx.methods.ragged_attention import gather_segments, pack_segments, segment_slots
 from kvfx.methods.registry import STORE_CAPS
 from kvfx.runtime.store import Accounting
 
@@ -59,7 +72,8 @@ class RaggedStore(Accounting):
         self.extra: dict[str, torch.Tensor] = {}
         self.slot_state: dict[str, torch.Tensor] = {}
         self.extra_host: dict = {}
-        self.host_cap = 0
+        self.host_cap = 0  # rolling caps: host bound of the longest segment (``length``)
+        self.cap_headroom = None  # rolling caps: the fewest free slots of a segment at its cap (host)
         self.calib = None
         self.calib_scale = 1.0
 
@@ -137,8 +151,14 @@ class RaggedStore(Accounting):
         pos = torch.full((grown,), -1, dtype=torch.long, device=dev)
         pos[moved] = self.pos
         self.pos = pos
+        for name, old in self.slot_state.items():
+            new = old.new_zeros(grown)
+            new[moved] = old
+            self.slot_state[name] = new
         self.start = self.start + G * torch.arange(B * H, device=dev).view(B, H)
         self.slack += G
+        if self.cap_headroom is not None:
+            self.cap_headroom += G
 
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """Append q new tokens (B, Hkv, q, d) to every segment (no host sync)."""
@@ -150,14 +170,75 @@ class RaggedStore(Accounting):
         self.k.index_copy_(0, flat, k.reshape(-1, k.shape[-1]).to(self.k.dtype))
         self.v.index_copy_(0, flat, v.reshape(-1, v.shape[-1]).to(self.v.dtype))
         self.pos.index_copy_(0, flat, positions.to(self.pos.device).expand(B, H, q).reshape(-1))
+        for t in self.slot_state.values():
+            t.index_fill_(0, flat, 0)
         self.count += q
         self.length += q
         self.slack -= q
 
     def positions(self) -> torch.Tensor:
         """(B, Hkv, length) logical positions of each segment's slots, -1 past its count."""
-        idx, valid = segment_slots(self.start, self.count, self.length)
-        return self.pos[idx].masked_fill(~valid, -1)
+        return self.slot_view("pos", self.length)
+
+    # ---- per-slot views and rolling eviction (Scored.after_decode; the dense store has the same) ----
+    def slot_view(self, name: str, n: int) -> torch.Tensor:
+        """A per-slot tensor (``"k"``, ``"v"``, ``"pos"`` or a ``slot_state`` name) of each segment
+        padded to ``n`` slots: (B, Hkv, n[, d]), a copy; past a segment's count: -1 for ``pos``, 0
+        otherwise."""
+        idx, valid = segment_slots(self.start, self.count, n)
+        pool = self.slot_state[name] if name in self.slot_state else getattr(self, name)
+        out = gather_segments(pool, idx)
+        fill = -1 if name == "pos" else 0
+        return out.masked_fill(~valid.view(*valid.shape, *(1,) * (out.dim() - 3)), fill)
+
+    def tokens_at(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, Hkv, m, d) at segment-local slots (B, Hkv, m)."""
+        flat = (self.start[..., None] + slots).reshape(-1)
+        k = torch.index_select(self.k, 0, flat).view(*slots.shape, -1)
+        return k, torch.index_select(self.v, 0, flat).view(*slots.shape, -1)
+
+    def add_slot_state(self, name: str, values: torch.Tensor) -> None:
+        """Per-slot method state from (B, Hkv, m) values of each segment's first m slots (pool
+        layout, moved with evictions; 0 elsewhere)."""
+        m = values.shape[2]
+        idx, valid = segment_slots(self.start, self.count.clamp(max=m), m)
+        t = values.new_zeros(self.capacity)
+        t[idx[valid]] = values[valid]
+        self.slot_state[name] = t
+
+    def add_to_slot_state(self, name: str, values: torch.Tensor) -> None:
+        """``slot_state[name] += values`` for (B, Hkv, n) values padded like :meth:`slot_view`."""
+        n = values.shape[2]
+        idx, valid = segment_slots(self.start, self.count, n)
+        self.slot_state[name].index_add_(0, idx[valid], values[valid].to(self.slot_state[name].dtype))
+
+    def evict(self, victim: torch.Tensor, over: torch.Tensor, carry: tuple = ()) -> None:
+        """Segments where ``over`` (B, Hkv) drop their slot ``victim`` (B, Hkv): the segment's last
+        valid slot moves into it, so its valid slots stay its first ``count``. Device only.
+        ``carry``: (B, Hkv, >= count) padded per-slot tensors (a caller's step-local scores), moved
+        the same way."""
+        last = (self.count - 1).clamp(min=0)
+        src = torch.where(over, last, victim)  # segments not over copy the victim onto itself
+        dst_flat = (self.start + victim).reshape(-1)
+        src_flat = (self.start + src).reshape(-1)
+        for pool in (self.k, self.v, self.pos, *self.slot_state.values()):
+            pool.index_copy_(0, dst_flat, torch.index_select(pool, 0, src_flat))
+        for buf in carry:
+            buf.scatter_(2, victim[..., None], buf.gather(2, src[..., None]))
+        tail = (self.start + last).reshape(-1)
+        self.pos.index_copy_(0, tail, self.pos.index_select(0, tail).masked_fill(over.reshape(-1), -1))
+        self.count -= over.long()
+
+    def set_caps(self, cap: torch.Tensor, recent: torch.Tensor) -> None:
+        """Rolling caps per segment (B, Hkv) and the recent tokens each protects (B, Hkv), after the
+        prompt was written with headroom for them; one host sync for the bounds: ``host_cap`` (the
+        largest cap: ``length`` never exceeds it) and ``cap_headroom`` (the fewest free slots of a
+        segment at its cap: the headroom :meth:`finish_step` restores)."""
+        self.extra["cap"], self.extra["recent"] = cap, recent
+        ends = torch.cat([self.start.reshape(-1)[1:], self.start.new_tensor([self.capacity])])
+        sizes = ends - self.start.reshape(-1)
+        host_cap, low = torch.stack([cap.max(), (sizes - cap.reshape(-1)).min()]).tolist()
+        self.host_cap, self.cap_headroom = int(host_cap), int(low)
 
     # ---- a decode step ---------------------------------------------------------------------
     def attend(self, q: torch.Tensor, mask, is_causal: bool, past_len: int, scale,
@@ -175,20 +256,26 @@ class RaggedStore(Accounting):
         return (o, lse) if return_lse else o
 
     def attend_step(self, c, q, mask, is_causal: bool, past_len: int, scale):
-        if c.needs_probs:  # refused by the policy schema (STORE_CAPS: no "probs")
-            raise NotImplementedError("kvfx: a head-wise ragged store returns no attention probabilities")
-        if c.calib is not None:  # CaliDrop: the prompt's evicted partition merged with the read
-            from kvfx.runtime.attention import calibrated_decode
+        """(out, probabilities over the padded segments when ``c.needs_probs`` (H2O, TOVA rolling
+        per head), else None); calibrated with CaliDrop's state when ``c.calib``."""
+        from kvfx.runtime.attention import calibrated_decode, ragged_decode_attention
 
-            return calibrated_decode(self, q, mask, is_causal, past_len, scale, False, c.calib)
+        if c.calib is not None:  # CaliDrop: the prompt's evicted partition merged with the read
+            return calibrated_decode(self, q, mask, is_causal, past_len, scale, c.needs_probs, c.calib)
+        if c.needs_probs:
+            o, _, probs = ragged_decode_attention(self, q, mask, is_causal, past_len, scale, with_probs=True)
+            return o, probs
         return self.attend(q, mask, is_causal, past_len, scale), None
 
     def finish_step(self, c, nq: int, probs) -> None:
-        c.after_decode(self, nq, probs)  # prompt-time eviction only: nothing to do (no "cap")
+        c.after_decode(self, nq, probs)  # rolling eviction per head, if the policy has a cap
+        if self.cap_headroom is not None:  # every segment is at or below its cap again
+            self.slack = max(self.slack, self.cap_headroom)
 
     # ---- accounting (held_bytes, kv_bytes, calib_bytes, tokens_held: Accounting) -----------
     def held_tensors(self) -> list:
-        return [self.k, self.v, self.pos, self.start, self.count, *self.extra.values()]
+        return [self.k, self.v, self.pos, self.start, self.count, *self.extra.values(),
+                *self.slot_state.values()]
 
 
 __all__ = ["RaggedStore"]

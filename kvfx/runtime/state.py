@@ -464,6 +464,15 @@ def sequences_of_cache(cache) -> list[Sequence]:
     return out
 
 
+def _mean_held(st) -> float:
+    """Tokens a (row, KV head) holds on average: ``tokens_held`` is the longest one, which for
+    head-wise budgets (AdaKV) can be several times the mean that the bytes follow."""
+    count = getattr(st, "count", None)
+    if count is None and getattr(st, "lat", None) is not None:  # latent store: its inner store's
+        count = st.lat.count
+    return 0.0 if count is None or count.numel() == 0 else float(count.float().mean().item())
+
+
 def memory(cache=None, model=None, all_ranks: bool = False) -> dict:
     """Bytes held for KV, per rewritten site and in total, against the dense equivalent.
 
@@ -522,11 +531,12 @@ def memory(cache=None, model=None, all_ranks: bool = False) -> dict:
             held = st.held_bytes()
             e = sites.setdefault(prefix + path, {
                 "held_bytes": 0, "kv_bytes": 0, "calib_bytes": 0, "dense_bytes": 0,
-                "dense_fp16_bytes": 0, "tokens_seen": 0, "tokens_held": 0, "capacity": 0,
+                "dense_fp16_bytes": 0, "tokens_seen": 0, "tokens_held": 0, "tokens_held_mean": 0.0, "capacity": 0,
                 "sequences": 0, "policy": _policy_of(seq.session, path)})
             for k, val in (("held_bytes", held), ("kv_bytes", st.kv_bytes()), ("calib_bytes", st.calib_bytes()),
                            ("dense_bytes", dense), ("dense_fp16_bytes", per_token * 2),
                            ("tokens_seen", st.seen), ("tokens_held", st.tokens_held()),
+                           ("tokens_held_mean", _mean_held(st)),
                            ("capacity", st.capacity), ("sequences", 1),
                            ("peak_bytes", max(getattr(st, "peak_bytes", 0), held))):
                 e[k] = e.get(k, 0) + val

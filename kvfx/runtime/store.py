@@ -230,6 +230,29 @@ class SiteStore(Accounting):
         t[:, :, :values.shape[2]] = values
         self.slot_state[name] = t
 
+    # ---- per-slot views (Scored.after_decode; the ragged store has the same) ----------------
+    def slot_view(self, name: str, n: int) -> torch.Tensor:
+        """The first ``n`` slots of a per-slot tensor (``"k"``, ``"v"``, ``"pos"`` or a
+        ``slot_state`` name): (B, Hkv, n[, d]), a view."""
+        t = self.slot_state[name] if name in self.slot_state else getattr(self, name)
+        return t[:, :, :n]
+
+    def tokens_at(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, Hkv, m, d) at slots (B, Hkv, m)."""
+        from kvfx.methods.select import gather_tokens
+
+        return gather_tokens(self.k, slots), gather_tokens(self.v, slots)
+
+    def add_to_slot_state(self, name: str, values: torch.Tensor) -> None:
+        """``slot_state[name][:, :, :n] += values`` (B, Hkv, n)."""
+        self.slot_state[name][:, :, :values.shape[2]] += values
+
+    def set_caps(self, cap: torch.Tensor, recent: torch.Tensor) -> None:
+        """Rolling caps (B, Hkv) and the recent tokens each protects (B, Hkv); ``host_cap`` their
+        largest (one host sync, at prefill)."""
+        self.extra["cap"], self.extra["recent"] = cap, recent
+        self.host_cap = int(cap.max().item())
+
     def evict(self, victim: torch.Tensor, over: torch.Tensor, carry: tuple = ()) -> None:
         """Rows where ``over`` (B, Hkv) drop slot ``victim`` (B, Hkv): the row's last valid
         slot moves into it, so valid slots stay compact. Device-only, no host sync. ``carry``:

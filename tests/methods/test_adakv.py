@@ -137,12 +137,13 @@ def test_uniform_when_safeguard_is_one():
     ({"extends": "snapkv", "budget": {"safeguard": 0.3}}, r"budget.safeguard: got 0.3, expected allocation: adaptive"),
     ({"extends": "adakv-snapkv", "budget": {"safeguard": 1.5}}, r"budget.safeguard: got 1.5"),
     ({"extends": "adakv-snapkv", "budget": {"allocation": "greedy"}}, r"budget.allocation: got 'greedy'"),
-    ({"extends": "h2o", "budget": {"allocation": "adaptive"}}, r"eviction.scorer: got 'h2o', expected a prompt-time"),
-    ({"extends": "adakv-snapkv", "budget": {"max_tokens": 100}}, r"budget.max_tokens: got 100, expected null"),
+    ({"extends": "lagkv", "budget": {"allocation": "adaptive"}}, r"budget.allocation: got 'adaptive', expected "
+     r"uniform with eviction.scorer lagkv \(AdaKV .* selects per partition"),
     ({"extends": "snapkv-ott2", "budget": {"allocation": "adaptive"}}, r"budget.allocation: got 'adaptive', "
      r"expected uniform with quant"),
     ({"extends": "chunkkv", "budget": {"allocation": "adaptive"}}, r"expected uniform with eviction.chunk"),
-    ({"extends": "streaming", "budget": {"allocation": "adaptive"}}, r"eviction.scorer: got 'streaming'"),
+    ({"extends": "streaming", "budget": {"allocation": "adaptive"}}, r"budget.allocation: got 'adaptive', "
+     r"expected uniform with eviction.scorer streaming \(.*has no token scores"),
 ])
 def test_policy_errors_are_located(doc, match):
     with pytest.raises(PolicyError, match=match):

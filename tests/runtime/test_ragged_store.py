@@ -77,6 +77,51 @@ def test_write_selection_equals_write_kept(B, H, n, seed):
     assert (a.length, a.slack) == (b.length, b.slack)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(0, 10), st.integers(1, 25), st.integers(0, 2**16))
+def test_per_head_eviction_matches_the_dense_store(B, H, m, steps, seed):
+    """Appends of one token, then each segment over its cap drops a random victim (the last slot
+    moves into it): the ragged store and the dense store fed the same steps hold the same tokens,
+    positions and per-slot state in the same slots, the pool never grows (headroom restored at the
+    cap), and the padded views agree."""
+    g = torch.Generator().manual_seed(seed)
+    count = torch.randint(0, m + 1, (B, H), generator=g)
+    extra = torch.randint(0, 4, (B,), generator=g)
+    cap = (count + extra[:, None]).clamp(min=1)
+    d = 4
+    k = torch.randn(B, H, m, d, generator=g)
+    pos = torch.arange(m).expand(B, H, m).masked_fill(torch.arange(m) >= count[..., None], -1)
+    r, s = RaggedStore("r"), SiteStore("s")
+    slack = int((cap - count).clamp(min=0).max()) + 1
+    for st_ in (r, s):
+        st_.write_kept(k, -k, pos, count, m + slack)
+        st_.set_caps(cap, torch.zeros(B, H, dtype=torch.long))
+        st_.add_slot_state("score", pos.double())
+    P = r.capacity
+    for t in range(steps):
+        new = torch.randn(B, H, 1, d, generator=g)
+        for st_ in (r, s):
+            st_.append(new, -new, torch.tensor([m + t]))
+            st_.seen = m + t + 1
+        n = r.length
+        assert n == s.length
+        victim = (torch.rand(B, H, generator=g) * r.count.clamp(min=1)).long()
+        over = r.count > cap
+        for st_ in (r, s):
+            st_.add_to_slot_state("score", torch.ones(B, H, n, dtype=torch.float64))
+            st_.evict(victim, over)
+        r.slack = max(r.slack, r.cap_headroom)
+        r.length = s.length = min(n, r.host_cap)
+        assert torch.equal(r.count, s.count) and bool((r.count <= cap).all())
+        for name in ("k", "v", "pos", "score"):
+            assert torch.equal(r.slot_view(name, r.length), s.slot_view(name, s.length).masked_fill(
+                (torch.arange(s.length) >= s.count[..., None]).view(B, H, -1, *(1,) * (name in "kv")),
+                -1 if name == "pos" else 0)), name
+    assert r.capacity == P  # no growth: each segment's headroom at its cap is restored every step
+    kk, vv = r.tokens_at(torch.zeros(B, H, 1, dtype=torch.long))
+    assert torch.equal(kk, s.tokens_at(torch.zeros(B, H, 1, dtype=torch.long))[0])
+
+
 PROMPTS = (300, 260)
 STEPS = 40  # crosses the headroom once (1 slot after prefill, then 64 per segment)
 
@@ -213,3 +258,71 @@ def test_softcapped_sites_refuse_head_wise_budgets():
     assert check_policy(build_compressor(load_policy("adakv-snapkv").resolve(0, "m", 1))) == \
         "a head-wise ragged store (budget.allocation: adaptive)"
     assert check_policy(build_compressor(load_policy("snapkv").resolve(0, "m", 1))) == ""
+
+
+ROLLING = {  # AdaKV over rolling caches: each head rolls at its own allocation
+    "h2o": {"extends": "h2o"},                                              # accumulated scores
+    "tova": {"extends": "tova"},                                            # the step's attention
+    "snapkv-max": {"extends": "snapkv", "budget": {"max_tokens": 90}},      # oldest first, grows first
+    "knorm-max": {"budget": {"keep": 0.25, "max_tokens": 70}, "eviction": {"scorer": "knorm"}},  # key norms
+    "snapkv-calidrop-max": {"extends": "snapkv-calidrop", "budget": {"max_tokens": 80}},  # folds evictions
+}
+# On this random tiny model H2O's column sums rank the same early tokens first in both KV heads, so
+# AdaKV splits every layer's budget evenly: there the run must equal uniform H2O exactly (the dense
+# store's own rolling path), a cross-check of the per-head caps and decode scores.
+EVEN_SPLIT = {"h2o"}
+
+
+@pytest.mark.parametrize("name", sorted(ROLLING))
+def test_rolling_caps_evict_per_head(name):
+    """Rolling eviction per head in the ragged store: the same tokens and logits as the dense store
+    holding the same allocation (an independent layout of the same per-head eviction), padded rows
+    equal their runs alone, every head ends at its own cap (they sum to the uniform cap), the pool
+    never grew during decode, and AdaKV changed the output (or, where it split evenly, equals the
+    uniform policy)."""
+    base = ROLLING[name]
+    ada = {"kvfx": 1, "name": f"ada-{name}", **base,
+           "budget": {**base.get("budget", {}), "allocation": "adaptive", "safeguard": 0.2}}
+    uni = {"kvfx": 1, "name": f"uni-{name}", **base}
+    torch._dynamo.reset()
+    model = hf_model("llama", "sdpa", layers=2)
+    rows, ids, mask = _prompts()
+    with torch._dynamo.config.patch(recompile_limit=64):  # six compiled copies of one model class
+        dutils.counters.clear()
+        tokens, logits, out = _generate(model, ada, ids, mask)
+        assert dutils.counters["stats"]["unique_graphs"] <= 3
+        stores = _stores(out)
+        u_logits, u_out = _generate(model, uni, ids, mask)[1:]
+        u_stores = _stores(u_out)
+        alone = [_generate(model, ada, r[None], torch.ones(1, len(r), dtype=torch.long)) for r in rows]
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ops, "RaggedStore", SiteStore)
+            d_tokens, d_logits, d_out = _generate(model, ada, ids, mask)
+        d_stores = _stores(d_out)
+    assert all(isinstance(s, RaggedStore) for s in stores) and all(isinstance(s, SiteStore) for s in d_stores)
+    even = True
+    for s, u in zip(stores, u_stores):
+        cap = s.extra["cap"]
+        assert torch.equal(s.count, cap), "every head rolls at its own cap after 40 steps"
+        assert torch.equal(cap.sum(1), u.extra["cap"].sum(1)), "a row's caps sum to the uniform cap"
+        even = even and torch.equal(cap, u.extra["cap"])
+        assert s.cap_headroom == 1, "the pool never grew (growth adds >= 64 slots of headroom)"
+        newest = out.sequences.shape[1] - 2  # the last token fed to the model
+        assert bool((s.positions().max(-1).values == newest).all()), "the newest token is held"
+        if s.calib is not None:
+            assert s.calib_bytes() > 0
+    assert even == (name in EVEN_SPLIT), "AdaKV's per-head caps differ from the uniform ones"
+    for b, (t_alone, l_alone, _) in enumerate(alone):
+        assert torch.equal(tokens[b], t_alone[0]), f"row {b}: greedy tokens differ from the row alone"
+        torch.testing.assert_close(logits[b], l_alone[0], atol=1e-5, rtol=1e-5)
+    for s, d in zip(stores, d_stores):
+        assert torch.equal(s.count, d.count)
+        got = s.positions().sort(-1).values
+        want = d.pos[:, :, :d.length].sort(-1).values
+        n = min(got.shape[-1], want.shape[-1])
+        assert torch.equal(got[..., -n:], want[..., -n:]), "the same tokens held per head"
+    torch.testing.assert_close(logits, d_logits, atol=1e-5, rtol=1e-5)
+    if even:
+        torch.testing.assert_close(logits, u_logits, atol=1e-5, rtol=1e-5)
+    else:
+        assert (logits - u_logits).abs().max() > 1e-3
