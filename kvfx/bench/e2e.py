@@ -238,10 +238,16 @@ def run_e2e(model, ids: torch.Tensor, *, lengths, policies=(), steps: int = 32, 
             "dynamic": "auto" if dynamic is None else dynamic, "feed": "greedy" if greedy else "teacher-forced",
             "prefill_chunk": prefill_chunk,
             "dtype": str(next(model.parameters()).dtype), "memory_measure": probe.what,
-            "recompile_limit": limit, "command": command, **env}
+            "recompile_limit": limit, "command": command, "tp": _world_size(), **env}
     configs = [{"name": s.name, "kind": s.kind, "policy": s.policy, "policy_hash": s.policy_hash,
                 **_site_summary(s)} for s in setups]
     return {"meta": meta, "configs": configs, "rows": rows}
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _site_summary(s: Setup) -> dict:
@@ -260,14 +266,23 @@ def _site_summary(s: Setup) -> dict:
     return {"sites": len(sites), "rewritten": sum(x.rewritten for x in sites), "left_alone": reasons}
 
 
+def _tokens(ids, a: int, b: int):
+    """ids[:, a:b] as a tensor of its own (offset 0, contiguous strides), as generate feeds them.
+    [Note] Slices of one long id tensor change their storage offset and keep its row stride at every
+    step; under tensor parallelism dynamo then traces the vocabulary-sharded embedding's DTensor
+    input with symbolic strides/offset, which DTensor's sharding cache cannot hash ("unhashable
+    type: non-nested SymInt"). Fresh tensors trace like generate's and compile."""
+    return ids[:, a:b].clone(memory_format=torch.contiguous_format)
+
+
 def _prefill(s: Setup, ids, n, kw, first_kw, cache, chunk: int | None):
     """The prompt's n tokens in one call, or in calls of ``chunk`` tokens continuing the cache
     (what ``generate(prefill_chunk_size=chunk)`` does; kvfx compresses at every boundary)."""
     if not chunk:
-        return s.fn(input_ids=ids[:, :n], use_cache=True, **{kw: cache}, **first_kw)
+        return s.fn(input_ids=_tokens(ids, 0, n), use_cache=True, **{kw: cache}, **first_kw)
     out = None
     for a in range(0, n, chunk):
-        out = s.fn(input_ids=ids[:, a:min(a + chunk, n)], use_cache=True, **{kw: cache}, **first_kw)
+        out = s.fn(input_ids=_tokens(ids, a, min(a + chunk, n)), use_cache=True, **{kw: cache}, **first_kw)
         cache = _returned_cache(out, cache)
     return out
 
@@ -286,7 +301,7 @@ def _sequence(s: Setup, model, ids, n, warmup, steps, kw, first_kw, greedy, prob
     probe.rearm(release=True)  # [Note] without it, heap pages the prefill freed count as decode's
     decode_s = []
     for i in range(warmup + steps):
-        tok = out.logits[:, -1:].argmax(-1) if greedy else ids[:, n + i:n + i + 1]
+        tok = out.logits[:, -1:].argmax(-1) if greedy else _tokens(ids, n + i, n + i + 1)
         out, t = timed(partial(s.fn, input_ids=tok, use_cache=True, **{kw: cache}), device)
         cache = _returned_cache(out, cache)
         decode_s.append(t)
@@ -391,7 +406,9 @@ def markdown_table(result: dict) -> str:
               f"{m['time']}"), "",
              (f"{m['rounds']} measured rounds after a compile round, configurations interleaved; "
               f"decode: {m['steps']} {m['feed']} one-token steps after {m['warmup']} warm-up steps; "
-              f"kvfx inner compiler {m['inner']}, dynamic shapes {m['dynamic']}."), "",
+              f"kvfx inner compiler {m['inner']}, dynamic shapes {m['dynamic']}."
+              + (f" Tensor parallelism over {m['tp']} ranks: times, memory and bytes are rank 0's "
+                 "(its shard of the heads)." if m.get("tp", 1) > 1 else "")), "",
              head, "|" + "---|" * (head.count("|") - 1)]
     configs = {c["name"]: c for c in result["configs"]}
     for r in result["rows"]:

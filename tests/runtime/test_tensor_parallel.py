@@ -31,8 +31,9 @@ PROMPT, NEW = 300, 8  # longer than every preset's budget (streaming: 4 + 256, k
 WORLD = 2
 
 
-def launch(world: int, args: list[str], timeout: float) -> list[tuple[int, str]]:
-    """Run tp_worker.py as ``world`` ranks (torchrun's environment, a free port); (rc, stderr tail)."""
+def launch(world: int, args: list[str], timeout: float, program: list[str] | None = None) -> list[tuple[int, str]]:
+    """Run tp_worker.py (or ``program``, e.g. ``["-m", "kvfx.cli"]``) as ``world`` ranks (torchrun's
+    environment, a free port); (rc, stderr tail)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -41,7 +42,7 @@ def launch(world: int, args: list[str], timeout: float) -> list[tuple[int, str]]
         env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
                    LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), *args], env=env,
+        procs.append(subprocess.Popen([sys.executable, *(program or [str(WORKER)]), *args], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     out, deadline = [], time.monotonic() + timeout
     try:
@@ -163,3 +164,36 @@ def test_without_a_process_group_tp_requests_are_refused_with_the_fix(monkeypatc
         with pytest.raises(TPError, match=f"{why}.*tensor.parallel.*fix:"):
             kvfx.compile(model, spec, inner="eager")
     check_tp_policy(model, "snapkv@0.25")
+
+
+def test_bench_e2e_under_tp2(tmp_path):
+    """``kvfx bench e2e --tp 2`` under torchrun's environment: a tiny Llama whose vocabulary is
+    sharded over the ranks (SmolLM2's tokenizer, so the embedding is a DTensor ``Shard(0)``, which
+    failed in dynamo while the bench fed slices of one id tensor), full, SnapKV and KIVI-4 rewritten
+    on every site; rank 0 writes the results, each row measured on its shard."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from kvfx.models import load_tokenizer
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
+                      initializer_range=0.2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "model")
+    load_tokenizer("smollm2-135m").save_pretrained(tmp_path / "model")
+    out = tmp_path / "bench"
+    args = ["bench", "e2e", "--tp", "2", "--model", str(tmp_path / "model"), "--policy", "snapkv@0.25", "kivi4",
+            "--lengths", "160", "--steps", "2", "--warmup", "1", "--rounds", "1", "--inner", "eager",
+            "--baseline", "eager", "--threads", "1", "--no-progress", "--out", str(out)]
+    for rc, err in launch(WORLD, args, timeout=600, program=["-m", "kvfx.cli"]):
+        assert rc == 0, err
+    res = json.loads((out / "e2e.json").read_text())
+    assert res["meta"]["tp"] == 2
+    configs = {c["name"]: c for c in res["configs"]}
+    for name in ("kvfx:full", "kvfx:snapkv@0.25", "kvfx:kivi4"):
+        assert (configs[name]["rewritten"], configs[name]["sites"]) == (2, 2), configs[name]
+    rows = {r["config"]: r for r in res["rows"]}
+    dense = rows["eager"]["kv_held_bytes"]  # rank 0's DynamicCache: 1 of the 2 KV heads
+    assert dense == 2 * 2 * (160 + 3) * 1 * 32 * 4  # layers x (k, v) x tokens x heads x dim x fp32
+    assert rows["kvfx:snapkv@0.25"]["kv_store_bytes"] < rows["kvfx:full"]["kv_store_bytes"] / 2
+    assert "Tensor parallelism over 2 ranks" in (out / "e2e.md").read_text()
