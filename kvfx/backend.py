@@ -107,13 +107,35 @@ def _check_dynamic() -> None:
                            "without dynamic=False (the default marks the growing dim dynamic)")
 
 
+def _sharded_over(example_inputs) -> int:
+    """The tensor-parallel ranks the graph's weights are sharded over (DTensor parameters among the
+    inputs, Hugging Face ``tp_plan``), 1 when none: the backend then sums ChunkKV's chunk scores
+    over the ranks and refuses state that spans KV heads itself, so ``model.compile(backend="kvfx")``
+    is as safe under TP as :func:`compile`."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return 1
+    for x in example_inputs:
+        if isinstance(x, DTensor):
+            try:
+                return int(x.device_mesh.size())
+            except Exception:  # an opaque (traced) mesh: look at the next input
+                continue
+    return 1
+
+
 def kvfx_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
     """Dynamo backend entry point (registered as ``kvfx`` through the
     ``torch_dynamo_backends`` entry point). ``kwargs`` (e.g. HF's ``mode=``) are ignored."""
     policy, inner = _options(options)
     _check_dynamic()
+    tp = (options or {}).get("tp", 1)
+    world = _sharded_over(example_inputs)
+    if world > 1 and tp == 1:  # a plain model.compile(backend="kvfx") of a tensor-parallel model
+        tp = world
     try:
-        program = run_passes(gm, load_policy(policy), tp=(options or {}).get("tp", 1))
+        program = run_passes(gm, load_policy(policy), tp=tp)
     except PolicyError as e:
         raise CompilePolicyError(e) from None
     if isinstance(options, dict):
@@ -194,9 +216,10 @@ def compile(model: torch.nn.Module, policy="full", *, inner: str = "inductor", *
       its fallback).
 
     On a model sharded with tensor parallelism (``tp_plan``), a policy whose state spans KV heads
-    (AdaKV, lowrank) is refused here (:func:`kvfx.distributed.check_tp_policy`); ChunkKV's chunk
-    scores are summed over the ranks (backend option ``tp``, which this sets; a plain
-    ``model.compile(backend="kvfx")`` of a sharded model does not, so use this function under TP).
+    (AdaKV, lowrank) is refused here, before compiling (:func:`kvfx.distributed.check_tp_policy`);
+    ChunkKV's chunk scores are summed over the ranks (backend option ``tp``, which this sets). A
+    plain ``model.compile(backend="kvfx")`` of a sharded model gets both from the backend, which
+    sees the DTensor weights (the refusal then comes at the first forward, as a ``kvfx.PolicyError``).
 
     ``compile_kwargs`` go to ``torch.compile``. Returns ``model``."""
     load_policy(policy)  # a malformed policy fails here, before anything is compiled

@@ -176,19 +176,27 @@ def check_tp_policy(model, policy) -> None:
     pol = load_policy(policy)
     paths = _attention_sites(model) or ["model.layers.0.self_attn"]
     for i, path in enumerate(paths):
-        lp = pol.resolve(i, path, len(paths))
-        if getattr(lp.budget, "allocation", "uniform") == "adaptive" and lp.eviction.scorer != "none":
-            raise TPError(
-                f"policy {pol.name!r} at {path}: AdaKV (budget.allocation: adaptive) shares a layer's budget "
-                f"among all its KV heads by their scores, but under tensor parallelism ({world} ranks) each rank "
-                f"holds only its own KV heads, so the ranks would keep other tokens than one process; fix: "
-                f"budget.allocation: uniform (e.g. snapkv instead of adakv-snapkv) or run without tp_plan")
-        if getattr(lp, "lowrank", None) is not None:
-            raise TPError(
-                f"policy {pol.name!r} at {path}: lowrank (ReCalKV) factors project to latents shared by the "
-                f"KV heads of a head group and cover every KV head of the layer; splitting them over "
-                f"{world} tensor-parallel ranks is not implemented; fix: run lowrank policies without "
-                f"tp_plan, or use a per-head policy (snapkv, kivi4, ...) under tensor parallelism")
+        why = tp_refusal(pol.resolve(i, path, len(paths)), world)
+        if why:
+            raise TPError(f"policy {pol.name!r} at {path}: {why}")
+
+
+def tp_refusal(lp, world: int) -> str | None:
+    """Why a resolved layer policy cannot run sharded over ``world`` tensor-parallel ranks (its
+    state spans KV heads a rank does not hold), with the fix; None when it can. Used by
+    :func:`check_tp_policy` and by the backend's passes (a plain ``model.compile(backend="kvfx")``
+    of a sharded model)."""
+    if getattr(lp.budget, "allocation", "uniform") == "adaptive" and lp.eviction.scorer != "none":
+        return (f"AdaKV (budget.allocation: adaptive) shares a layer's budget among all its KV heads by their "
+                f"scores, but under tensor parallelism ({world} ranks) each rank holds only its own KV heads, "
+                f"so the ranks would keep other tokens than one process; fix: budget.allocation: uniform "
+                f"(e.g. snapkv instead of adakv-snapkv) or run without tp_plan")
+    if getattr(lp, "lowrank", None) is not None:
+        return (f"lowrank (ReCalKV) factors project to latents shared by the KV heads of a head group and "
+                f"cover every KV head of the layer; splitting them over {world} tensor-parallel ranks is not "
+                f"implemented; fix: run lowrank policies without tp_plan, or use a per-head policy (snapkv, "
+                f"kivi4, ...) under tensor parallelism")
+    return None
 
 
 def check_tp_policies(model, specs) -> None:

@@ -136,6 +136,11 @@ def run_passes(gm: GraphModule, policy, tp: int = 1) -> Program:
         sliding = ks.provenance == "sliding_window"
         if not reason:
             lp = policy.resolve(index, path, max(num_layers, index + 1), window=sliding)
+            if tp > 1:  # tensor parallelism: state spanning KV heads a rank does not hold is refused
+                from kvfx.distributed import tp_refusal
+
+                if why := tp_refusal(lp, tp):
+                    raise UnsupportedPolicyError(f"kvfx: policy {policy.name!r} at site {path} (layer {index}): {why}")
             try:
                 compressor = build_compressor(lp, index, max(num_layers, index + 1), _factors(lp))
             except NotImplementedError as e:

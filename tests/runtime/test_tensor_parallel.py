@@ -23,10 +23,12 @@ WORKER = Path(__file__).with_name("tp_worker.py")
 # SnapKV scores, H2O's accumulated decode probabilities, LagKV's partitions, KIVI's groups,
 # CaliDrop's stored queries) within its time budget; KVFX_TP_PRESETS=all runs every preset family
 # (~4 min on 2 busy cores), or a comma-separated list.
-CI_PRESETS = ["full", "pyramidkv", "h2o", "lagkv", "kivi4", "snapkv-calidrop", "chunkkv"]
+CI_PRESETS = ["full", "pyramidkv", "h2o", "lagkv", "kivi4", "snapkv-calidrop", "chunkkv", "plain:chunkkv"]
 ALL_PRESETS = ["full", "snapkv", "pyramidkv", "h2o", "tova", "knorm", "lagkv", "streaming", "kivi4",
-               "snapkv-calidrop", "snapkv-ott2", "keydiff", "expected-attention", "chunkkv"]
-REFUSED = ["adakv-snapkv"]  # AdaKV shares a budget over all KV heads: refused under TP (plus lowrank)
+               "snapkv-calidrop", "snapkv-ott2", "keydiff", "expected-attention", "chunkkv", "plain:chunkkv"]
+# AdaKV shares a budget over all KV heads: refused under TP (plus lowrank), by kvfx.compile and, for
+# a plain model.compile(backend="kvfx"), by the backend (it sees DTensor weights)
+REFUSED = ["adakv-snapkv", "plain:adakv-snapkv"]
 PROMPT, NEW = 300, 8  # longer than every preset's budget (streaming: 4 + 256, kivi4: 128 fp + groups)
 WORLD = 2
 
@@ -86,7 +88,7 @@ def test_every_preset_under_tp2_matches_single_process(tmp_path):
     artifact = save_artifact(tmp_path / "lr.safetensors", factors, prov)
     env = os.environ.get("KVFX_TP_PRESETS", "")
     presets = ALL_PRESETS if env == "all" else env.split(",") if env else CI_PRESETS
-    assert set(presets) <= set(kvfx.policy.list_presets()), set(presets) - set(kvfx.policy.list_presets())
+    assert {p.split(":")[-1] for p in presets} <= set(kvfx.policy.list_presets())
     out = tmp_path / "out.json"
     t = time.monotonic()
     names = ",".join(presets + ["!" + p for p in REFUSED])
@@ -134,7 +136,8 @@ def test_every_preset_under_tp2_matches_single_process(tmp_path):
     for name in REFUSED + ["lowrank"]:  # refused at kvfx.compile on every rank, with the reason
         for r in recs:
             assert "tp" not in r[name], (name, r[name].get("tp", {}).get("tokens"))
-            assert r[name]["tp_error"].startswith("TPError") and "tensor parallel" in r[name]["tp_error"]
+            kind = "CompilePolicyError" if name.startswith("plain:") else "TPError"
+            assert r[name]["tp_error"].startswith(kind) and "tensor parallel" in r[name]["tp_error"], r[name]["tp_error"]
             assert "fix:" in r[name]["tp_error"]
     print(f"TP=2, {len(presets)} presets + {len(REFUSED) + 1} refused: {took:.0f} s")
 

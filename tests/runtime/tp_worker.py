@@ -3,8 +3,9 @@ MASTER_ADDR / MASTER_PORT set; not collected by pytest).
 
     python tp_worker.py MODEL_DIR OUT.json PROMPT_LEN NEW_TOKENS PRESET[,PRESET...] [LOWRANK_ARTIFACT]
 
-(``!name``: a preset expected to be refused under TP; a LOWRANK_ARTIFACT adds a ReCalKV policy,
-also expected to be refused.)
+(``!name``: a preset expected to be refused under TP; ``plain:name``: compiled with
+``model.compile(backend="kvfx")`` instead of ``kvfx.compile``; a LOWRANK_ARTIFACT adds a ReCalKV
+policy, also expected to be refused.)
 
 Every rank runs every preset on the model loaded with ``tp_plan="auto"``, and the single-process
 reference of a share of the presets (preset i on rank i % world) on the same weights loaded
@@ -27,7 +28,10 @@ import torch.distributed as dist
 def run(model, policy, ids, new_tokens, all_ranks):
     import kvfx
 
-    kvfx.compile(model, policy, inner="eager")
+    if policy.startswith("plain:"):  # model.compile(backend="kvfx") itself, not kvfx.compile
+        model.compile(backend="kvfx", options={"policy": policy[len("plain:"):], "inner": "eager"})
+    else:
+        kvfx.compile(model, policy, inner="eager")
     out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
                          pad_token_id=0, return_dict_in_generate=True, output_scores=True)
     mem = kvfx.memory(out.past_key_values, all_ranks=all_ranks)
