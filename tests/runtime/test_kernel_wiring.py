@@ -144,12 +144,16 @@ def test_lowrank_decode_runs_the_latent_kernel(monkeypatch, tmp_path):
     torch.testing.assert_close(runs["1"][0], runs["0"][0], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("calibration", [False, True])
-def test_adakv_decode_runs_the_ragged_kernel(monkeypatch, tmp_path, calibration):
+@pytest.mark.parametrize("variant", ["plain", "calibration", "rolling", "tova"])
+def test_adakv_decode_runs_the_ragged_kernel(monkeypatch, tmp_path, variant):
     """AdaKV (head-wise ragged store) on the kernel path: prefill selects into the pool with the
     ragged select+gather kernel, decode reads it with the ragged kernel (no mask: every step), the
     store holds the same per-head tokens and the logits equal
-    the PyTorch path's; with CaliDrop the evicted partition is merged after the kernel's read."""
+    the PyTorch path's; with CaliDrop the evicted partition is merged after the kernel's read.
+    ``rolling`` (max_tokens: each head rolls at its own cap, oldest first) reads through the kernel
+    too; ``tova`` needs each step's probabilities, which the kernel does not return, so its decode
+    reads through the reference on the kernel path as well (no kernel call), with the same result."""
+    calibration = variant == "calibration"
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set")
     import kvfx.templates.launch_ragged as launch_ragged
@@ -169,13 +173,22 @@ def test_adakv_decode_runs_the_ragged_kernel(monkeypatch, tmp_path, calibration)
     pol = {"kvfx": 1, "name": "ada", "extends": "adakv-snapkv", "budget": {"keep": 0.25}}
     if calibration:
         pol["calibration"] = {"threshold": 0.5}
+    if variant == "rolling":  # budget 50, cap 51: every head grows one token, then rolls
+        pol["budget"]["max_tokens"] = 51
+    if variant == "tova":
+        pol = {"kvfx": 1, "name": "ada-tova", "extends": "tova", "budget": {"allocation": "adaptive"}}
     runs = _both_paths(monkeypatch, model, pol, ids, 4, lambda ss: {
         path: (type(st), st.count.clone(), st.positions().clone()) for path, st in ss.items()})
-    assert len(calls) == 2 * 3, calls  # two sites, three decode steps, kernel path only
+    assert len(calls) == (0 if variant == "tova" else 2 * 3), calls  # two sites x three decode steps
+    if variant in ("rolling", "tova"):
+        for _, count, _ in runs["1"][1].values():
+            assert int(count.sum()) == 2 * (51 if variant == "rolling" else 50), count  # at the caps
     assert len(selects) == 2, selects  # the prompt selected straight into each site's pool
     torch.testing.assert_close(runs["1"][0], runs["0"][0], rtol=1e-4, atol=1e-4)
     for key, (kind, count, pos) in runs["0"][1].items():
-        assert kind is RaggedStore and len(set(count.reshape(-1).tolist())) > 1, (kind, count)
+        assert kind is RaggedStore, kind
+        # heads keep different counts (TOVA's last-query scores split this prompt evenly: exempt)
+        assert variant == "tova" or len(set(count.reshape(-1).tolist())) > 1, count
         assert torch.equal(count, runs["1"][1][key][1]) and torch.equal(pos, runs["1"][1][key][2]), key
 
 
