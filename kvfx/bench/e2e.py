@@ -64,6 +64,7 @@ from pathlib import Path
 import torch
 
 from kvfx.bench.measure import PeakMemory, environment, median, ratio, timed
+from kvfx.runtime.ranks import world_size
 
 __all__ = ["FULL", "markdown_table", "plot_decode", "run_e2e", "write_outputs"]
 
@@ -238,16 +239,10 @@ def run_e2e(model, ids: torch.Tensor, *, lengths, policies=(), steps: int = 32, 
             "dynamic": "auto" if dynamic is None else dynamic, "feed": "greedy" if greedy else "teacher-forced",
             "prefill_chunk": prefill_chunk,
             "dtype": str(next(model.parameters()).dtype), "memory_measure": probe.what,
-            "recompile_limit": limit, "command": command, "tp": _world_size(), **env}
+            "recompile_limit": limit, "command": command, "tp": world_size(), **env}
     configs = [{"name": s.name, "kind": s.kind, "policy": s.policy, "policy_hash": s.policy_hash,
                 **_site_summary(s)} for s in setups]
     return {"meta": meta, "configs": configs, "rows": rows}
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _site_summary(s: Setup) -> dict:

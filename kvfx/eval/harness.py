@@ -233,7 +233,7 @@ def _memory_fields(cache) -> dict:
 
     mem = kvfx.memory(cache)
     held = [s["tokens_held"] for s in mem["sites"].values()]
-    mean = [s.get("tokens_held_mean", 0.0) for s in mem["sites"].values()]
+    mean = [s["tokens_held_mean"] for s in mem["sites"].values()]
     return {"kept_tokens": sum(held) / len(held) if held else None,
             # per (row, KV head), averaged over sites: below kept_tokens for head-wise budgets
             "kept_tokens_mean": sum(mean) / len(mean) if mean else None,

@@ -245,7 +245,7 @@ class Scored(Compressor):
         store.write_selection(prio, counts, k, v, slack=int(extra.max().item()) + 1 if B else 1)
         store.set_caps(counts + extra[:, None], window[:, None].expand(B, Hkv).contiguous())
         if self.decode == "accumulated":  # H2O: the kept tokens' prompt scores, accumulated from here
-            pos = store.slot_view("pos", int(counts.max().item()) if B else 0)
+            pos = store.slot_view("pos", store.length)  # length: the largest count (host)
             store.add_slot_state("score", scores.gather(2, pos.clamp(min=0)).masked_fill(pos < 0, 0))
 
     def _write(self, store, k_kept, v_kept, pos, count, n_valid, budget, window) -> None:
@@ -256,9 +256,8 @@ class Scored(Compressor):
         host_cap = 0 if cap is None else int(cap.max().item())  # host bound of the store length
         store.write_kept(k_kept, v_kept, pos, count, max(m, host_cap) + 1)
         if cap is not None:
-            store.extra["cap"] = cap[:, None].expand(B, Hkv).contiguous()
-            store.extra["recent"] = window[:, None].expand(B, Hkv).contiguous()
-            store.host_cap = host_cap
+            store.set_caps(cap[:, None].expand(B, Hkv).contiguous(), window[:, None].expand(B, Hkv).contiguous(),
+                           host_cap)
 
     def compress_chunk(self, store, q, scale=None, rope=None) -> None:
         """A prompt chunk (a multi-token continuation: ``generate(..., prefill_chunk_size=N)``, or

@@ -134,6 +134,9 @@ class LatentStore:
     def tokens_held(self) -> int:
         return self.lat.tokens_held()
 
+    def tokens_held_mean(self) -> float:
+        return self.lat.tokens_held_mean()
+
 
 def _new_latent_store(sp) -> LatentStore:
     c = sp.compressor

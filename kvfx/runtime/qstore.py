@@ -57,6 +57,7 @@ from kvfx.methods.quant import QuantConfig, quantize_keys, quantize_keys_with_ou
 from kvfx.methods.quant_attention import QuantKV, quant_attention_reference, quant_attention_split
 from kvfx.methods.quant_pack import OutlierPool, per_word
 from kvfx.runtime import cpu_fused
+from kvfx.runtime.store import mean_count
 
 _GROW_MIN = 64
 
@@ -542,3 +543,6 @@ class QuantStore:
 
     def tokens_held(self) -> int:
         return 0 if self.count is None else int(self.count.max().item())
+
+    def tokens_held_mean(self) -> float:
+        return mean_count(self.count)

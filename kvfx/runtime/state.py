@@ -464,15 +464,6 @@ def sequences_of_cache(cache) -> list[Sequence]:
     return out
 
 
-def _mean_held(st) -> float:
-    """Tokens a (row, KV head) holds on average: ``tokens_held`` is the longest one, which for
-    head-wise budgets (AdaKV) can be several times the mean that the bytes follow."""
-    count = getattr(st, "count", None)
-    if count is None and getattr(st, "lat", None) is not None:  # latent store: its inner store's
-        count = st.lat.count
-    return 0.0 if count is None or count.numel() == 0 else float(count.float().mean().item())
-
-
 def memory(cache=None, model=None, all_ranks: bool = False) -> dict:
     """Bytes held for KV, per rewritten site and in total, against the dense equivalent.
 
@@ -536,7 +527,7 @@ def memory(cache=None, model=None, all_ranks: bool = False) -> dict:
             for k, val in (("held_bytes", held), ("kv_bytes", st.kv_bytes()), ("calib_bytes", st.calib_bytes()),
                            ("dense_bytes", dense), ("dense_fp16_bytes", per_token * 2),
                            ("tokens_seen", st.seen), ("tokens_held", st.tokens_held()),
-                           ("tokens_held_mean", _mean_held(st)),
+                           ("tokens_held_mean", st.tokens_held_mean()),
                            ("capacity", st.capacity), ("sequences", 1),
                            ("peak_bytes", max(getattr(st, "peak_bytes", 0), held))):
                 e[k] = e.get(k, 0) + val

@@ -73,6 +73,12 @@ class KVStore(Protocol):
     def kv_bytes(self) -> int: ...
     def calib_bytes(self) -> int: ...
     def tokens_held(self) -> int: ...
+    def tokens_held_mean(self) -> float: ...
+
+
+def mean_count(count: torch.Tensor | None) -> float:
+    """The mean of a store's per-(row, head) token counts (0 when it holds none)."""
+    return 0.0 if count is None or count.numel() == 0 else float(count.float().mean().item())
 
 
 class Accounting:
@@ -96,6 +102,11 @@ class Accounting:
     def tokens_held(self) -> int:
         """The most tokens a (row, head) holds."""
         return 0 if self.count is None else int(self.count.max().item())
+
+    def tokens_held_mean(self) -> float:
+        """The tokens a (row, head) holds on average: for head-wise budgets (AdaKV) the bytes follow
+        this, not :meth:`tokens_held` (the longest head)."""
+        return mean_count(self.count)
 
 
 class SiteStore(Accounting):
@@ -247,11 +258,11 @@ class SiteStore(Accounting):
         """``slot_state[name][:, :, :n] += values`` (B, Hkv, n)."""
         self.slot_state[name][:, :, :values.shape[2]] += values
 
-    def set_caps(self, cap: torch.Tensor, recent: torch.Tensor) -> None:
+    def set_caps(self, cap: torch.Tensor, recent: torch.Tensor, host_cap: int | None = None) -> None:
         """Rolling caps (B, Hkv) and the recent tokens each protects (B, Hkv); ``host_cap`` their
-        largest (one host sync, at prefill)."""
+        largest (computed with one host sync when the caller has not)."""
         self.extra["cap"], self.extra["recent"] = cap, recent
-        self.host_cap = int(cap.max().item())
+        self.host_cap = int(cap.max().item()) if host_cap is None else host_cap
 
     def evict(self, victim: torch.Tensor, over: torch.Tensor, carry: tuple = ()) -> None:
         """Rows where ``over`` (B, Hkv) drop slot ``victim`` (B, Hkv): the row's last valid

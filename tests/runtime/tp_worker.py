@@ -21,7 +21,7 @@ import traceback
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
+import torch
 import torch.distributed as dist
 
 
