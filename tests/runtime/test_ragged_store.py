@@ -326,3 +326,48 @@ def test_rolling_caps_evict_per_head(name):
         torch.testing.assert_close(logits, u_logits, atol=1e-5, rtol=1e-5)
     else:
         assert (logits - u_logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["tova", "snapkv-max"])
+def test_rolling_caps_with_interleaved_sequences(name):
+    """Two sequences decoded alternately through one compiled model, each with its own cache, roll
+    their heads' caps independently: each gives the logits of its run alone (state belongs to the
+    sequence, DESIGN rule 7), and the two sequences' heads end at different allocations."""
+    from transformers import DynamicCache
+
+    base = ROLLING[name]
+    ada = {"kvfx": 1, "name": f"ada-{name}", **base,
+           "budget": {**base.get("budget", {}), "allocation": "adaptive", "safeguard": 0.2}}
+    torch._dynamo.reset()
+    model = hf_model("llama", "sdpa", layers=2)
+    model.compile(backend="kvfx", options={"policy": ada, "inner": "eager"})
+    rows = _prompts()[0]
+
+    def step(ids, cache):
+        with torch.no_grad():
+            return model(input_ids=ids, use_cache=True, past_key_values=cache).logits[:, -1]
+
+    def alone(r):
+        cache = DynamicCache(config=model.config)
+        out = [step(r[None], cache)]
+        for _ in range(STEPS):
+            out.append(step(out[-1].argmax(-1, keepdim=True), cache))
+        return torch.stack(out, 1), cache
+
+    refs = [alone(r)[0] for r in rows]
+    caches = [DynamicCache(config=model.config) for _ in rows]
+    logits = [[step(r[None], c)] for r, c in zip(rows, caches)]
+    for _ in range(STEPS):
+        for lg, c in zip(logits, caches):
+            lg.append(step(lg[-1].argmax(-1, keepdim=True), c))
+    for lg, ref in zip(logits, refs):
+        torch.testing.assert_close(torch.stack(lg, 1), ref, rtol=0, atol=0)
+    caps = []
+    for c in caches:
+        (seq,) = sequences_of_cache(c)
+        store = next(iter(seq.stores.values()))
+        assert isinstance(store, RaggedStore), type(store)
+        cap = store.extra["cap"]
+        assert torch.equal(store.count.reshape(cap.shape), cap)  # every head rolled at its own cap
+        caps.append(cap.clone())
+    assert not torch.equal(caps[0], caps[1]), caps  # each sequence its own split of the layer's budget
