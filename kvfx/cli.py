@@ -2,6 +2,9 @@
 
     kvfx demo [--policy P ...] [--length 4096]     passkey demo on SmolLM2-135M
     kvfx explain --model M [--policy P]            the site report for a model
+    kvfx eval --policy P ... [--task T] --out DIR  accuracy (passkey, needle, perplexity, agreement,
+                                                   ruler, shared-context), resumable, one record a sample
+    kvfx report DIR [--pivot]                      tables and plots of an eval directory
     kvfx policy validate|show|schema|list          policy files
     kvfx calibrate --keep-rank K --out F           ReCalKV low-rank K/V factors (safetensors)
     kvfx calib-error [--length 4k] [--keep 0.25,...]  CaliDrop per-layer error vs full
