@@ -26,7 +26,7 @@ else
     kvfx eval --model smollm2-135m --lengths 2k --out "$OUT" --policy $p --task shared-context --seeds 1 \
       --questions 2 --max-new-tokens 16
   done
-  for p in full snapkv@0.5 chunkkv@0.5; do  # 50 % removed, 3 contexts: where the methods still retrieve
+  for p in full snapkv@0.5 chunkkv@0.5 knorm@0.5 lagkv@0.5 keydiff@0.5; do  # 50 % removed, 3 contexts: where the methods still retrieve
     kvfx eval --model smollm2-135m --lengths 2k --out "$OUT" --policy $p --task shared-context --seeds 3 \
       --questions 2 --max-new-tokens 16
   done
