@@ -199,6 +199,10 @@ def run_e2e(model, ids: torch.Tensor, *, lengths, policies=(), steps: int = 32, 
     if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < need:
         raise ValueError(f"kvfx bench e2e: ids has shape {tuple(ids.shape)}, expected (1, >= {need}) "
                          "(the longest length + warmup + steps)")
+    if prefill_chunk is not None:  # a policy that stops at the first chunk fails before any run
+        from kvfx.runtime.lifecycle import check_chunked_policies
+
+        check_chunked_policies(model, policies, prefill_chunk, "kvfx bench e2e")
     device = next(model.parameters()).device
     ids = ids.to(device)
     setups = make_setups(model, policies, inner=inner, dynamic=dynamic, baseline=baseline,

@@ -109,6 +109,10 @@ def run_eval(model_name: str, policies: list[str], *, task: str = "passkey", len
         write_summary(records, out / "summary.csv")
         return records
     model, tok = load_model(model_name, progress=progress)
+    if prefill_chunk is not None:  # a policy that stops at the first chunk fails here, before any sample
+        from kvfx.runtime.lifecycle import check_chunked_policies
+
+        check_chunked_policies(model, sorted({g[0] for g in todo}), prefill_chunk, "kvfx eval")
     info = model_info(model, model_name)
     samples, current, policy = {}, None, None
     if task == "agreement":  # the full-cache references first, with kvfx `full`, once per sample

@@ -213,3 +213,6 @@ def test_e2e_prefill_chunk(tmp_path):
     a, b = rows[None]["kvfx:snapkv@0.25"], rows[96]["kvfx:snapkv@0.25"]
     assert a["tokens_held"] == b["tokens_held"] == round(0.25 * 384) + 1
     assert b["kv_held_bytes"] < b["kv_dense_bytes"]
+    with pytest.raises(ValueError, match="kvfx bench e2e: --prefill-chunk 96: .*snapkv-calidrop .*calibration"):
+        e2e.run_e2e(model, ids, lengths=[384], steps=1, warmup=0, rounds=1, inner="eager", baseline="eager",
+                    policies=["snapkv@0.25", "snapkv-calidrop"], progress=False, prefill_chunk=96)

@@ -112,3 +112,10 @@ def test_eval_prefill_chunk(tiny_dir, tmp_path, capsys):
     with pytest.raises(SystemExit, match="prefill-chunk"):
         main(["eval", "--model", str(tiny_dir), "--task", "perplexity", "--lengths", "512", "--policy", "full",
               "--out", str(out / "p"), "--prefill-chunk", "128"])
+    # a policy that would stop at the first chunk is refused before any sample runs, by name
+    refused = out / "refused"
+    with pytest.raises(SystemExit, match=r"snapkv-ott2 \(layer 0.*quantized store"):
+        main(["eval", "--model", str(tiny_dir), "--task", "ruler", "--subtasks", "niah_single_1", "--lengths",
+              "512", "--policy", "snapkv@0.5", "snapkv-ott2", "--max-new-tokens", "3", "--out", str(refused),
+              "--prefill-chunk", "128"])
+    assert not (refused / "results.jsonl").exists() or not (refused / "results.jsonl").read_text().strip()

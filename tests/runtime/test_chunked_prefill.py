@@ -80,6 +80,22 @@ def test_what_cannot_be_chunked_refuses(policy, why):
     assert isinstance(err, KvfxStateError) and why in str(err)
 
 
+@pytest.mark.parametrize("policy,why", [("snapkv-calidrop", "calibration"), ("snapkv-ott2", "quantized"),
+                                        ("adakv-snapkv", "head-wise"), ("snapkv", None), ("kivi2", None),
+                                        ("lagkv", None), ("full", None), ("h2o@0.25", None)])
+def test_chunk_refusal_is_known_before_running(policy, why):
+    """check_chunked_policies (what `kvfx eval/bench --prefill-chunk` run first) refuses exactly the
+    policies the run would stop at the first chunk, with the same reason."""
+    from kvfx.runtime.lifecycle import check_chunked_policies
+
+    model = hf_model("llama", layers=2, heads=2, kv_heads=1)
+    if why is None:
+        check_chunked_policies(model, [policy], 128)
+    else:
+        with pytest.raises(ValueError, match=f"{policy} \\(layer 0.*{why}"):
+            check_chunked_policies(model, ["snapkv", policy], 128)
+
+
 def test_quant_alone_and_lagkv_chunk_natively():
     """KIVI flushes and LagKV's recursive compression are incremental: chunked equals unchunked,
     and a chunked LagKV holds the same bytes once decoding starts (its buffers shrink back)."""
