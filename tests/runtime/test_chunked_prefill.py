@@ -133,3 +133,37 @@ def test_appending_keeps_a_continuation_uncompressed():
         held[append] = [int(st.count.max()) for st in site_stores(cache).values()]
     assert held[True] == [round(0.25 * 400) + 40] * 2
     assert held[False] == [round(0.25 * 440)] * 2
+
+
+@pytest.mark.parametrize("policy", ["snapkv@0.25", "knorm@0.25", "lagkv@0.25", "h2o@0.25"])
+def test_padded_batch_chunked_rows_equal_their_runs_alone(policy):
+    """A left-padded batch prefilled in chunks (generate's prefill_chunk_size): each row gives the
+    tokens and logits of its run alone fed in the same chunks of its own tokens (padding shifts a
+    short row's chunk boundaries: its first chunk holds fewer real tokens), so padding is never
+    counted as seen tokens, scored or kept."""
+    model = hf_model("llama", layers=2)
+    kvfx.compile(model, policy, inner="eager")
+    chunk, new = 128, 6
+    rows = [_ids(300, 11)[0], _ids(220, 12)[0]]
+    L = max(len(r) for r in rows)
+    ids = torch.zeros(2, L, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, L - len(r):], mask[b, L - len(r):] = r, 1
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             prefill_chunk_size=chunk, output_logits=True, return_dict_in_generate=True)
+    for b, r in enumerate(rows):
+        pad = L - len(r)
+        cuts = [0] + [c - pad for c in range(chunk, L, chunk) if c > pad] + [len(r)]  # the batch's boundaries
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            for a, z in zip(cuts, cuts[1:]):
+                logits = model(input_ids=r[None, a:z], past_key_values=cache, use_cache=True).logits[:, -1]
+            toks, lg = [], []
+            for _ in range(new):
+                lg.append(logits)
+                toks.append(logits.argmax(-1))
+                logits = model(input_ids=toks[-1][:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+        assert torch.equal(out.sequences[b, L:], torch.cat(toks)), (policy, b)
+        torch.testing.assert_close(torch.stack(out.logits, 1)[b], torch.cat(lg), rtol=1e-4, atol=1e-4)
