@@ -167,3 +167,31 @@ def test_padded_batch_chunked_rows_equal_their_runs_alone(policy):
                 logits = model(input_ids=toks[-1][:, None], past_key_values=cache, use_cache=True).logits[:, -1]
         assert torch.equal(out.sequences[b, L:], torch.cat(toks)), (policy, b)
         torch.testing.assert_close(torch.stack(out.logits, 1)[b], torch.cat(lg), rtol=1e-4, atol=1e-4)
+
+
+def test_interleaved_chunked_prefills_equal_their_runs_alone():
+    """Two sequences prefilled chunk by chunk in alternation through one compiled model (each its
+    own cache), then decoded alternately: each equals its run alone (chunk state is the sequence's)."""
+    model = hf_model("llama", layers=2)
+    kvfx.compile(model, "snapkv@0.25", inner="eager")
+    seqs = [_ids(384, 21), _ids(320, 22)]
+
+    def run(order):
+        caches = [DynamicCache(config=model.config) for _ in seqs]
+        last = [None] * len(seqs)
+        with torch.no_grad():
+            for i, a in order:
+                last[i] = model(input_ids=seqs[i][:, a:a + 128], past_key_values=caches[i], use_cache=True).logits[:, -1]
+            toks = [[] for _ in seqs]
+            for _ in range(5):
+                for i in sorted({i for i, _ in order}):
+                    toks[i].append(last[i].argmax(-1))
+                    last[i] = model(input_ids=toks[i][-1][:, None], past_key_values=caches[i],
+                                    use_cache=True).logits[:, -1]
+        return [torch.cat(t) if t else None for t in toks]
+
+    chunks = [[(i, a) for a in range(0, s.shape[1], 128)] for i, s in enumerate(seqs)]
+    interleaved = [c for pair in zip(*chunks) for c in pair] + chunks[0][len(chunks[1]):]
+    alone = [run(chunks[0])[0], run(chunks[1])[1]]
+    both = run(interleaved)
+    assert all(torch.equal(x, y) for x, y in zip(both, alone)), (both, alone)
