@@ -4,12 +4,20 @@
 # skips samples already in results.jsonl. Then: kvfx report results/smollm2-ruler-4k
 #
 # FULL=1 runs the whole leaderboard grid (every eviction preset at 25/50/75/87.5 % removed, the
-# quantized presets, all 11 RULER tasks, 20 samples each: days on a CPU). Without it, the subset
-# committed in results/smollm2-ruler-4k (the README says what it is and how long it took).
+# quantized presets, all 11 RULER tasks, 20 samples each: days on a CPU). ALL_TASKS=1 runs the
+# subset committed in results/smollm2-ruler-4k-all: all 11 tasks, one sample each, full and five
+# methods at 50 and 75 % removed (~70 min on one core). Without either, the small subset committed
+# in results/smollm2-ruler-4k (the README says what each is and how long it took).
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/smollm2-ruler-4k}
 ev() { kvfx eval --model smollm2-135m --lengths 4k --out "$OUT" "$@"; }
-if [ "${FULL:-0}" = 1 ]; then
+if [ "${ALL_TASKS:-0}" = 1 ]; then
+  for p in full snapkv@0.5 snapkv@0.25 knorm@0.5 knorm@0.25 lagkv@0.5 lagkv@0.25 streaming@0.5 streaming@0.25 \
+           tova@0.5 tova@0.25; do
+    kvfx eval --model smollm2-135m --lengths 4k --out "${OUT_ALL:-results/smollm2-ruler-4k-all}" --policy $p \
+      --task ruler --seeds 1
+  done
+elif [ "${FULL:-0}" = 1 ]; then
   P="full"
   for m in streaming snapkv pyramidkv h2o tova knorm lagkv keydiff expected-attention chunkkv snapkv-calidrop; do
     for k in 0.75 0.5 0.25 0.125; do P="$P $m@$k"; done

@@ -55,3 +55,24 @@ def test_readme_ruler_tables_are_the_committed_ones():
     for name, table in (("ruler.md", ruler_table(recs)), ("shared_context.md", shared_context_table(recs))):
         assert (d / name).read_text().strip() == table, f"rerun `kvfx report {d}`"
         assert table in readme, f"paste {d / name} into the README"
+
+
+def test_readme_all_task_ruler_table_is_the_committed_one():
+    """The 11-task RULER subset (results/smollm2-ruler-4k-all): the README's table is its ruler.md,
+    every policy of the script's ALL_TASKS list has one sample of each of the 11 tasks."""
+    from kvfx.eval.leaderboard import ruler_table
+    from kvfx.eval.ruler import RULER_TASKS
+
+    d = ROOT / "results" / "smollm2-ruler-4k-all"
+    if not (d / "results.jsonl").exists():
+        pytest.skip("no committed results/smollm2-ruler-4k-all in this checkout")
+    recs = load_results(d)
+    table = ruler_table(recs)
+    assert (d / "ruler.md").read_text().strip() == table, f"rerun `kvfx report {d}`"
+    assert table in (ROOT / "README.md").read_text(), f"paste {d / 'ruler.md'} into the README"
+    script = (ROOT / "examples" / "smollm2_ruler.sh").read_text()
+    block = script.split('ALL_TASKS:-0}" = 1 ]; then', 1)[1].split("do", 1)[0]
+    policies = block.split("for p in", 1)[1].replace("\\", " ").split(";")[0].split()
+    count = collections.Counter((r["policy"], r["subtask"]) for r in recs)
+    assert {r["policy"] for r in recs} == set(policies)
+    assert all(count[(p, t)] == 1 for p in policies for t in RULER_TASKS), count
