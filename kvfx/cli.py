@@ -69,7 +69,7 @@ def _eval(args) -> int:
                            depths=depths, seeds=range(args.seeds), out=args.out, inner=args.inner,
                            max_new_tokens=args.max_new_tokens, chunk=args.chunk, subtasks=subtasks,
                            questions=args.questions, prefill_chunk=args.prefill_chunk,
-                           passkeys=args.passkeys)
+                           passkeys=args.passkeys, progress=not args.no_progress)
     except ValueError as e:
         if str(e).startswith("kvfx eval"):
             raise SystemExit(str(e)) from None
@@ -205,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="passkey: one key per (seed, length, depth) cell (default), or one per seed as "
                          "results/smollm2-grid drew them (to add rows comparable with that grid)")
     ev.add_argument("--inner", default="eager", choices=["eager", "inductor", "aot_eager"])
+    ev.add_argument("--no-progress", action="store_true",
+                    help="no progress bars (for logs); the summary table is still printed")
     ev.add_argument("--tp", type=int, default=None,
                     help="tensor parallelism over N processes: launch with `torchrun --nproc_per_node N -m "
                          "kvfx.cli eval --tp N ...` (rank 0 writes; see README 'More than one device')")
