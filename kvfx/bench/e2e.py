@@ -200,7 +200,7 @@ def run_e2e(model, ids: torch.Tensor, *, lengths, policies=(), steps: int = 32, 
         raise ValueError(f"kvfx bench e2e: ids has shape {tuple(ids.shape)}, expected (1, >= {need}) "
                          "(the longest length + warmup + steps)")
     if prefill_chunk is not None:  # a policy that stops at the first chunk fails before any run
-        from kvfx.runtime.lifecycle import check_chunked_policies
+        from kvfx.eval.harness import check_chunked_policies
 
         check_chunked_policies(model, policies, prefill_chunk, "kvfx bench e2e")
     device = next(model.parameters()).device

@@ -65,6 +65,35 @@ def _task_tools(task: str):
     raise ValueError(f"kvfx eval: task {task!r} is not one of {', '.join(TASKS)}")
 
 
+def check_chunked_policies(model, specs, chunk: int, command: str = "kvfx") -> None:
+    """Refuse, before anything runs, the policy specs (presets, files, ``NAME@KEEP``) that a prompt
+    fed in chunks of ``chunk`` tokens would stop at the first chunk boundary (:func:`kvfx.runtime.lifecycle.chunk_refusal`:
+    eviction combined with ``quant:``, CaliDrop, head-wise budgets or ``lowrank:``), naming each
+    policy, the layer and the reason: ``kvfx eval/bench --prefill-chunk`` then fails in seconds
+    instead of after the policies before it ran."""
+    from kvfx.runtime.compressor import build_compressor
+    from kvfx.runtime.lifecycle import chunk_refusal
+
+    paths = [n for n, m in model.named_modules() if hasattr(m, "k_proj") and hasattr(m, "v_proj")]
+    paths = paths or ["model.layers.0.self_attn"]
+    refused = []
+    for spec in specs or ():
+        pol = policy_from_spec(spec)
+        for i, path in enumerate(paths):
+            lp = pol.resolve(i, path, len(paths))
+            try:
+                c = build_compressor(lp, i, len(paths))
+            except NotImplementedError:
+                break  # not a chunking question: compiling the policy raises its own error
+            if getattr(c, "prompt_eviction", False) and (why := chunk_refusal(c, lp.quant is not None)):
+                refused.append(f"{spec} (layer {i}, {path}): its {why}")
+                break
+    if refused:
+        raise ValueError(
+            f"{command}: --prefill-chunk {chunk}: these policies cannot compress a prompt fed in chunks: "
+            + "; ".join(refused) + ". Run them without --prefill-chunk, or drop them from --policy.")
+
+
 def run_eval(model_name: str, policies: list[str], *, task: str = "passkey", lengths=(4096,),
              depths=(0.5,), seeds=(0,), out: str | Path = "runs/eval", inner: str = "eager",
              max_new_tokens: int | None = None, chunk: int = 1, progress: bool = True,
@@ -110,8 +139,6 @@ def run_eval(model_name: str, policies: list[str], *, task: str = "passkey", len
         return records
     model, tok = load_model(model_name, progress=progress)
     if prefill_chunk is not None:  # a policy that stops at the first chunk fails here, before any sample
-        from kvfx.runtime.lifecycle import check_chunked_policies
-
         check_chunked_policies(model, sorted({g[0] for g in todo}), prefill_chunk, "kvfx eval")
     info = model_info(model, model_name)
     samples, current, policy = {}, None, None

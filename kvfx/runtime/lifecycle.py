@@ -126,7 +126,7 @@ def _chunk_refusal(c, store) -> str:
 def chunk_refusal(c, quantized: bool) -> str:
     """Why a prompt chunk cannot be compressed by compressor ``c`` over a quantized (``quant:``) or
     dense store ('' if it can). The one list, used at run time (:func:`decode_step`) and before a
-    run by :func:`check_chunked_policies`."""
+    run by :func:`kvfx.eval.harness.check_chunked_policies`."""
     if getattr(c, "lowrank", False):
         return ("evicting low-rank latents cannot rescore a chunk (the store holds latents, the scorer "
                 "reads exact keys)")
@@ -142,33 +142,4 @@ def chunk_refusal(c, quantized: bool) -> str:
     return ""
 
 
-def check_chunked_policies(model, specs, chunk: int, command: str = "kvfx") -> None:
-    """Refuse, before anything runs, the policy specs (presets, files, ``NAME@KEEP``) that a prompt
-    fed in chunks of ``chunk`` tokens would stop at the first chunk boundary (:func:`chunk_refusal`:
-    eviction combined with ``quant:``, CaliDrop, head-wise budgets or ``lowrank:``), naming each
-    policy, the layer and the reason: ``kvfx eval/bench --prefill-chunk`` then fails in seconds
-    instead of after the policies before it ran."""
-    from kvfx.distributed import _attention_sites
-    from kvfx.eval.harness import policy_from_spec
-    from kvfx.runtime.compressor import build_compressor
-
-    paths = _attention_sites(model) or ["model.layers.0.self_attn"]
-    refused = []
-    for spec in specs or ():
-        pol = policy_from_spec(spec)
-        for i, path in enumerate(paths):
-            lp = pol.resolve(i, path, len(paths))
-            try:
-                c = build_compressor(lp, i, len(paths))
-            except NotImplementedError:
-                break  # not a chunking question: compiling the policy raises its own error
-            if getattr(c, "prompt_eviction", False) and (why := chunk_refusal(c, lp.quant is not None)):
-                refused.append(f"{spec} (layer {i}, {path}): its {why}")
-                break
-    if refused:
-        raise ValueError(
-            f"{command}: --prefill-chunk {chunk}: these policies cannot compress a prompt fed in chunks: "
-            + "; ".join(refused) + ". Run them without --prefill-chunk, or drop them from --policy.")
-
-
-__all__ = ["appending", "check_chunked_policies", "check_continues", "chunk_refusal", "decode_step", "prefill_step"]
+__all__ = ["appending", "check_continues", "chunk_refusal", "decode_step", "prefill_step"]

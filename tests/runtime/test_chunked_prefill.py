@@ -86,7 +86,7 @@ def test_what_cannot_be_chunked_refuses(policy, why):
 def test_chunk_refusal_is_known_before_running(policy, why):
     """check_chunked_policies (what `kvfx eval/bench --prefill-chunk` run first) refuses exactly the
     policies the run would stop at the first chunk, with the same reason."""
-    from kvfx.runtime.lifecycle import check_chunked_policies
+    from kvfx.eval.harness import check_chunked_policies
 
     model = hf_model("llama", layers=2, heads=2, kv_heads=1)
     if why is None:
