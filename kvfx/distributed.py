@@ -144,10 +144,6 @@ def tp_size(model) -> int:
     return 1
 
 
-def _attention_sites(model) -> list[str]:
-    return [n for n, m in model.named_modules() if hasattr(m, "k_proj") and hasattr(m, "v_proj")]
-
-
 def check_tp_policy(model, policy) -> None:
     """Refuse, before anything is compiled, a policy whose state spans KV heads on a model sharded
     over several ranks (each rank sees only its own KV heads, so such state would silently differ
@@ -171,10 +167,11 @@ def check_tp_policy(model, policy) -> None:
     world = tp_size(model)
     if world <= 1:
         return
+    from kvfx.models import attention_sites
     from kvfx.policy import load_policy
 
     pol = load_policy(policy)
-    paths = _attention_sites(model) or ["model.layers.0.self_attn"]
+    paths = attention_sites(model)
     for i, path in enumerate(paths):
         why = tp_refusal(pol.resolve(i, path, len(paths)), world)
         if why:

@@ -39,6 +39,7 @@ import torch
 
 __all__ = [
     "MODEL_REGISTRY",
+    "attention_sites",
     "ModelLoadError",
     "ModelSpec",
     "cache_dir",
@@ -93,6 +94,16 @@ _GGUF_DEPS: dict[str, str] = {
     "gguf": "pip install 'gguf>=0.10'",
     "accelerate": "pip install 'accelerate>=0.30'",
 }
+
+
+def attention_sites(model) -> list[str]:
+    """The module paths of ``model``'s attention layers, in order (``model.layers.i.self_attn``):
+    modules with ``k_proj`` and ``v_proj``. The policy checks that run before compiling
+    (:func:`kvfx.distributed.check_tp_policy`, :func:`kvfx.eval.harness.check_chunked_policies`)
+    resolve a policy at each path; a model without such modules gives
+    ``["model.layers.0.self_attn"]``, one layer to resolve the policy's defaults at."""
+    paths = [n for n, m in model.named_modules() if hasattr(m, "k_proj") and hasattr(m, "v_proj")]
+    return paths or ["model.layers.0.self_attn"]
 
 
 def list_models() -> list[str]:

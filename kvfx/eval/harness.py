@@ -71,11 +71,11 @@ def check_chunked_policies(model, specs, chunk: int, command: str = "kvfx") -> N
     eviction combined with ``quant:``, CaliDrop, head-wise budgets or ``lowrank:``), naming each
     policy, the layer and the reason: ``kvfx eval/bench --prefill-chunk`` then fails in seconds
     instead of after the policies before it ran."""
+    from kvfx.models import attention_sites
     from kvfx.runtime.compressor import build_compressor
     from kvfx.runtime.lifecycle import chunk_refusal
 
-    paths = [n for n, m in model.named_modules() if hasattr(m, "k_proj") and hasattr(m, "v_proj")]
-    paths = paths or ["model.layers.0.self_attn"]
+    paths = attention_sites(model)
     refused = []
     for spec in specs or ():
         pol = policy_from_spec(spec)

