@@ -321,6 +321,7 @@ def test_rolling_caps_evict_per_head(name):
         want = d.pos[:, :, :d.length].sort(-1).values
         n = min(got.shape[-1], want.shape[-1])
         assert torch.equal(got[..., -n:], want[..., -n:]), "the same tokens held per head"
+    assert torch.equal(tokens, d_tokens), "the ragged store's greedy tokens differ from the dense store's"
     torch.testing.assert_close(logits, d_logits, atol=1e-5, rtol=1e-5)
     if even:
         torch.testing.assert_close(logits, u_logits, atol=1e-5, rtol=1e-5)
