@@ -39,9 +39,9 @@ import torch
 
 __all__ = [
     "MODEL_REGISTRY",
-    "attention_sites",
     "ModelLoadError",
     "ModelSpec",
+    "attention_sites",
     "cache_dir",
     "list_models",
     "load_gguf",
