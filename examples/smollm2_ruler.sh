@@ -12,10 +12,10 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-results/smollm2-ruler-4k}
 ev() { kvfx eval --model smollm2-135m --lengths 4k --out "$OUT" "$@"; }
 if [ "${ALL_TASKS:-0}" = 1 ]; then
+  OUT=${OUT_ALL:-results/smollm2-ruler-4k-all}
   for p in full snapkv@0.5 snapkv@0.25 knorm@0.5 knorm@0.25 lagkv@0.5 lagkv@0.25 streaming@0.5 streaming@0.25 \
            tova@0.5 tova@0.25; do
-    kvfx eval --model smollm2-135m --lengths 4k --out "${OUT_ALL:-results/smollm2-ruler-4k-all}" --policy $p \
-      --task ruler --seeds 1
+    ev --policy $p --task ruler --seeds 1
   done
 elif [ "${FULL:-0}" = 1 ]; then
   P="full"
